@@ -1,0 +1,296 @@
+"""The backend plugin interface, the plumbing of descriptor-backed plugins, spec parsing.
+
+A backend is a small synchronous plugin in the spirit of nbdkit plugins: it only
+moves bytes. The framework (:class:`dst.backends.device.BackendDevice`) checks
+ranges and permissions, runs blocking calls on a worker pool and emulates what a
+backend lacks, so a plugin stays a few dozen lines of system calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any
+
+from dst.errors import StorageError, UsageError
+from dst.units import format_size, parse_size
+
+KINDS = ("file", "disk", "memory", "null")
+SPEC_HINT = "use file:PATH, disk:/dev/X, memory:SIZE or null:SIZE"
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+class Backend(ABC):
+    """Synchronous plugin; the framework checks ranges before calling it.
+
+    Every method may raise :class:`OSError`; the framework turns it into an
+    ``IoError`` with the same errno and a message naming the request.
+    """
+
+    kind: str
+    spec: str
+    size: int
+    read_only: bool = False
+    blocking: bool = True  # True: calls run on the worker pool; False: inline on the loop
+    can_trim: bool = False
+    can_zero: bool = False  # native zeroing, cheaper than writing zeroes
+    can_fua: bool = True  # pwrite(fua=True) is durable on return
+    can_flush: bool = True
+    trim_reads_zeroes: bool = False
+    identity: uuid.UUID
+
+    @abstractmethod
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill all of ``buf`` with the bytes at ``offset``."""
+
+    @abstractmethod
+    def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        """Write all of ``buf`` at ``offset``; with ``fua`` it is durable on return."""
+
+    def flush(self) -> None:
+        """Make every completed write durable; nothing to do for volatile stores."""
+        return None
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard a range; a hint, so doing nothing is correct."""
+        return None
+
+    def zero(self, offset: int, length: int, may_trim: bool) -> None:
+        """Make a range read back as zeroes; the default writes zeroes."""
+        write_zeroes(self, offset, length)
+
+    def close(self) -> None:
+        """Release the store; idempotent."""
+        return None
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "spec": self.spec,
+            "size": self.size,
+            "read_only": self.read_only,
+            "identity": str(self.identity),
+        }
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec} {format_size(self.size)}>"
+
+
+def fill_zeroes(buf: memoryview) -> None:
+    """Zero a caller's buffer in place without allocating one as large."""
+    zero = memoryview(_ZERO_CHUNK)
+    pos = 0
+    while pos < len(buf):
+        n = min(len(zero), len(buf) - pos)
+        buf[pos : pos + n] = zero[:n]
+        pos += n
+
+
+def write_zeroes(backend: Backend, offset: int, length: int) -> None:
+    """Zero a range with plain writes, for stores that have nothing better."""
+    zero = memoryview(_ZERO_CHUNK)
+    end = offset + length
+    while offset < end:
+        n = min(len(zero), end - offset)
+        backend.pwrite(zero[:n], offset)
+        offset += n
+
+
+# ---------------------------------------------------------------- shared by file: and disk:
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
+UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """libc ``fallocate`` (Python's ``os.posix_fallocate`` cannot punch or zero)."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def open_error(spec: str, path: str, e: OSError, read_only: bool) -> StorageError:
+    """Say why a store could not be opened and what to do about it."""
+    access = "read" if read_only else "read and write"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        hint = "" if read_only else ", or export it with --read-only"
+        msg = f"cannot open {spec}: permission denied; run as a user that may {access} {path}{hint}"
+    elif e.errno == errno.EROFS:
+        msg = f"cannot open {spec} for writing: it is on a read-only filesystem; use --read-only"
+    elif e.errno == errno.EISDIR:
+        msg = f"{spec} is a directory; give the path of an image file, e.g. file:{path}/disk.img"
+    elif e.errno == errno.ENOTDIR:
+        msg = f"cannot open {spec}: a component of {path} is not a directory; check the path"
+    elif e.errno == errno.ENOENT:
+        hint = " (lsblk lists block devices)" if spec.startswith("disk:") else ""
+        msg = f"{spec} does not exist; check the path{hint}"
+    elif e.errno == errno.EBUSY:
+        msg = f"{spec} is in use (mounted, or held by another program); unmount or release it first"
+    else:
+        msg = f"cannot open {spec}: {e.strerror}; check the path and that you may {access} it"
+    return StorageError(msg)
+
+
+class FdBackend(Backend):
+    """What regular files and block devices share: positional I/O, locks, durability."""
+
+    blocking = True
+    can_fua = True
+    can_flush = True
+
+    def __init__(self, spec: str, path: str, fd: int, size: int, read_only: bool) -> None:
+        self.spec = spec
+        self.path = path
+        self.size = size
+        self.read_only = read_only
+        self._fd = fd
+        self._rwf_dsync = RWF_DSYNC != 0
+        self.identity_store = "none"
+        self.identity = uuid.UUID(int=0)
+
+    @classmethod
+    def open_fd(cls, spec: str, path: str, flags: int, read_only: bool) -> int:
+        """Open without blocking on a FIFO, then switch back to blocking I/O."""
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                cls.held_by_export(spec, path)  # "exported" says more than "in use"
+            raise open_error(spec, path, e, read_only) from None
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return fd
+
+    @classmethod
+    def held_by_export(cls, spec: str, path: str) -> None:
+        """Raise the lock error if another export node holds the store."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            cls.lock(fd, spec, read_only=True)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def lock(fd: int, spec: str, read_only: bool) -> None:
+        """Take the export lock: shared for read-only, exclusive for read-write."""
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(
+                f"{spec} is already exported by another process (locked); "
+                "stop the other export node or use another file"
+            ) from None
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        pos, n = 0, len(buf)
+        while pos < n:
+            got = os.preadv(self._fd, [buf[pos:]], offset + pos)
+            if got == 0:  # past the end of a file someone shortened: holes read as zeroes
+                fill_zeroes(buf[pos:])
+                return
+            pos += got
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        flags = RWF_DSYNC if fua and self._rwf_dsync else 0
+        pos, n = 0, len(buf)
+        while pos < n:
+            try:
+                done = os.pwritev(self._fd, [buf[pos:]], offset + pos, flags)
+            except OSError as e:
+                if flags and e.errno in UNSUPPORTED:  # old kernel: fdatasync below instead
+                    self._rwf_dsync = False
+                    flags = 0
+                    continue
+                raise
+            if done == 0:
+                raise OSError(errno.EIO, "the write made no progress")
+            pos += done
+        if fua and not flags:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # also drops the flock
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+# ---------------------------------------------------------------- specs
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"file:/srv/a.img"`` -> ``("file", "/srv/a.img")``, or a UsageError that helps."""
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        if spec.startswith(("/", ".")):
+            raise UsageError(
+                f"invalid backend {spec!r}: say which kind it is, e.g. file:{spec} or disk:{spec}"
+            )
+        raise UsageError(f"invalid backend {spec!r}: {SPEC_HINT}")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise UsageError(f"invalid backend {spec!r}: unknown kind {kind!r}; {SPEC_HINT}")
+    return kind, rest
+
+
+def parse_backend_size(spec: str, text: str) -> int:
+    """The SIZE of ``memory:SIZE`` / ``null:SIZE``; it must be positive."""
+    if not text.strip():
+        raise UsageError(f"invalid backend {spec!r}: the size is missing; e.g. {spec}64M")
+    size = parse_size(text, f"size in backend {spec!r}")
+    if size <= 0:
+        raise UsageError(f"invalid backend {spec!r}: the size must be greater than 0, e.g. 64M")
+    return size
+
+
+def open_backend(spec: str, *, size: int | None = None, read_only: bool = False) -> Backend:
+    """Open the store a spec names.
+
+    ``size`` is ``--size``: it creates a missing file sparse and must match an
+    existing file or disk; ``memory:``/``null:`` carry their own size, so it does
+    not apply to them. Bad specs raise UsageError, run-time failures StorageError.
+    """
+    kind, rest = split_spec(spec)
+    if size is not None and size <= 0:
+        raise UsageError(f"invalid --size {size}: it must be greater than 0, e.g. --size 1G")
+    if kind in ("file", "disk"):
+        if not rest:
+            example = "/srv/a.img" if kind == "file" else "/dev/sdb"
+            raise UsageError(f"invalid backend {spec!r}: the path is empty; e.g. {kind}:{example}")
+        from dst.backends.file import DiskBackend, FileBackend
+
+        path = os.path.expanduser(rest)  # "file:~/a.img": no shell expands that tilde
+        if kind == "file":
+            return FileBackend.open(spec, path, size=size, read_only=read_only)
+        return DiskBackend.open(spec, path, size=size, read_only=read_only)
+    nbytes = parse_backend_size(spec, rest)
+    if kind == "memory":
+        from dst.backends.memory import MemoryBackend
+
+        return MemoryBackend(spec, nbytes, read_only=read_only)
+    from dst.backends.null import NullBackend
+
+    return NullBackend(spec, nbytes, read_only=read_only)

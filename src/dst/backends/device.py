@@ -1,0 +1,211 @@
+"""The framework around a backend plugin: a :class:`BlockDevice` over a :class:`Backend`.
+
+Like nbdkit's server core, it checks every range before the plugin sees it,
+refuses changes to read-only stores, runs blocking plugins on a bounded worker
+pool (non-blocking ones inline on the loop), emulates what a plugin lacks (FUA
+by a flush after the write) and turns ``OSError`` into ``IoError`` that names
+the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from dst.backends.base import Backend
+from dst.device import BlockDevice, Buffer, Capabilities, IoCounters, IoFlags, check_range
+from dst.errors import IoError
+
+T = TypeVar("T")
+
+DEFAULT_WORKERS = 8
+
+_shared: concurrent.futures.ThreadPoolExecutor | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The process-wide worker pool for blocking backends, made on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = concurrent.futures.ThreadPoolExecutor(
+                max_workers=DEFAULT_WORKERS, thread_name_prefix="dst-backend"
+            )
+        return _shared
+
+
+def _as_bytes_view(data: Buffer) -> memoryview:
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+async def _settle(fut: asyncio.Future[Any]) -> None:
+    """Wait out a worker call whose caller was cancelled: it still owns the caller's buffer."""
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            continue
+    if not fut.cancelled():
+        fut.exception()  # retrieved: it goes nowhere, the caller is gone
+
+
+class BackendDevice(BlockDevice):
+    """Serve a backend as an asynchronous block device."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.name = name or backend.spec
+        self.size = backend.size
+        self.identity = backend.identity
+        self.trim_reads_zeroes = backend.trim_reads_zeroes
+        self.capabilities = Capabilities(
+            read_only=backend.read_only,
+            can_flush=True,
+            can_fua=True,  # native, or emulated by a flush after the write
+            can_trim=backend.can_trim and not backend.read_only,
+            can_zero=not backend.read_only,  # native, or emulated by writing zeroes
+        )
+        self.counters = IoCounters()
+        self._executor = (
+            executor if executor is not None else (shared_executor() if backend.blocking else None)
+        )
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    async def _call(self, op: str, offset: int, length: int, fn: Callable[[], T]) -> T:
+        """Run one request on the backend, inline or on the pool, mapping its errors."""
+        if self._closed:
+            self.counters.errors += 1
+            raise IoError(errno.EIO, f"{self.name}: {op} after the device was closed")
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            if self._executor is None:
+                return fn()
+            fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                await _settle(fut)
+                raise
+        except IoError:
+            self.counters.errors += 1
+            raise
+        except OSError as e:
+            self.counters.errors += 1
+            err = e.errno or errno.EIO
+            raise IoError(
+                err,
+                f"{self.name}: {op} of {length} bytes at offset {offset} failed: {e.strerror or e}",
+            ) from e
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
+        """Refuse what the backend must never see: writes to read-only stores, bad ranges."""
+        try:
+            if change and self.backend.read_only:
+                raise IoError(
+                    errno.EPERM,
+                    f"{self.name} is read-only: {op} refused; export it read-write to change it",
+                )
+            check_range(self.size, offset, length, self.capabilities.max_request if limit else None)
+        except IoError:
+            self.counters.errors += 1
+            raise
+
+    def _wrap(
+        self, flags: IoFlags, fn: Callable[[], None], emulate_fua: bool
+    ) -> Callable[[], None]:
+        """PREFLUSH before, FUA by a flush after: one trip to the pool for the lot."""
+        backend = self.backend
+        preflush = bool(flags & IoFlags.PREFLUSH)
+        postflush = emulate_fua and bool(flags & IoFlags.FUA)
+
+        def run() -> None:
+            if preflush:
+                backend.flush()
+            fn()
+            if postflush:
+                backend.flush()
+
+        return run
+
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        view = _as_bytes_view(buf)
+        self._check("read", offset, len(view), change=False, limit=True)
+        backend = self.backend
+        run = self._wrap(flags, lambda: backend.pread_into(view, offset), False)
+        if len(view) or flags & IoFlags.PREFLUSH:
+            await self._call("read", offset, len(view), run)
+        self.counters.reads += 1
+        self.counters.bytes_read += len(view)
+
+    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
+        view = _as_bytes_view(data)
+        self._check("write", offset, len(view), change=True, limit=True)
+        backend = self.backend
+        native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
+        run = self._wrap(
+            flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua
+        )
+        await self._call("write", offset, len(view), run)
+        self.counters.writes += 1
+        self.counters.bytes_written += len(view)
+
+    async def flush(self) -> None:
+        await self._call("flush", 0, 0, self.backend.flush)
+        self.counters.flushes += 1
+
+    async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        self._check("trim", offset, length, change=True, limit=False)
+        backend = self.backend
+        run = self._wrap(flags, lambda: backend.trim(offset, length), True)
+        await self._call("trim", offset, length, run)
+        self.counters.trims += 1
+
+    async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        self._check("write_zeroes", offset, length, change=True, limit=False)
+        backend = self.backend
+        may_trim = not flags & IoFlags.NO_HOLE
+        run = self._wrap(flags, lambda: backend.zero(offset, length, may_trim), True)
+        await self._call("write_zeroes", offset, length, run)
+        self.counters.zeroes += 1
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.counters.as_dict()
+        stats["inflight"] = self._inflight
+        try:
+            stats["backend"] = self.backend.statistics()
+        except OSError as e:
+            stats["backend"] = {"kind": self.backend.kind, "error": str(e)}
+        return stats
+
+    async def aclose(self) -> None:
+        """Wait for in-flight calls (a closed descriptor number may be reused), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._idle.wait()
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"<BackendDevice {self.name} size={self.size}>"

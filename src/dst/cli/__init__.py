@@ -1,0 +1,1 @@
+"""The `dst` command: one entry point for every role."""

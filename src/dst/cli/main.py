@@ -1,0 +1,141 @@
+"""`dst` entry point: parse, dispatch, and turn every error into one `dst: error:` line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from dst import trace
+from dst.cli.options import ATTACH_OPTS, EXPORT_OPTS, Parser, add_options
+from dst.errors import DstError, UsageError
+
+log = logging.getLogger("dst")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="dst", description="DST: distributed network block storage.")
+    p.add_argument("--version", action="version", version="dst 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    e = sub.add_parser("export", help="run an export node", description="Serve storage over the DST node protocol.")
+    e.add_argument("exports", nargs="*", metavar="[NAME=]BACKEND",
+                   help="file:PATH, disk:/dev/X, memory:SIZE or null:SIZE; NAME defaults to 'default'")
+    add_options(e, EXPORT_OPTS)
+
+    a = sub.add_parser("attach", help="run a client node", description="Assemble members into one device and serve it.")
+    a.add_argument("members", nargs="*", metavar="MEMBER",
+                   help="dst://HOST[:PORT][/NAME], dst+unix:///NAME?socket=PATH or an NBD URI")
+    add_options(a, ATTACH_OPTS)
+
+    d = sub.add_parser("demo", help="run a self-contained demo (export nodes + client node)")
+    d.add_argument("--check", action="store_true", help="run the self-check, then exit 0/1")
+    d.add_argument("--size", default="64M", help="size of the demo device (default 64M)")
+    d.add_argument("--debug", nargs="?", const=True, default=None, metavar="LIST")
+
+    k = sub.add_parser("keygen", help="write a new random key file")
+    k.add_argument("file", metavar="FILE")
+    k.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = sub.add_parser("status", help="show the state of a running node")
+    s.add_argument("--control", required=True, metavar="SOCK")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", nargs="?", const=2.0, type=float, default=None, metavar="S")
+
+    c = sub.add_parser("ctl", help="change a running node")
+    c.add_argument("--control", required=True, metavar="SOCK")
+    c.add_argument("words", nargs="+", metavar="COMMAND")
+
+    b = sub.add_parser("bench", help="benchmark dst side by side with nbdkit and qemu-nbd")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _setup_logging(debug: object) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        trace.enable(trace.parse_categories(debug if debug is not None else None))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UsageError(f"--debug: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a == "--debug" or a.startswith("--debug=") for a in args)
+    try:
+        return _main(args)
+    except DstError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"dst: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # a bug: still one line, unless debugging
+        if debug:
+            traceback.print_exc()
+        print(
+            f"dst: error: internal error: {type(exc).__name__}: {exc}; rerun with --debug for "
+            "the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        raise UsageError("no command given: use export, attach, demo, status, ctl, keygen or bench")
+    if ns.command == "export":
+        from dst.cli.export_cmd import run_export
+
+        _setup_logging(_debug_of(ns))
+        return run_export(ns)
+    if ns.command == "attach":
+        from dst.cli.attach_cmd import run_attach
+
+        _setup_logging(_debug_of(ns))
+        return run_attach(ns)
+    if ns.command == "demo":
+        from dst.cli.demo_cmd import run_demo
+
+        _setup_logging(ns.debug)
+        return run_demo(ns)
+    if ns.command == "keygen":
+        from dst.crypto.keys import generate_key_file
+
+        generate_key_file(ns.file, force=ns.force)
+        print(f"wrote a new 256-bit key to {ns.file} (mode 0600); copy it to both nodes", file=sys.stderr)
+        return 0
+    if ns.command == "bench":
+        from dst.cli.bench_cmd import run_bench
+
+        return run_bench(ns.args)
+    if ns.command in ("status", "ctl"):
+        from dst.cli.control_cmd import run_control
+
+        return run_control(ns)
+    raise UsageError(f"unknown command {ns.command!r}")
+
+
+def _debug_of(ns: argparse.Namespace) -> object:
+    """The --debug value from the command line or, failing that, the config file."""
+    if ns.debug is not None:
+        return ns.debug
+    if getattr(ns, "config", None):
+        from dst.cli.options import load_config
+
+        v = load_config(ns.config).get("debug")
+        if isinstance(v, (bool, str)):
+            return v or None
+    return None

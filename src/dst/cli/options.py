@@ -1,0 +1,204 @@
+"""Option tables shared by argparse and the TOML config file.
+
+Each subcommand's long options are declared once here; argparse is built from
+the table and ``--config FILE`` is validated against the same table, so a file
+accepts exactly the options the command line does, with the same types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from dst.errors import ConfigError, UsageError
+from dst.units import parse_duration, parse_rate, parse_size
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str  # long option without dashes
+    kind: str  # str | int | size | duration | rate | bool | list | debug
+    default: Any = None
+    help: str = ""
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid {what} {text!r}: give a whole number") from None
+    if v < 0:
+        raise UsageError(f"invalid {what} {text!r}: it must not be negative")
+    return v
+
+
+CONVERT: dict[str, Callable[[str, str], Any]] = {
+    "str": lambda t, w: str(t),
+    "int": _int,
+    "size": parse_size,
+    "duration": parse_duration,
+    "rate": parse_rate,
+}
+
+KIND_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "size": "a size (a number of bytes, or a string like \"64K\")",
+    "duration": "a number of seconds",
+    "rate": "a rate (a number of bytes per second, or a string like \"100M\")",
+    "bool": "true or false",
+    "list": "a list of strings",
+    "debug": "true, false or a string like \"txn,proto\"",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one `dst: error:` line, exit 2) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_options(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
+    for o in opts:
+        flag = f"--{o.name}"
+        if o.kind == "bool":
+            p.add_argument(flag, dest=o.dest, action="store_const", const=True, default=None, help=o.help)
+        elif o.kind == "list":
+            p.add_argument(flag, dest=o.dest, action="append", default=None, metavar=o.metavar or "VALUE", help=o.help)
+        elif o.kind == "debug":
+            p.add_argument(flag, dest=o.dest, nargs="?", const=True, default=None, metavar="LIST", help=o.help)
+        else:
+            p.add_argument(flag, dest=o.dest, default=None, metavar=o.metavar or o.kind.upper(), help=o.help)
+
+
+def load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the --config path") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable; check its permissions") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _check_type(path: str, key: str, kind: str, value: Any) -> Any:
+    bad = ConfigError(f"config file {path}: {key} must be {KIND_WORDS[kind]}, not {value!r}")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if kind == "list":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return value
+    if kind == "debug":
+        if not isinstance(value, (bool, str)):
+            raise bad
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad
+    if kind == "int" and not isinstance(value, int):
+        raise bad
+    if kind == "str" and not isinstance(value, str):
+        raise bad
+    try:
+        CONVERT[kind](str(value), key)
+    except UsageError as exc:
+        raise ConfigError(f"config file {path}: {key}: {exc}") from None
+    return str(value)
+
+
+def merge(
+    ns: argparse.Namespace,
+    opts: Sequence[Opt],
+    positional: str | None,
+    positional_key: str | None,
+) -> dict[str, Any]:
+    """Command line over config file over defaults; converts every value to its type."""
+    cfg: dict[str, Any] = {}
+    path = getattr(ns, "config", None)
+    if path:
+        raw = load_config(path)
+        known = {o.name: o for o in opts}
+        for key, value in raw.items():
+            if positional_key is not None and key == positional_key:
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"config file {path}: {key} must be a list of strings")
+                cfg[positional_key] = value
+                continue
+            o = known.get(key)
+            if o is None or o.name == "config":
+                allowed = sorted([*known, *([positional_key] if positional_key else [])])
+                allowed = [a for a in allowed if a != "config"]
+                raise ConfigError(
+                    f"config file {path}: unknown key {key!r}; allowed keys: {', '.join(allowed)}"
+                )
+            cfg[o.name] = _check_type(path, key, o.kind, value)
+    out: dict[str, Any] = {}
+    for o in opts:
+        v = getattr(ns, o.dest, None)
+        if v is None:
+            v = cfg.get(o.name, o.default)
+        if v is not None and o.kind in CONVERT:
+            v = CONVERT[o.kind](str(v), f"--{o.name}")
+        out[o.dest] = v
+    if positional is not None:
+        cli_pos = getattr(ns, positional, None) or []
+        out[positional] = list(cli_pos) if cli_pos else list(cfg.get(positional_key or "", []))
+    return out
+
+
+COMMON_NET = [
+    Opt("key-file", "str", help="shared 256-bit key file (see `dst keygen`)", metavar="FILE"),
+    Opt("cipher", "list", help="channel cipher in order of preference (repeat)", metavar="NAME"),
+    Opt("checksum", "list", help="payload checksum in order of preference (repeat)", metavar="NAME"),
+    Opt("crypto-workers", "int", help="threads for checksums and ciphers on large buffers", metavar="N"),
+    Opt("control", "str", help="unix socket for `dst status` and `dst ctl`", metavar="SOCK"),
+    Opt("metrics", "str", help="serve Prometheus metrics on HOST:PORT", metavar="HOST:PORT"),
+    Opt("config", "str", help="TOML file with any of these options", metavar="FILE"),
+    Opt("debug", "debug", help="JSON trace lines: --debug or --debug=proto,txn,crypto,nbd,mirror"),
+]
+
+EXPORT_OPTS = [
+    Opt("listen", "str", "0.0.0.0:10810", "address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH", "ADDR"),
+    Opt("size", "size", help="size of file exports that must be created", metavar="SIZE"),
+    Opt("read-only", "bool", help="export read-only"),
+    Opt("shared", "bool", help="allow several read-write client ids at once"),
+    Opt("keys", "str", help="file of `CLIENT_ID HEXKEY` lines, one key per client", metavar="FILE"),
+    Opt("allow", "list", help="client id allowed to attach (repeat)", metavar="CLIENT_ID"),
+    *COMMON_NET,
+]
+
+ATTACH_OPTS = [
+    Opt("mirror", "bool", help="RAID1 over the members"),
+    Opt("stripe", "size", help="RAID0 over the members with this chunk size", metavar="CHUNK"),
+    Opt("linear", "bool", help="concatenate the members"),
+    Opt("nbd", "str", help="serve the device over NBD on ADDR", metavar="ADDR"),
+    Opt("fuse", "str", help="mount DIR with one file DIR/disk", metavar="DIR"),
+    Opt("read-only", "bool", help="serve a read-only device"),
+    Opt("client-id", "str", help="identity of this client node (default: the host name)", metavar="ID"),
+    Opt("resends", "int", 10, "resends of an unacked transaction before it fails", "N"),
+    Opt("resend-timeout", "duration", 5.0, "seconds each attempt waits for its ack", "S"),
+    Opt("ping-interval", "duration", 5.0, "ping after this many idle seconds", "S"),
+    Opt("ping-timeout", "duration", 2.0, "declare the connection dead without a ping answer", "S"),
+    Opt("connect-timeout", "duration", 10.0, "give up connecting at start after S seconds", "S"),
+    Opt("reconnect-min", "duration", 0.1, "first reconnect delay", "S"),
+    Opt("reconnect-max", "duration", 5.0, "longest reconnect delay", "S"),
+    Opt("bitmap", "str", help="persistent dirty bitmap for --mirror", metavar="FILE"),
+    Opt("bitmap-granularity", "size", "64K", "bytes per bitmap bit", "SIZE"),
+    Opt("resync-rate", "rate", help="limit background resync (e.g. 100M)", metavar="RATE"),
+    *COMMON_NET,
+]

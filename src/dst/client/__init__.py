@@ -1,0 +1,1 @@
+"""The client node: remote members and the device stack above them."""

@@ -1,0 +1,169 @@
+"""The one block-device interface that every data holder and every layer implements.
+
+Modelled on nbdkit plugins and filters: a layer wraps devices and passes through
+what it does not override, so stacks (mirror over remote members, retry over a
+backend, ...) compose freely.
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from enum import IntFlag
+from typing import Any
+
+from dst.errors import IoError
+
+MAX_REQUEST = 32 << 20
+
+Buffer = bytes | bytearray | memoryview
+
+
+class IoFlags(IntFlag):
+    """Per-request flags, carried unchanged from the front end to the export node."""
+
+    NONE = 0
+    FUA = 1  # durable on stable storage before the ack
+    PREFLUSH = 2  # every write acked before this request is durable before it runs
+    NO_HOLE = 4  # WRITE_ZEROES must allocate, not punch
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a device can do; front ends advertise exactly this."""
+
+    read_only: bool = False
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = False
+    can_zero: bool = True
+    can_multi_conn: bool = True
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_request: int = MAX_REQUEST
+
+    def with_(self, **changes: Any) -> Capabilities:
+        return replace(self, **changes)
+
+
+@dataclass
+class IoCounters:
+    """Plain counters every device keeps; layers add their own keys."""
+
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    trims: int = 0
+    zeroes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return d
+
+
+def check_range(size: int, offset: int, length: int, max_request: int | None = None) -> None:
+    """Raise EINVAL/ENOSPC-style errors for a request outside the device, before any I/O."""
+    if offset < 0 or length < 0:
+        raise IoError(errno.EINVAL, f"negative offset {offset} or length {length}")
+    if max_request is not None and length > max_request:
+        raise IoError(
+            errno.EINVAL, f"request of {length} bytes exceeds the maximum of {max_request}"
+        )
+    if offset + length > size:
+        raise IoError(
+            errno.EINVAL,
+            f"request [{offset}, {offset + length}) is beyond the end of the {size}-byte device",
+        )
+
+
+class BlockDevice(ABC):
+    """An asynchronous block device of fixed size.
+
+    ``read_into`` fills a caller-owned buffer so that a remote member can receive
+    straight into it (no copy); ``read`` is the convenient form.
+    """
+
+    size: int
+    capabilities: Capabilities
+    name: str = "device"
+
+    @abstractmethod
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+
+    @abstractmethod
+    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
+        """Write ``data`` at ``offset``; with FUA it is durable before this returns."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        """Discard a range (a hint; reads may return old data or zeroes)."""
+        raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
+
+    async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        """Make a range read back as zeroes; the default emulates it with writes."""
+        chunk = min(length, 1 << 20)
+        zero = bytes(chunk)
+        pos = 0
+        while pos < length:
+            n = min(chunk, length - pos)
+            last = pos + n >= length
+            await self.write(offset + pos, memoryview(zero)[:n], flags if last else flags & ~IoFlags.FUA)
+            pos += n
+
+    async def read(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> bytes:
+        buf = bytearray(length)
+        await self.read_into(offset, memoryview(buf), flags)
+        return bytes(buf)
+
+    def statistics(self) -> dict[str, Any]:
+        return {}
+
+    async def aclose(self) -> None:
+        """Release everything; idempotent."""
+
+    async def __aenter__(self) -> BlockDevice:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Layer(BlockDevice):
+    """A device over one other device that passes through what it does not override."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.capabilities = inner.capabilities
+        self.name = inner.name
+
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        await self.inner.read_into(offset, buf, flags)
+
+    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
+        await self.inner.write(offset, data, flags)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        await self.inner.trim(offset, length, flags)
+
+    async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        await self.inner.write_zeroes(offset, length, flags)
+
+    def statistics(self) -> dict[str, Any]:
+        return self.inner.statistics()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,1 @@
+"""Front ends: the ways a client node exposes its assembled device (NBD, FUSE)."""

@@ -1,0 +1,446 @@
+"""Serve a BlockDevice over NBD, so qemu, libnbd tools, fio and the kernel attach it.
+
+A thin asyncio shell around :class:`dst.nbd.NbdServerConnection`: each client
+connection is a :class:`~dst.aio.stream.SocketStream` feeding the core, and every
+request the core validates runs as its own task against the shared device, so
+replies complete out of order. All connections share one device, hence
+``CAN_MULTI_CONN``: a FLUSH on any connection covers writes acked on all of them.
+
+Read replies are sent without copying: the header and the pooled read buffer go
+to ``sendmsg`` as separate buffers. The stream may keep a view of that buffer
+queued, so it goes back to the pool only once the stream's byte counter shows the
+kernel took all of it (:class:`_ReplyStream`). Each connection has at most
+``max_inflight`` requests and ``max_inflight_bytes`` of payload in flight; past
+either, the connection stops reading until replies drain (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import quote
+
+from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
+from dst.aio.stream import Receiver, SocketStream
+from dst.buffers import BufferPool, PooledBuffer
+from dst.device import BlockDevice, IoFlags
+from dst.errors import IoError
+from dst.nbd import (
+    MAX_BLOCK,
+    Command,
+    Disconnect,
+    ExportChosen,
+    ExportInfo,
+    NbdServerConnection,
+    ProtocolViolation,
+    Request,
+)
+from dst.units import Address
+
+log = logging.getLogger("dst.nbd")
+
+EXPORT_NAME = "default"
+MAX_INFLIGHT = 64
+MAX_INFLIGHT_BYTES = 128 << 20
+CLOSE_TIMEOUT = 10.0
+_OPS = {
+    Command.READ: "read",
+    Command.WRITE: "write",
+    Command.FLUSH: "flush",
+    Command.TRIM: "trim",
+    Command.WRITE_ZEROES: "zero",
+}
+
+
+def nbd_uri(addr: Address, export: str = "") -> str:
+    """The NBD URI of an address (doc/uri.md): nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=P."""
+    name = quote(export, safe="")
+    if addr.path is not None:
+        return f"nbd+unix:///{name}?socket={quote(addr.path, safe='/')}"
+    host = addr.host or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{addr.port}/{name}"
+
+
+def export_info(device: BlockDevice, description: str = "") -> ExportInfo:
+    """What the NBD server advertises for ``device``: exactly its capabilities."""
+    caps = device.capabilities
+    return ExportInfo(
+        size=device.size,
+        read_only=caps.read_only,
+        can_flush=caps.can_flush,
+        can_fua=caps.can_fua,
+        can_trim=caps.can_trim,
+        can_zero=caps.can_zero,
+        can_multi_conn=caps.can_multi_conn,
+        min_block=caps.min_block,
+        preferred_block=caps.preferred_block,
+        max_block=min(caps.max_request, MAX_BLOCK),
+        description=description,
+    )
+
+
+class _ReplyStream(SocketStream):
+    """A SocketStream that gives pooled read buffers back once their bytes left.
+
+    ``bytes_out + write_buffer_size`` after a write is the stream position where
+    that write ends; the buffer is released as soon as ``bytes_out`` passes it.
+    """
+
+    def __init__(
+        self, sock: socket.socket, receiver: Receiver, on_release: Callable[[int], None]
+    ) -> None:
+        super().__init__(sock, receiver)
+        self._held: deque[tuple[int, PooledBuffer]] = deque()
+        self._on_release = on_release
+        self._idle: list[asyncio.Future[None]] = []
+
+    def write_reply(self, buffers: Iterable[bytes | memoryview], held: PooledBuffer | None) -> None:
+        self.write(buffers)
+        if held is not None:
+            self._held.append((self.bytes_out + self.write_buffer_size, held))
+            self._release_sent()
+
+    def _flush(self) -> None:
+        super()._flush()
+        self._release_sent()
+
+    def _release_sent(self) -> None:
+        held = self._held
+        while held and (held[0][0] <= self.bytes_out or self.closed):
+            _, buf = held.popleft()
+            n = buf.view.nbytes
+            buf.release()
+            self._on_release(n)
+        if self.write_buffer_size == 0 or self.closed:
+            waiters, self._idle = self._idle, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def release_all(self) -> None:
+        """After the connection is gone: nothing queued will be sent any more."""
+        self._release_sent()
+
+    async def wait_sent(self) -> None:
+        """Wait until everything queued was handed to the kernel (or the stream closed)."""
+        if self.write_buffer_size == 0 or self.closed:
+            return
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._idle.append(fut)
+        await fut
+
+
+class _Connection:
+    """One client: the core, its stream, its request tasks; the Receiver of the stream."""
+
+    def __init__(self, front: NbdFrontend, sock: socket.socket) -> None:
+        self.front = front
+        self.core = NbdServerConnection(
+            {EXPORT_NAME: front.export}, default_export=EXPORT_NAME, pool=front.pool
+        )
+        self.stream = _ReplyStream(sock, self, self._read_released)
+        self.peer = self.stream.peer
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight_bytes = 0
+        self.closed = asyncio.Event()
+        self._paused = False
+        self._closer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        log.debug("NBD client connected from %s", self.peer)
+        self.stream.start()
+        self._send()
+
+    # ---- Receiver ----------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        return self.core.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.core.buffer_updated(nbytes)
+        self._handle_events()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.core.connection_lost()
+        self.stream.release_all()
+        if exc is not None:
+            log.debug("NBD connection from %s lost: %s", self.peer, exc)
+        self.closed.set()
+        self.front._forget(self)
+
+    # ---- events ------------------------------------------------------------
+    def _handle_events(self) -> None:
+        core = self.core
+        while (ev := core.next_event()) is not None:
+            if isinstance(ev, Request):
+                self._dispatch(ev)
+            elif isinstance(ev, ExportChosen):
+                log.debug(
+                    "NBD client %s chose export %r (structured replies: %s)",
+                    self.peer,
+                    ev.name,
+                    ev.structured,
+                )
+            elif isinstance(ev, Disconnect):
+                log.debug("NBD client %s disconnects: %s", self.peer, ev.reason)
+                self.begin_close()
+            elif isinstance(ev, ProtocolViolation):
+                self.front.stats["protocol_errors"] += 1
+                log.warning("closing NBD connection from %s: %s", self.peer, ev.message)
+                self.begin_close()
+        self._send()
+        self._apply_backpressure()
+
+    def _dispatch(self, req: Request) -> None:
+        if req.command in (Command.READ, Command.WRITE):
+            self.inflight_bytes += req.length
+        task = asyncio.get_running_loop().create_task(self._run(req))
+        self.tasks.add(task)
+        self.front.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.front.tasks.discard(task)
+        self._apply_backpressure()
+
+    def _read_released(self, nbytes: int) -> None:
+        self.inflight_bytes -= nbytes
+        self._apply_backpressure()
+
+    def _apply_backpressure(self) -> None:
+        busy = (
+            len(self.tasks) >= self.front.max_inflight
+            or self.inflight_bytes >= self.front.max_inflight_bytes
+        )
+        if busy and not self._paused:
+            self._paused = True
+            self.stream.pause_reading()
+        elif not busy and self._paused and self._closer is None:
+            self._paused = False
+            self.stream.resume_reading()
+
+    def _send(self, held: PooledBuffer | None = None) -> None:
+        self.stream.write_reply(self.core.data_to_send(), held)
+
+    # ---- requests ----------------------------------------------------------
+    async def _run(self, req: Request) -> None:
+        front = self.front
+        held: PooledBuffer | None = None
+        counted = req.command in (Command.READ, Command.WRITE)
+        try:
+            op = _OPS[req.command]
+            front.stats["requests"][op] += 1
+            try:
+                held = await self._execute(req)
+            except IoError as exc:
+                front.stats["errors"] += 1
+                self.core.reply_error(req.handle, exc.errno or errno.EIO, str(exc))
+            except Exception as exc:
+                front.stats["errors"] += 1
+                log.error(
+                    "NBD %s of %d bytes at %d failed: %r",
+                    op,
+                    req.length,
+                    req.offset,
+                    exc,
+                    exc_info=exc,
+                )
+                self.core.reply_error(req.handle, errno.EIO, f"internal error: {exc!r}")
+            if held is not None:
+                counted = False  # the stream now owns the buffer and its accounting
+            self._send(held)
+            held = None
+            with contextlib.suppress(ConnectionError):
+                await self.stream.drain()
+        finally:
+            if req.payload is not None:
+                req.payload.release()
+            if held is not None:
+                held.release()
+            if counted:
+                self.inflight_bytes -= req.length
+
+    async def _execute(self, req: Request) -> PooledBuffer | None:
+        """Run one request on the device and queue its success reply."""
+        dev = self.front.device
+        core = self.core
+        stats = self.front.stats
+        if req.command == Command.READ:
+            buf = self.front.pool.get(req.length)
+            try:
+                await dev.read_into(req.offset, buf.view, req.flags)
+            except BaseException:
+                buf.release()
+                raise
+            stats["bytes_read"] += req.length
+            core.reply_read(req.handle, buf.view)
+            return buf
+        if req.command == Command.WRITE:
+            assert req.payload is not None
+            await dev.write(req.offset, req.payload.view, req.flags)
+            stats["bytes_written"] += req.length
+        elif req.command == Command.FLUSH:
+            await dev.flush()
+        elif req.command == Command.TRIM:
+            await self._in_chunks(dev.trim, req)
+        elif req.command == Command.WRITE_ZEROES:
+            await self._in_chunks(dev.write_zeroes, req)
+        core.reply_ok(req.handle)
+        return None
+
+    async def _in_chunks(self, op: Callable[[int, int, IoFlags], Any], req: Request) -> None:
+        """TRIM and WRITE_ZEROES may exceed the device's request limit: split them."""
+        step = max(self.front.device.capabilities.max_request, 1)
+        pos, end = req.offset, req.offset + req.length
+        while pos < end:
+            n = min(step, end - pos)
+            flags = req.flags if pos + n >= end else req.flags & ~IoFlags.FUA
+            await op(pos, n, flags)
+            pos += n
+
+    # ---- closing -----------------------------------------------------------
+    def begin_close(self) -> None:
+        """Stop reading, finish what is in flight, send it, then close."""
+        if self._closer is None and not self.stream.closed:
+            self.stream.pause_reading()
+            self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
+            self.front.tasks.add(self._closer)
+            self._closer.add_done_callback(self.front.tasks.discard)
+
+    async def _close_when_done(self) -> None:
+        timeout = self.front.close_timeout
+        try:
+            if self.tasks:
+                await asyncio.wait(set(self.tasks), timeout=timeout)
+            self._send()
+            await asyncio.wait_for(self.stream.wait_sent(), timeout)
+        except TimeoutError:
+            log.warning("NBD connection from %s did not finish in %.1f s", self.peer, timeout)
+        finally:
+            for t in list(self.tasks):
+                t.cancel()
+            self.stream.close()
+
+
+class NbdFrontend:
+    """Serves one BlockDevice over NBD as export ``default`` (and the empty name)."""
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        address: Address,
+        *,
+        description: str = "",
+        pool: BufferPool | None = None,
+        max_inflight: int = MAX_INFLIGHT,
+        max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
+        close_timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
+        self.device = device
+        self.requested = address
+        self.address = address
+        self.export = export_info(device, description or f"DST device {device.name}")
+        self.pool = pool if pool is not None else BufferPool()
+        self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
+        self.close_timeout = close_timeout
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats: dict[str, Any] = {
+            "connections_total": 0,
+            "requests": dict.fromkeys(_OPS.values(), 0),
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "errors": 0,
+            "protocol_errors": 0,
+            "requests_rejected": 0,
+        }
+        self._conns: set[_Connection] = set()
+        self._sock: socket.socket | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def uri(self) -> str:
+        """The NBD URI clients connect to (the real port once started)."""
+        return nbd_uri(self.address)
+
+    async def start(self) -> None:
+        """Bind and start accepting; logs ``serving NBD on URI``."""
+        if self._sock is not None:
+            raise RuntimeError("this NBD front end is already started")
+        sock = bind_listener(self.requested, what="serve NBD")
+        self._sock = sock
+        self.address = bound_address(sock, self.requested)
+        self._serve_task = asyncio.get_running_loop().create_task(serve(sock, self._on_client))
+        if not self.address.is_loopback:
+            log.warning(
+                "NBD has no authentication: anyone who reaches %s can read and write the "
+                "device; serve on a loopback address or a unix socket, or firewall the port",
+                self.address,
+            )
+        log.info("serving NBD on %s", self.uri)
+
+    async def _on_client(self, sock: socket.socket) -> None:
+        if self._closed:
+            sock.close()
+            return
+        conn = _Connection(self, sock)
+        self._conns.add(conn)
+        self.stats["connections_total"] += 1
+        conn.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self.stats["requests_rejected"] += conn.core.requests_rejected
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters since start: connections, requests per op, bytes, errors."""
+        s = dict(self.stats)
+        s["requests"] = dict(self.stats["requests"])
+        s["connections_open"] = len(self._conns)
+        s["requests_rejected"] += sum(c.core.requests_rejected for c in self._conns)
+        s["inflight"] = sum(len(c.tasks) for c in self._conns)
+        return s
+
+    async def aclose(self) -> None:
+        """Stop accepting, let in-flight requests finish, close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._serve_task is not None:
+            self._serve_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serve_task
+        if self._sock is not None:
+            self._sock.close()
+            if self.requested.path is not None:
+                unlink_unix(self.requested)
+        for conn in list(self._conns):
+            conn.core.start_shutdown()
+            conn.begin_close()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=self.close_timeout + 1.0)
+        for conn in list(self._conns):
+            conn.stream.abort()
+        leftover = set(self.tasks)
+        for t in leftover:
+            t.cancel()
+        if leftover:
+            await asyncio.gather(*leftover, return_exceptions=True)
+        log.info("stopped serving NBD on %s", self.uri)
+
+    async def __aenter__(self) -> NbdFrontend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

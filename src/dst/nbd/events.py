@@ -1,0 +1,58 @@
+"""Events the NBD server core hands to its shell, in the order they happened."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dst.buffers import PooledBuffer
+from dst.device import IoFlags
+from dst.nbd.constants import Command
+from dst.nbd.export import ExportInfo
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of everything ``next_event()`` returns."""
+
+
+@dataclass(frozen=True)
+class ExportChosen(Event):
+    """The handshake ended; requests for this export follow."""
+
+    name: str
+    export: ExportInfo
+    structured: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Request(Event):
+    """A validated request the shell must answer with exactly one reply.
+
+    ``command`` is READ, WRITE, FLUSH, TRIM or WRITE_ZEROES; offset and length are
+    already checked against the export. A WRITE carries its ``payload``, lent by
+    the pool: the shell releases it once the data is written.
+    """
+
+    handle: int
+    command: Command
+    flags: IoFlags
+    offset: int
+    length: int
+    payload: PooledBuffer | None = None
+
+
+@dataclass(frozen=True)
+class Disconnect(Event):
+    """The client ended the session cleanly (NBD_CMD_DISC or NBD_OPT_ABORT).
+
+    Answer what is in flight, send what is queued, then close.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProtocolViolation(Event):
+    """The client broke the protocol; send what is queued and close the connection."""
+
+    message: str

@@ -1,0 +1,427 @@
+"""A sans-IO NBD server connection: bytes in, events and bytes out.
+
+In the style of h11 and aioquic, :class:`NbdServerConnection` never touches a
+socket, a loop or a clock, so every byte sequence (and every chunking of it) can
+be tested directly. One instance serves one client connection:
+
+- receiving: either ``receive_data(data)`` (tests, fuzzing) or the zero-copy pair
+  ``get_buffer()`` / ``buffer_updated(n)``: the shell ``recv_into()``s the buffer
+  it is given. Headers and small payloads land in a staging buffer; while a large
+  WRITE payload is pending, ``get_buffer()`` returns (the rest of) the payload
+  buffer itself, so its bytes are received in place and never copied.
+- events, via ``next_event()``: :class:`ExportChosen`, :class:`Request`,
+  :class:`Disconnect`, :class:`ProtocolViolation` (then close the connection).
+  Requests are validated first: a bad offset, length, flag or command, or a write
+  to a read-only export, is answered by the core itself and never becomes an
+  event. Lengths are checked against the caps before anything is allocated.
+- sending: ``reply_read`` / ``reply_ok`` / ``reply_error`` for each request, in any
+  order; ``data_to_send()`` returns the queued buffers (headers as ``bytes``, read
+  data as the caller's memoryview: keep it alive until it is sent).
+
+There are no timers: NBD has none, so unlike the DST core this one takes no ``now``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dst.buffers import BufferPool, PooledBuffer
+from dst.device import IoFlags
+from dst.nbd import wire
+from dst.nbd.constants import (
+    IHAVEOPT,
+    REQUEST_MAGIC,
+    ClientFlags,
+    Command,
+    CommandFlags,
+    HandshakeFlags,
+    NbdError,
+    TransmissionFlags,
+    nbd_error,
+)
+from dst.nbd.events import Disconnect, Event, ExportChosen, ProtocolViolation, Request
+from dst.nbd.export import ExportInfo
+from dst.nbd.options import MAX_OPTION_LENGTH, Negotiation, OptionOutcome
+
+STAGE_SIZE = 64 << 10  # staging buffer for headers and small payloads
+DIRECT_THRESHOLD = 16 << 10  # a pending payload at least this big is received in place
+_MIN_FREE = 4096  # compact the staging buffer when less than this is free at its end
+
+_ALLOWED_FLAGS: dict[int, int] = {
+    Command.READ: CommandFlags.FUA | CommandFlags.DF,
+    Command.WRITE: CommandFlags.FUA,
+    Command.FLUSH: CommandFlags.FUA,
+    Command.TRIM: CommandFlags.FUA,
+    Command.WRITE_ZEROES: CommandFlags.FUA | CommandFlags.NO_HOLE,
+}
+
+
+@dataclass(frozen=True)
+class _Pending:
+    command: Command
+    offset: int
+    length: int
+
+
+class NbdServerConnection:
+    """The server side of one NBD connection (fixed newstyle handshake only)."""
+
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        *,
+        default_export: str = "default",
+        pool: BufferPool | None = None,
+    ) -> None:
+        if default_export not in exports:
+            raise ValueError(f"default export {default_export!r} is not among the exports")
+        self._nego = Negotiation(exports, default_export)
+        self.pool = pool if pool is not None else BufferPool()
+        self.export: ExportInfo | None = None
+        self.export_name: str | None = None
+        self.requests_rejected = 0
+        self._events: deque[Event] = deque()
+        self._out: list[bytes | memoryview] = [
+            wire.greeting(HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES)
+        ]
+        self._stage = bytearray(STAGE_SIZE)
+        self._start = 0
+        self._end = 0
+        self._header = wire.CLIENT_FLAGS.size  # size of the next fixed-size message
+        self._body: PooledBuffer | None = None  # option data or WRITE payload being filled
+        self._body_filled = 0
+        self._body_option = 0  # the option whose data is in _body (0: a WRITE payload)
+        self._body_request: tuple[int, IoFlags, int] | None = None  # handle, flags, offset
+        self._direct = False  # the last get_buffer() handed out the body itself
+        self._discard = 0  # bytes still to skip (an unwanted payload or option data)
+        self._inflight: dict[int, list[_Pending]] = {}
+        self._recv_closed = False
+        self._send_closed = False
+
+    # ---- state -----------------------------------------------------------
+    @property
+    def structured(self) -> bool:
+        """Whether structured replies were negotiated."""
+        return self._nego.structured
+
+    @property
+    def in_transmission(self) -> bool:
+        return self.export is not None
+
+    @property
+    def inflight(self) -> int:
+        """Requests handed out as events and not answered yet."""
+        return sum(len(v) for v in self._inflight.values())
+
+    def start_shutdown(self) -> None:
+        """From now on, options get NBD_REP_ERR_SHUTDOWN and requests ESHUTDOWN."""
+        self._nego.shutting_down = True
+
+    # ---- receiving -------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """A non-empty writable buffer for the next bytes from the peer."""
+        body = self._body
+        if body is not None and not self._recv_closed:
+            remaining = len(body.view) - self._body_filled
+            if remaining >= DIRECT_THRESHOLD:
+                self._direct = True
+                return body.view[self._body_filled :]
+        self._direct = False
+        if self._start == self._end or self._recv_closed:
+            self._start = self._end = 0
+        elif len(self._stage) - self._end < _MIN_FREE:
+            n = self._end - self._start
+            self._stage[:n] = self._stage[self._start : self._end]
+            self._start, self._end = 0, n
+        return memoryview(self._stage)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``."""
+        if self._recv_closed or nbytes <= 0:
+            return
+        if self._direct:
+            self._direct = False
+            self._body_filled += nbytes
+            if self._body is not None and self._body_filled >= len(self._body.view):
+                self._finish_body()
+        else:
+            self._end += nbytes
+        self._process()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes by copying them into the buffers ``get_buffer()`` hands out."""
+        mv = memoryview(data).cast("B")
+        while mv.nbytes and not self._recv_closed:
+            buf = self.get_buffer()
+            n = min(buf.nbytes, mv.nbytes)
+            buf[:n] = mv[:n]
+            self.buffer_updated(n)
+            mv = mv[n:]
+
+    def connection_lost(self) -> None:
+        """The transport is gone: give back every buffer still held, answer nothing more."""
+        self._recv_closed = self._send_closed = True
+        self._release_body()
+        self._inflight.clear()
+        self._out.clear()
+        for ev in self._events:
+            if isinstance(ev, Request) and ev.payload is not None:
+                ev.payload.release()
+        self._events = deque(e for e in self._events if not isinstance(e, Request))
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def _process(self) -> None:
+        stage = self._stage
+        while not self._recv_closed:
+            avail = self._end - self._start
+            body = self._body
+            if body is not None:
+                take = min(avail, len(body.view) - self._body_filled)
+                if take == 0:
+                    return
+                body.view[self._body_filled : self._body_filled + take] = stage[
+                    self._start : self._start + take
+                ]
+                self._start += take
+                self._body_filled += take
+                if self._body_filled == len(body.view):
+                    self._finish_body()
+                continue
+            if self._discard:
+                take = min(avail, self._discard)
+                if take == 0:
+                    return
+                self._start += take
+                self._discard -= take
+                continue
+            need = self._header
+            if avail < need:
+                return
+            header = bytes(stage[self._start : self._start + need])
+            self._start += need
+            if self.export is not None:
+                self._on_request(header)
+            elif need == wire.CLIENT_FLAGS.size:
+                self._on_client_flags(header)
+            else:
+                self._on_option_header(header)
+
+    def _expect_body(self, length: int) -> None:
+        """Receive the next ``length`` bytes into a pool buffer (length already capped)."""
+        self._body = self.pool.get(length)
+        self._body_filled = 0
+
+    def _finish_body(self) -> None:
+        body, self._body = self._body, None
+        assert body is not None
+        if self._body_request is not None:
+            handle, flags, offset = self._body_request
+            self._body_request = None
+            self._events.append(Request(handle, Command.WRITE, flags, offset, len(body.view), body))
+            return
+        try:
+            data = bytes(body.view)
+        finally:
+            body.release()
+        self._on_option(self._body_option, data)
+
+    def _release_body(self) -> None:
+        body, self._body = self._body, None
+        self._body_request = None
+        if body is not None:
+            body.release()
+
+    def _violation(self, message: str) -> None:
+        self._recv_closed = True
+        self._release_body()
+        self._events.append(ProtocolViolation(message))
+
+    # ---- handshake -------------------------------------------------------
+    def _on_client_flags(self, header: bytes) -> None:
+        (flags,) = wire.CLIENT_FLAGS.unpack(header)
+        known = int(ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES)
+        if flags & ~known:
+            self._violation(f"unknown client flags 0x{flags:08x} (the server knows 0x{known:x})")
+            return
+        self._nego.no_zeroes = bool(flags & ClientFlags.NO_ZEROES)
+        self._header = wire.OPTION_HEADER.size
+
+    def _on_option_header(self, header: bytes) -> None:
+        magic, option, length = wire.OPTION_HEADER.unpack(header)
+        if magic != IHAVEOPT:
+            self._violation(f"bad option magic 0x{magic:016x} (expected IHAVEOPT)")
+            return
+        if length > MAX_OPTION_LENGTH:
+            self._discard = length
+            self._apply(self._nego.too_big(option, length))
+        elif length:
+            self._body_option = option
+            self._expect_body(length)
+        else:
+            self._on_option(option, b"")
+
+    def _on_option(self, option: int, data: bytes) -> None:
+        self._apply(self._nego.handle(option, data))
+
+    def _apply(self, outcome: OptionOutcome) -> None:
+        self._out.extend(outcome.replies)
+        if outcome.violation is not None:
+            self._violation(outcome.violation)
+        elif outcome.abort:
+            self._recv_closed = True
+            self._events.append(Disconnect("the client aborted the handshake"))
+        elif outcome.chosen is not None:
+            self.export_name = outcome.chosen
+            self.export = self._nego.exports[outcome.chosen]
+            self._header = wire.REQUEST.size
+            self._events.append(ExportChosen(outcome.chosen, self.export, self.structured))
+
+    # ---- transmission ----------------------------------------------------
+    def _on_request(self, header: bytes) -> None:
+        magic, cflags, ctype, handle, offset, length = wire.REQUEST.unpack(header)
+        if magic != REQUEST_MAGIC:
+            self._violation(f"bad request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x})")
+            return
+        if ctype == Command.DISC:
+            self._recv_closed = True
+            self._events.append(Disconnect("the client sent NBD_CMD_DISC"))
+            return
+        rejection = self._validate(ctype, cflags, offset, length)
+        if rejection is not None:
+            self.requests_rejected += 1
+            code, message = rejection
+            self._out.append(self._error_reply(handle, code, message))
+            if ctype == Command.WRITE:
+                self._discard = length
+            return
+        command = Command(ctype)
+        flags = IoFlags.NONE
+        if cflags & CommandFlags.FUA:
+            flags |= IoFlags.FUA
+        if cflags & CommandFlags.NO_HOLE:
+            flags |= IoFlags.NO_HOLE
+        if length == 0 and command != Command.FLUSH:  # nothing to do; answer at once
+            if command == Command.READ and self.structured:
+                self._out.append(wire.structured_done(handle))
+            else:
+                self._out.append(wire.simple_reply(handle))
+            return
+        if command == Command.FLUSH:
+            offset = length = 0
+        self._inflight.setdefault(handle, []).append(_Pending(command, offset, length))
+        if command == Command.WRITE:
+            self._body_request = (handle, flags, offset)
+            self._expect_body(length)
+        else:
+            self._events.append(Request(handle, command, flags, offset, length))
+
+    def _validate(
+        self, ctype: int, cflags: int, offset: int, length: int
+    ) -> tuple[int, str] | None:
+        """``(nbd error, message)`` when the request must be refused, else None."""
+        export = self.export
+        assert export is not None
+        if self._nego.shutting_down:
+            return NbdError.ESHUTDOWN, "the server is shutting down"
+        if ctype not in _ALLOWED_FLAGS:
+            return NbdError.EINVAL, f"command {ctype} is not supported"
+        command = Command(ctype)
+        name = command.name
+        advertised = export.transmission_flags(self.structured)
+        allowed = int(_ALLOWED_FLAGS[command])  # an int: ~ on an IntFlag keeps only known bits
+        if not advertised & TransmissionFlags.SEND_FUA:
+            allowed &= ~int(CommandFlags.FUA)
+        if not advertised & TransmissionFlags.SEND_DF:
+            allowed &= ~int(CommandFlags.DF)
+        if cflags & ~allowed:
+            return NbdError.EINVAL, f"flags 0x{cflags:x} are not valid for {name}"
+        writes = command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+        if writes and export.read_only:
+            return NbdError.EPERM, f"{name} refused: the export is read-only"
+        if command == Command.FLUSH:
+            if not advertised & TransmissionFlags.SEND_FLUSH:
+                return NbdError.EINVAL, "FLUSH is not supported by this export"
+            return None
+        if command == Command.TRIM and not advertised & TransmissionFlags.SEND_TRIM:
+            return NbdError.EINVAL, "TRIM is not supported by this export"
+        if command == Command.WRITE_ZEROES and not advertised & TransmissionFlags.SEND_WRITE_ZEROES:
+            return NbdError.EINVAL, "WRITE_ZEROES is not supported by this export"
+        if command in (Command.READ, Command.WRITE) and length > export.max_block:
+            return NbdError.EINVAL, (
+                f"{name} of {length} bytes exceeds the maximum block size {export.max_block}"
+            )
+        if offset + length > export.size:
+            code = (
+                NbdError.ENOSPC
+                if command in (Command.WRITE, Command.WRITE_ZEROES)
+                else NbdError.EINVAL
+            )
+            return code, (
+                f"{name} [{offset}, {offset + length}) is beyond the end of the "
+                f"{export.size}-byte export"
+            )
+        if (offset | length) % export.min_block:
+            return NbdError.EINVAL, (
+                f"{name} at {offset} of {length} bytes is not aligned to {export.min_block}"
+            )
+        return None
+
+    # ---- sending ---------------------------------------------------------
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Everything queued for the peer, in order; the queue is emptied."""
+        out, self._out = self._out, []
+        return out
+
+    def _pop(self, handle: int, read: bool | None = None, length: int = 0) -> _Pending | None:
+        """The oldest unanswered request with ``handle``; checks the reply fits it."""
+        if self._send_closed:
+            return None
+        pending = self._inflight.get(handle)
+        if not pending:
+            raise ValueError(f"no request with handle {handle:#x} is waiting for a reply")
+        entry = pending[0]
+        is_read = entry.command == Command.READ
+        if read is True and (not is_read or length != entry.length):
+            raise ValueError(
+                f"reply_read with {length} bytes for {entry.command.name} of {entry.length}"
+            )
+        if read is False and is_read:
+            raise ValueError("a READ is answered with reply_read or reply_error")
+        pending.pop(0)
+        if not pending:
+            del self._inflight[handle]
+        return entry
+
+    def reply_read(self, handle: int, data: memoryview) -> None:
+        """Answer a READ with its data (one OFFSET_DATA chunk when structured)."""
+        entry = self._pop(handle, read=True, length=data.nbytes)
+        if entry is None:
+            return
+        if self.structured:
+            self._out.append(wire.offset_data_header(handle, entry.offset, data.nbytes))
+        else:
+            self._out.append(wire.simple_reply(handle))
+        self._out.append(data)
+
+    def reply_ok(self, handle: int) -> None:
+        """Answer a request without data with success."""
+        if self._pop(handle, read=False) is None:
+            return
+        self._out.append(wire.simple_reply(handle))
+
+    def reply_error(self, handle: int, errno_value: int, message: str) -> None:
+        """Answer with an error; the errno value is mapped to the NBD error set."""
+        if self._pop(handle) is None:
+            return
+        code = nbd_error(errno_value)
+        self._out.append(self._error_reply(handle, code, message))
+
+    def _error_reply(self, handle: int, code: int, message: str) -> bytes:
+        """A structured ERROR chunk with the message, or a simple reply (never with data)."""
+        if self.structured:
+            return wire.error_chunk(handle, code, message)
+        return wire.simple_reply(handle, code)

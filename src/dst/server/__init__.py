@@ -1,0 +1,1 @@
+"""The export node: serves backends over the DST node protocol."""

@@ -1,0 +1,445 @@
+"""The export node's asyncio shell: accept connections, run cores, execute requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dst import trace
+from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
+from dst.aio.stream import SocketStream
+from dst.buffers import BufferPool, PooledBuffer
+from dst.device import BlockDevice, Capabilities, IoFlags
+from dst.errors import IoError
+from dst.proto.events import (
+    ChecksumMismatch,
+    ConnectionDead,
+    Disconnecting,
+    HelloReceived,
+    Refused,
+    Rejected,
+    Request,
+)
+from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
+from dst.proto.wire import Command, Refusal, ReqFlags, Status
+from dst.server.sessions import Decision, Session, SessionTable
+from dst.units import Address
+
+log = logging.getLogger("dst.export")
+
+MAX_UNAUTHENTICATED = 64
+
+
+@dataclass
+class Export:
+    """One named export: a device plus its policy and sessions."""
+
+    name: str
+    device: BlockDevice
+    identity: Any
+    spec: str
+    read_only: bool = False
+    shared: bool = False
+    trim_zeroes: bool = False
+    sessions: SessionTable = field(init=False)
+    lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.sessions = SessionTable(self.name, self.shared)
+
+    def terms(self, read_only: bool) -> ExportTerms:
+        caps: Capabilities = self.device.capabilities
+        commands = {Command.READ, Command.WRITE, Command.FLUSH, Command.WRITE_ZEROES}
+        if caps.can_trim:
+            commands.add(Command.TRIM)
+        return ExportTerms(
+            size=self.device.size,
+            read_only=read_only,
+            identity=self.identity,
+            min_block=caps.min_block,
+            preferred_block=caps.preferred_block,
+            commands=frozenset(commands),
+            trim_zeroes=self.trim_zeroes,
+        )
+
+
+class Connection:
+    """One client connection: a core, a socket stream and the requests it started."""
+
+    def __init__(self, node: ExportNode, sock: socket.socket) -> None:
+        self.node = node
+        self.core = ServerCore(node.server_config, node.pool)
+        self.stream = SocketStream(sock, self)
+        self.peer = self.stream.peer
+        self.export: Export | None = None
+        self.session: Session | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._disconnect_txn: int | None = None
+        self._authenticated = False
+        self.running: set[int] = set()
+
+    # Receiver protocol for SocketStream
+    def get_buffer(self) -> memoryview:
+        return self.core.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.core.buffer_updated(nbytes)
+        self._pump()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.core.connection_lost()
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._authenticated:
+            self.node.unauthenticated -= 1
+            self._authenticated = True
+        self.closed.set()
+
+    def start(self) -> None:
+        self.core.connection_made(time.monotonic())
+        self.stream.start()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.core.get_timer()
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(time.monotonic())
+        self._pump()
+
+    def _flush_out(self) -> None:
+        out = self.core.data_to_send()
+        if out:
+            self.stream.write(out)
+
+    def _pump(self) -> None:
+        """Handle every event the core produced, then send what it wants sent."""
+        core = self.core
+        while (ev := core.next_event()) is not None:
+            if isinstance(ev, Request):
+                self._start_request(ev)
+            elif isinstance(ev, HelloReceived):
+                t = asyncio.create_task(self._on_hello(ev))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+            elif isinstance(ev, Rejected):
+                log.warning(
+                    "%s: rejected transaction %d from %s: %s",
+                    self._who(), ev.txn, self.peer, ev.message,
+                )
+            elif isinstance(ev, ChecksumMismatch):
+                log.warning("%s: checksum mismatch in transaction %d; asked for a resend", self._who(), ev.txn)
+            elif isinstance(ev, Disconnecting):
+                self._disconnect_txn = ev.txn
+                t = asyncio.create_task(self._disconnect())
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+            elif isinstance(ev, Refused):
+                if ev.by_peer:
+                    log.warning("%s refused the handshake: %s", self.peer, ev.message)
+                else:
+                    log.warning("refused %s: %s", self._who(), ev.message)
+            elif isinstance(ev, ConnectionDead):
+                log.info("closing connection from %s: %s", self.peer, ev.reason)
+                self._flush_out()
+                self.stream.close()
+                return
+        self._flush_out()
+        if core.dead and not self.stream.closed:
+            self.stream.close()
+            return
+        if core.state == SState.READY:
+            if core.in_flight >= core.welcome.queue_depth if core.welcome else False:
+                self.stream.pause_reading()
+            else:
+                self.stream.resume_reading()
+        self._arm_timer()
+
+    def _who(self) -> str:
+        h = self.core.hello
+        if h is None:
+            return self.peer
+        return f"client {h.client_id!r} ({self.peer}) on export {h.export!r}"
+
+    # ---- handshake decision -------------------------------------------------------
+    async def _on_hello(self, ev: HelloReceived) -> None:
+        node = self.node
+        hello = ev.hello
+        export = node.exports.get(hello.export or "default")
+        if export is None:
+            names = ", ".join(sorted(node.exports)) or "none"
+            self.core.refuse(
+                Refusal.UNKNOWN_EXPORT,
+                f"unknown export {hello.export!r}; this export node serves: {names}",
+            )
+            self._pump()
+            return
+        if node.allow is not None and hello.client_id not in node.allow:
+            self.core.refuse(
+                Refusal.NOT_ALLOWED,
+                f"client id {hello.client_id!r} is not allowed on this export node; add "
+                f"--allow {hello.client_id} to dst export",
+            )
+            self._pump()
+            return
+        read_only = export.read_only or hello.read_only
+        async with export.lock:
+            d: Decision = export.sessions.decide(hello, read_only, time.time())
+            if d.refusal is not None:
+                self.core.refuse(d.refusal, d.message)
+                self._pump()
+                return
+            for old in d.fence:
+                conn = old.conn
+                if conn is not None and conn is not self:
+                    why = "a newer connection of the same session" if old is d.session else (
+                        "a newer session of the same client"
+                    )
+                    log.info(
+                        "fencing connection from %s (generation %d) of client %r: replaced by %s",
+                        conn.peer, old.generation, old.client_id, why,
+                    )
+                    if trace.on.proto:
+                        trace.emit("proto", "fence", client=old.client_id, generation=old.generation,
+                                   export=export.name)
+                    await conn.fence()
+            if self.stream.closed:
+                return
+            s = export.sessions.install(d, hello)
+            s.conn = self
+            s.address = self.peer
+            self.export = export
+            self.session = s
+            self.core.accept(export.terms(read_only))
+            if self.core.state == SState.READY:
+                self._authenticated = True
+                node.unauthenticated -= 1
+                w = self.core.welcome
+                assert w is not None
+                log.info(
+                    "client %r from %s attached export %r (%s, generation %d, cipher %s, checksum %s)",
+                    hello.client_id, self.peer, export.name,
+                    "read-only" if read_only else "read-write", hello.generation, w.cipher, w.checksum,
+                )
+        self._pump()
+
+    async def fence(self) -> None:
+        """Stop reading this connection and wait for every request it started."""
+        self.stream.close(flush=False)
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+    # ---- requests -------------------------------------------------------------------
+    def _start_request(self, req: Request) -> None:
+        s = self.session
+        assert s is not None
+        s.requests += 1
+        if req.command != Command.READ:
+            cached = s.completed.get(req.txn)
+            if cached is not None:
+                # a resend of a request we already applied: ack it again, do not redo it
+                if req.payload is not None:
+                    req.payload.release()
+                if trace.on.txn:
+                    trace.emit("txn", "replay-ack", txn=req.txn, attempt=req.attempt, status=cached)
+                self.core.reply(req, cached)
+                return
+            if req.txn in self.running:
+                if req.payload is not None:
+                    req.payload.release()
+                self.core.in_flight -= 1
+                return
+        t = asyncio.create_task(self._run(req))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def _run(self, req: Request) -> None:
+        export = self.export
+        s = self.session
+        assert export is not None and s is not None
+        dev = export.device
+        flags = IoFlags(req.flags & 7)
+        status = 0
+        data: memoryview | None = None
+        buf = None
+        self.running.add(req.txn)
+        try:
+            cmd = req.command
+            if cmd == Command.READ:
+                buf = self.node.pool.get(req.length)
+                await dev.read_into(req.offset, buf.view, flags)
+                data = buf.view
+                s.bytes_read += req.length
+            elif cmd == Command.WRITE:
+                assert req.payload is not None or req.length == 0
+                view = req.payload.view if req.payload is not None else memoryview(b"")
+                await dev.write(req.offset, view, flags)
+                s.bytes_written += req.length
+            elif cmd == Command.FLUSH:
+                await dev.flush()
+            elif cmd == Command.TRIM:
+                await dev.trim(req.offset, req.length, flags)
+            elif cmd == Command.WRITE_ZEROES:
+                await dev.write_zeroes(req.offset, req.length, flags)
+            else:
+                status = Status.ENOTSUP
+        except IoError as exc:
+            status = exc.errno or errno.EIO
+            log.warning(
+                "%s: %s at offset %d length %d failed: %s",
+                self._who(), Command(req.command).name, req.offset, req.length, exc,
+            )
+        except Exception:
+            status = Status.EIO
+            log.exception("%s: request %d failed unexpectedly", self._who(), req.txn)
+        finally:
+            self.running.discard(req.txn)
+            if req.payload is not None:
+                req.payload.release()
+        if req.command != Command.READ:
+            s.remember(req.txn, status)
+        if status and Status.ENOSPC == status:
+            self.node.enospc += 1
+        self.core.reply(req, status, data)
+        self._pump_after_reply(buf)
+
+    def _pump_after_reply(self, buf: PooledBuffer | None) -> None:
+        self._pump()
+        if buf is not None:
+            self.stream.after_sent(buf.release)
+
+    async def _disconnect(self) -> None:
+        others = [t for t in self.tasks if t is not asyncio.current_task()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        if self._disconnect_txn is not None:
+            self.core.reply_disconnect(self._disconnect_txn)
+        self._flush_out()
+        self.stream.close()
+
+    async def aclose(self) -> None:
+        self.stream.close()
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+
+class ExportNode:
+    """Serves a set of exports on one listening address."""
+
+    def __init__(
+        self,
+        exports: dict[str, Export],
+        server_config: ServerConfig,
+        allow: set[str] | None = None,
+    ) -> None:
+        self.exports = exports
+        self.server_config = server_config
+        self.allow = allow
+        self.pool = BufferPool()
+        self.connections: set[Connection] = set()
+        self.unauthenticated = 0
+        self.enospc = 0
+        self.started = time.time()
+        self._sock: socket.socket | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self.address: Address | None = None
+        self._requested: Address | None = None
+
+    async def start(self, listen: Address) -> Address:
+        self._sock = bind_listener(listen, "listen")
+        self._requested = listen
+        self.address = bound_address(self._sock, listen)
+        self._serve_task = asyncio.create_task(serve(self._sock, self._on_client))
+        return self.address
+
+    async def _on_client(self, sock: socket.socket) -> None:
+        if self.unauthenticated >= MAX_UNAUTHENTICATED:
+            log.warning(
+                "dropping a connection: %d connections are still in their handshake "
+                "(limit %d)", self.unauthenticated, MAX_UNAUTHENTICATED,
+            )
+            sock.close()
+            return
+        self.unauthenticated += 1
+        conn = Connection(self, sock)
+        self.connections.add(conn)
+        try:
+            conn.start()
+            await conn.closed.wait()
+            if conn.tasks:
+                await asyncio.gather(*list(conn.tasks), return_exceptions=True)
+        finally:
+            self.connections.discard(conn)
+            s = conn.session
+            if s is not None and conn.export is not None and s.conn is conn:
+                conn.export.sessions.disconnected(s, time.time())
+                log.info("client %r from %s detached from export %r", s.client_id, conn.peer,
+                         conn.export.name)
+
+    async def aclose(self) -> None:
+        """Stop accepting, finish in-flight requests, flush and close every export."""
+        if self._serve_task is not None:
+            self._serve_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serve_task
+            self._serve_task = None
+        for c in list(self.connections):
+            await c.aclose()
+        for e in self.exports.values():
+            with contextlib.suppress(Exception):
+                if not e.read_only:
+                    await e.device.flush()
+            await e.device.aclose()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            if self._requested is not None:
+                unlink_unix(self._requested)
+
+    def status(self) -> dict[str, Any]:
+        exports = []
+        sessions = []
+        for e in self.exports.values():
+            stats = e.device.statistics()
+            exports.append(
+                {
+                    "name": e.name,
+                    "backend": e.spec,
+                    "size": e.device.size,
+                    "identity": str(e.identity),
+                    "read_only": e.read_only,
+                    "shared": e.shared,
+                    "statistics": stats,
+                }
+            )
+            for s in e.sessions.all():
+                d = s.describe()
+                d["export"] = e.name
+                sessions.append(d)
+        return {
+            "role": "export",
+            "address": str(self.address),
+            "since": self.started,
+            "exports": exports,
+            "sessions": sessions,
+            "connections": len(self.connections),
+            "enospc": self.enospc,
+        }
+
+
+__all__ = ["Connection", "Export", "ExportNode", "ReqFlags"]

@@ -1,0 +1,31 @@
+"""Shared fixtures: temporary dirs for sockets (short paths) and process reaping."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Procs
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is limited to 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="dst-t-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def procs(sockdir: Path) -> Iterator[Procs]:
+    ps = Procs(sockdir)
+    try:
+        yield ps
+    finally:
+        ps.stop_all()
