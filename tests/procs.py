@@ -24,7 +24,7 @@ APT = {
     "qemu-nbd": "qemu-utils",
     "nbdinfo": "libnbd-bin",
     "nbdcopy": "libnbd-bin",
-    "nbdsh": "libnbd-bin",
+    "nbdsh": "libnbd-bin python3-libnbd",
     "nbdkit": "nbdkit",
     "fio": "fio",
     "mkfs.xfs": "xfsprogs",
@@ -144,6 +144,17 @@ class Procs:
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+def nbdsh() -> list[str]:
+    """nbdsh under Debian's own python3, which has libnbd's module (the venv's does not)."""
+    need_tool("nbdsh")
+    if not os.path.exists("/usr/lib/python3/dist-packages/nbd.py"):
+        msg = "nbdsh needs libnbd's Python module; install it with: apt-get install python3-libnbd"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return ["/usr/bin/python3", "-m", "nbd"]
 
 
 def run(

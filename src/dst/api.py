@@ -97,7 +97,9 @@ async def open_device_async(
     if member.protocol != "dst":
         raise UsageError(f"{uri}: open_device takes dst:// or dst+unix:// URIs")
     key = load_key_file(key_file) if key_file else None
-    c, k = client_algorithms(list(ciphers) if ciphers else None, list(checksums) if checksums else None, key is not None)
+    c, k = client_algorithms(
+        list(ciphers) if ciphers else None, list(checksums) if checksums else None, key is not None
+    )
     cfg = ClientConfig(
         export=member.export,
         client_id=client_id or socket.gethostname(),
@@ -119,7 +121,9 @@ async def open_device_async(
 class Device:
     """Synchronous face of :class:`AsyncDevice`, driven on a private loop thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, dev: AsyncDevice) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, dev: AsyncDevice
+    ) -> None:
         self._loop = loop
         self._thread = thread
         self._dev = dev

@@ -117,7 +117,9 @@ class BlockDevice(ABC):
         while pos < length:
             n = min(chunk, length - pos)
             last = pos + n >= length
-            await self.write(offset + pos, memoryview(zero)[:n], flags if last else flags & ~IoFlags.FUA)
+            await self.write(
+                offset + pos, memoryview(zero)[:n], flags if last else flags & ~IoFlags.FUA
+            )
             pos += n
 
     async def read(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> bytes:
@@ -128,7 +130,7 @@ class BlockDevice(ABC):
     def statistics(self) -> dict[str, Any]:
         return {}
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a no-op default is right for most devices
         """Release everything; idempotent."""
 
     async def __aenter__(self) -> BlockDevice:

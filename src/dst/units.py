@@ -88,7 +88,9 @@ class Address:
             return False
 
 
-def parse_address(text: str, default_port: int = DEFAULT_DST_PORT, what: str = "address") -> Address:
+def parse_address(
+    text: str, default_port: int = DEFAULT_DST_PORT, what: str = "address"
+) -> Address:
     """``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH``; a bare host takes the default port."""
     t = text.strip()
     hint = "use HOST:PORT, [IPv6]:PORT or unix:PATH"
@@ -113,7 +115,9 @@ def parse_address(text: str, default_port: int = DEFAULT_DST_PORT, what: str = "
         except ValueError:
             raise UsageError(f"invalid {what} {text!r}: {host!r} is not an IPv6 address") from None
     elif t.count(":") > 1:
-        raise UsageError(f"invalid {what} {text!r}: put IPv6 addresses in brackets, e.g. [::1]:{default_port}")
+        raise UsageError(
+            f"invalid {what} {text!r}: put IPv6 addresses in brackets, e.g. [::1]:{default_port}"
+        )
     elif ":" in t:
         host, port_text = t.rsplit(":", 1)
     else:

@@ -60,7 +60,9 @@ def parse_member(text: str) -> MemberUri:
         try:
             port = u.port
         except ValueError:
-            raise UsageError(f"invalid member {text!r}: the port must be a number from 0 to 65535") from None
+            raise UsageError(
+                f"invalid member {text!r}: the port must be a number from 0 to 65535"
+            ) from None
         default = DEFAULT_DST_PORT if protocol == "dst" else DEFAULT_NBD_PORT
         addr = Address(host=u.hostname, port=port or default)
     if protocol == "dst" and not export:

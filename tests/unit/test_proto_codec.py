@@ -81,7 +81,7 @@ def test_hello_round_trip_and_unknown_fields() -> None:
 def test_hello_missing_fields_and_truncation() -> None:
     with pytest.raises(ProtocolError, match="lacks"):
         Hello.decode(tlv.encode([(2, b"e")]))
-    with pytest.raises(ProtocolError, match="truncated|claims"):
+    with pytest.raises(ProtocolError, match=r"truncated|claims"):
         Hello.decode(b"\x02\x00\x10\x00abc")
 
 

@@ -9,7 +9,8 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from dst.errors import DstError
 from dst.units import Address
@@ -55,15 +56,21 @@ def bind_listener(addr: Address, what: str = "listen") -> socket.socket:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise DstError(f"cannot {what} on unix:{path}: {exc.strerror}; check the directory") from None
+            raise DstError(
+                f"cannot {what} on unix:{path}: {exc.strerror}; check the directory"
+            ) from None
         sock.listen(256)
         sock.setblocking(False)
         return sock
     host = addr.host or "0.0.0.0"
     try:
-        infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
-        raise DstError(f"cannot {what} on {addr}: cannot resolve {host!r} ({exc.strerror})") from None
+        raise DstError(
+            f"cannot {what} on {addr}: cannot resolve {host!r} ({exc.strerror})"
+        ) from None
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,9 +100,7 @@ def bound_address(sock: socket.socket, requested: Address) -> Address:
     return Address(host=host, port=port)
 
 
-async def serve(
-    sock: socket.socket, on_client: Callable[[socket.socket], Awaitable[None]]
-) -> None:
+async def serve(sock: socket.socket, on_client: Callable[[socket.socket], Coroutine[Any, Any, None]]) -> None:
     """Accept forever; each client runs as its own task; cancelled by the owner."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -109,7 +114,7 @@ async def serve(
                     await asyncio.sleep(0.1)
                     continue
                 raise
-            t = asyncio.create_task(on_client(client))
+            t: asyncio.Task[None] = asyncio.create_task(on_client(client))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
     finally:

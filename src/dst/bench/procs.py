@@ -37,7 +37,7 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child between fork and exec: SIGTERM it when the harness dies."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -47,7 +47,9 @@ class StartError(Exception):
     """A server did not come up; the message says which and its last words."""
 
 
-def spawn(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `args` with stdout and stderr into `log`, in a new session, tied to our life."""
     e = dict(os.environ)
     e["PYTHONUNBUFFERED"] = "1"
@@ -61,7 +63,7 @@ def spawn(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> 
             stderr=subprocess.STDOUT,
             env=e,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe
+            preexec_fn=die_with_parent,  # only prctl between fork and exec
         )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dst.crypto.aead import CIPHER_ORDER, CIPHERS
 from dst.crypto.checksums import CHECKSUM_ORDER, CHECKSUMS
 from dst.errors import UsageError
 
 
-def _validate(kind: str, names: list[str], known: dict[str, object]) -> tuple[str, ...]:
+def _validate(kind: str, names: list[str], known: Mapping[str, object]) -> tuple[str, ...]:
     out: list[str] = []
     for item in names:
         for n in item.split(","):
@@ -15,9 +17,7 @@ def _validate(kind: str, names: list[str], known: dict[str, object]) -> tuple[st
             if not n:
                 continue
             if n not in known:
-                raise UsageError(
-                    f"unknown {kind} {n!r}; choose from {', '.join(known)}"
-                )
+                raise UsageError(f"unknown {kind} {n!r}; choose from {', '.join(known)}")
             if n not in out:
                 out.append(n)
     return tuple(out)
@@ -27,9 +27,15 @@ def export_algorithms(
     ciphers: list[str] | None, checksums: list[str] | None, has_key: bool
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The export node offers aes-256-gcm with a key (else none); crc32c without a cipher."""
-    c = _validate("cipher", ciphers, CIPHERS) if ciphers else (("aes-256-gcm",) if has_key else ("none",))
+    c = (
+        _validate("cipher", ciphers, CIPHERS)
+        if ciphers
+        else (("aes-256-gcm",) if has_key else ("none",))
+    )
     if not has_key and any(x != "none" for x in c):
-        raise UsageError("--cipher needs a key to derive session keys from: add --key-file or --keys")
+        raise UsageError(
+            "--cipher needs a key to derive session keys from: add --key-file or --keys"
+        )
     if checksums:
         k = _validate("checksum", checksums, CHECKSUMS)
     else:

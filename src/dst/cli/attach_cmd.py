@@ -24,11 +24,15 @@ log = logging.getLogger("dst.attach")
 def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     o = merge(ns, ATTACH_OPTS, "members", "members")
     if not o["members"]:
-        raise UsageError("no member given: name at least one, e.g. `dst attach dst://node1/default --nbd unix:/run/dst.sock`")
+        raise UsageError(
+            "no member given: name at least one, e.g. `dst attach dst://node1/default --nbd unix:/run/dst.sock`"
+        )
     o["uris"] = [parse_member(m) for m in o["members"]]
     modes = [m for m in ("mirror", "stripe", "linear") if o[m]]
     if len(modes) > 1:
-        raise UsageError(f"choose one of --mirror, --stripe and --linear, not {' and '.join('--' + m for m in modes)}")
+        raise UsageError(
+            f"choose one of --mirror, --stripe and --linear, not {' and '.join('--' + m for m in modes)}"
+        )
     if len(o["uris"]) > 1 and not modes:
         raise UsageError(
             f"{len(o['uris'])} members need --mirror, --stripe CHUNK or --linear to say how to combine them"
@@ -39,12 +43,16 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
         )
     for u in o["uris"]:
         if u.protocol != "dst":
-            raise UsageError(f"member {u.text}: NBD members are not available in this version; use a dst:// member")
+            raise UsageError(
+                f"member {u.text}: NBD members are not available in this version; use a dst:// member"
+            )
     if not o["nbd"] and not o["fuse"]:
         raise UsageError("no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device")
     if o["fuse"]:
         raise UsageError("--fuse is not available in this version of dst attach; use --nbd")
-    o["nbd_addr"] = parse_address(o["nbd"], default_port=10809, what="--nbd address") if o["nbd"] else None
+    o["nbd_addr"] = (
+        parse_address(o["nbd"], default_port=10809, what="--nbd address") if o["nbd"] else None
+    )
     if o["control"] or o["metrics"]:
         raise UsageError("--control and --metrics are not available in this version of dst attach")
     key = load_key_file(o["key_file"]) if o["key_file"] else None
@@ -103,7 +111,9 @@ async def _serve(o: dict[str, Any]) -> int:
     try:
         dev = await build_device(o)
         log.info(
-            "device: %s (%d bytes)%s", format_size(dev.size), dev.size,
+            "device: %s (%d bytes)%s",
+            format_size(dev.size),
+            dev.size,
             ", read-only" if dev.capabilities.read_only else "",
         )
         if o["nbd_addr"] is not None:
@@ -119,7 +129,7 @@ async def _serve(o: dict[str, Any]) -> int:
             try:
                 if not dev.capabilities.read_only:
                     await dev.flush()
-            except Exception as exc:  # noqa: BLE001 - report, keep closing
+            except Exception as exc:
                 log.warning("final flush failed: %s", exc)
             await dev.aclose()
     log.info("stopped")

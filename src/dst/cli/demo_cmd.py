@@ -58,7 +58,10 @@ async def self_check(dev: BlockDevice, backing: str) -> list[str]:
     count = min(32, dev.size // block)
     offsets = [i * (dev.size // count) // block * block for i in range(count)]
     await asyncio.gather(
-        *(dev.write(off, pattern(i, block), IoFlags.FUA if i % 8 == 0 else IoFlags.NONE) for i, off in enumerate(offsets))
+        *(
+            dev.write(off, pattern(i, block), IoFlags.FUA if i % 8 == 0 else IoFlags.NONE)
+            for i, off in enumerate(offsets)
+        )
     )
     await dev.flush()
     for i, off in enumerate(offsets):
@@ -73,9 +76,13 @@ async def self_check(dev: BlockDevice, backing: str) -> list[str]:
     await dev.write_zeroes(offsets[0], block)
     if await dev.read(offsets[0], block) != bytes(block):
         problems.append("write_zeroes did not read back as zeroes")
-    say(f"  wrote {count} x {block // 1024} KiB blocks (some with FUA), flushed, read them back: "
-        f"{'OK' if not problems else 'FAILED'}")
-    say(f"  backing file on the export node holds the same bytes: {'OK' if not problems else 'FAILED'}")
+    say(
+        f"  wrote {count} x {block // 1024} KiB blocks (some with FUA), flushed, read them back: "
+        f"{'OK' if not problems else 'FAILED'}"
+    )
+    say(
+        f"  backing file on the export node holds the same bytes: {'OK' if not problems else 'FAILED'}"
+    )
     return problems
 
 
@@ -84,8 +91,16 @@ async def _qemu_io_check(uri: str) -> str | None:
     if exe is None:
         return None
     proc = await asyncio.create_subprocess_exec(
-        exe, "-f", "raw", "-c", "write -P 0x5a 1M 256k", "-c", "read -P 0x5a 1M 256k", uri,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        exe,
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 256k",
+        "-c",
+        "read -P 0x5a 1M 256k",
+        uri,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode(errors="replace")
@@ -119,7 +134,9 @@ async def _demo(tmp: str, size: int, check: bool) -> int:
         await node.start(export_sock)
         member = format_uri("dst", export_sock, "default")
         say(f"  export node: {format_size(size)} sparse file, serving {member}")
-        dev = RemoteDevice(parse_member(member), ClientConfig(client_id="dst-demo"), LinkOptions(connect_timeout=5))
+        dev = RemoteDevice(
+            parse_member(member), ClientConfig(client_id="dst-demo"), LinkOptions(connect_timeout=5)
+        )
         await dev.connect()
         st = dev.statistics()
         say(f"  client node: attached it (cipher {st['cipher']}, checksum {st['checksum']})")
@@ -132,8 +149,10 @@ async def _demo(tmp: str, size: int, check: bool) -> int:
         if q:
             failed.append(q)
         s = dev.statistics()
-        say(f"  status: member {s['uri']} {s['state']}, {s['completed']} transactions acked, "
-            f"{s['resends']} resent, {s['failed']} failed")
+        say(
+            f"  status: member {s['uri']} {s['state']}, {s['completed']} transactions acked, "
+            f"{s['resends']} resent, {s['failed']} failed"
+        )
         if check:
             say("self-check " + ("passed" if not failed else "FAILED: " + "; ".join(failed)))
             return 0 if not failed else 1

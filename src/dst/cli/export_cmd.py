@@ -53,7 +53,9 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("give either --key-file (one key for all clients) or --keys, not both")
     o["key"] = key
     o["keys_map"] = keys
-    o["ciphers"], o["checksums"] = export_algorithms(o["cipher"], o["checksum"], key is not None or keys is not None)
+    o["ciphers"], o["checksums"] = export_algorithms(
+        o["cipher"], o["checksum"], key is not None or keys is not None
+    )
     if o["control"] or o["metrics"]:
         raise UsageError("--control and --metrics are not available in this version of dst export")
     return o
@@ -99,7 +101,11 @@ async def _serve(o: dict[str, Any], backends: list[Any]) -> int:
         for e in exports.values():
             log.info(
                 "export %r: %s, %d bytes, %s, identity %s",
-                e.name, e.spec, e.device.size, "read-only" if e.read_only else "read-write", e.identity,
+                e.name,
+                e.spec,
+                e.device.size,
+                "read-only" if e.read_only else "read-write",
+                e.identity,
             )
         log.info("listening on %s", addr)
         await stopper.wait()

@@ -20,14 +20,28 @@ def build_parser() -> Parser:
     p.add_argument("--version", action="version", version="dst 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    e = sub.add_parser("export", help="run an export node", description="Serve storage over the DST node protocol.")
-    e.add_argument("exports", nargs="*", metavar="[NAME=]BACKEND",
-                   help="file:PATH, disk:/dev/X, memory:SIZE or null:SIZE; NAME defaults to 'default'")
+    e = sub.add_parser(
+        "export", help="run an export node", description="Serve storage over the DST node protocol."
+    )
+    e.add_argument(
+        "exports",
+        nargs="*",
+        metavar="[NAME=]BACKEND",
+        help="file:PATH, disk:/dev/X, memory:SIZE or null:SIZE; NAME defaults to 'default'",
+    )
     add_options(e, EXPORT_OPTS)
 
-    a = sub.add_parser("attach", help="run a client node", description="Assemble members into one device and serve it.")
-    a.add_argument("members", nargs="*", metavar="MEMBER",
-                   help="dst://HOST[:PORT][/NAME], dst+unix:///NAME?socket=PATH or an NBD URI")
+    a = sub.add_parser(
+        "attach",
+        help="run a client node",
+        description="Assemble members into one device and serve it.",
+    )
+    a.add_argument(
+        "members",
+        nargs="*",
+        metavar="MEMBER",
+        help="dst://HOST[:PORT][/NAME], dst+unix:///NAME?socket=PATH or an NBD URI",
+    )
     add_options(a, ATTACH_OPTS)
 
     d = sub.add_parser("demo", help="run a self-contained demo (export nodes + client node)")
@@ -73,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(args)
     except DstError as exc:
-        if debug:
+        if debug and not isinstance(exc, UsageError):
             traceback.print_exc()
         print(f"dst: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -115,7 +129,10 @@ def _main(argv: list[str]) -> int:
         from dst.crypto.keys import generate_key_file
 
         generate_key_file(ns.file, force=ns.force)
-        print(f"wrote a new 256-bit key to {ns.file} (mode 0600); copy it to both nodes", file=sys.stderr)
+        print(
+            f"wrote a new 256-bit key to {ns.file} (mode 0600); copy it to both nodes",
+            file=sys.stderr,
+        )
         return 0
     if ns.command == "bench":
         from dst.cli.bench_cmd import run_bench

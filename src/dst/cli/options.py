@@ -51,12 +51,12 @@ CONVERT: dict[str, Callable[[str, str], Any]] = {
 KIND_WORDS = {
     "str": "a string",
     "int": "an integer",
-    "size": "a size (a number of bytes, or a string like \"64K\")",
+    "size": 'a size (a number of bytes, or a string like "64K")',
     "duration": "a number of seconds",
-    "rate": "a rate (a number of bytes per second, or a string like \"100M\")",
+    "rate": 'a rate (a number of bytes per second, or a string like "100M")',
     "bool": "true or false",
     "list": "a list of strings",
-    "debug": "true, false or a string like \"txn,proto\"",
+    "debug": 'true, false or a string like "txn,proto"',
 }
 
 
@@ -71,13 +71,26 @@ def add_options(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
     for o in opts:
         flag = f"--{o.name}"
         if o.kind == "bool":
-            p.add_argument(flag, dest=o.dest, action="store_const", const=True, default=None, help=o.help)
+            p.add_argument(
+                flag, dest=o.dest, action="store_const", const=True, default=None, help=o.help
+            )
         elif o.kind == "list":
-            p.add_argument(flag, dest=o.dest, action="append", default=None, metavar=o.metavar or "VALUE", help=o.help)
+            p.add_argument(
+                flag,
+                dest=o.dest,
+                action="append",
+                default=None,
+                metavar=o.metavar or "VALUE",
+                help=o.help,
+            )
         elif o.kind == "debug":
-            p.add_argument(flag, dest=o.dest, nargs="?", const=True, default=None, metavar="LIST", help=o.help)
+            p.add_argument(
+                flag, dest=o.dest, nargs="?", const=True, default=None, metavar="LIST", help=o.help
+            )
         else:
-            p.add_argument(flag, dest=o.dest, default=None, metavar=o.metavar or o.kind.upper(), help=o.help)
+            p.add_argument(
+                flag, dest=o.dest, default=None, metavar=o.metavar or o.kind.upper(), help=o.help
+            )
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -164,8 +177,15 @@ def merge(
 COMMON_NET = [
     Opt("key-file", "str", help="shared 256-bit key file (see `dst keygen`)", metavar="FILE"),
     Opt("cipher", "list", help="channel cipher in order of preference (repeat)", metavar="NAME"),
-    Opt("checksum", "list", help="payload checksum in order of preference (repeat)", metavar="NAME"),
-    Opt("crypto-workers", "int", help="threads for checksums and ciphers on large buffers", metavar="N"),
+    Opt(
+        "checksum", "list", help="payload checksum in order of preference (repeat)", metavar="NAME"
+    ),
+    Opt(
+        "crypto-workers",
+        "int",
+        help="threads for checksums and ciphers on large buffers",
+        metavar="N",
+    ),
     Opt("control", "str", help="unix socket for `dst status` and `dst ctl`", metavar="SOCK"),
     Opt("metrics", "str", help="serve Prometheus metrics on HOST:PORT", metavar="HOST:PORT"),
     Opt("config", "str", help="TOML file with any of these options", metavar="FILE"),
@@ -173,7 +193,13 @@ COMMON_NET = [
 ]
 
 EXPORT_OPTS = [
-    Opt("listen", "str", "0.0.0.0:10810", "address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH", "ADDR"),
+    Opt(
+        "listen",
+        "str",
+        "0.0.0.0:10810",
+        "address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH",
+        "ADDR",
+    ),
     Opt("size", "size", help="size of file exports that must be created", metavar="SIZE"),
     Opt("read-only", "bool", help="export read-only"),
     Opt("shared", "bool", help="allow several read-write client ids at once"),
@@ -189,7 +215,12 @@ ATTACH_OPTS = [
     Opt("nbd", "str", help="serve the device over NBD on ADDR", metavar="ADDR"),
     Opt("fuse", "str", help="mount DIR with one file DIR/disk", metavar="DIR"),
     Opt("read-only", "bool", help="serve a read-only device"),
-    Opt("client-id", "str", help="identity of this client node (default: the host name)", metavar="ID"),
+    Opt(
+        "client-id",
+        "str",
+        help="identity of this client node (default: the host name)",
+        metavar="ID",
+    ),
     Opt("resends", "int", 10, "resends of an unacked transaction before it fails", "N"),
     Opt("resend-timeout", "duration", 5.0, "seconds each attempt waits for its ack", "S"),
     Opt("ping-interval", "duration", 5.0, "ping after this many idle seconds", "S"),

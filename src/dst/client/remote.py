@@ -21,7 +21,7 @@ from dst.aio.listen import connect
 from dst.aio.stream import SocketStream
 from dst.buffers import BufferPool
 from dst.client.latency import Latency
-from dst.device import Buffer, BlockDevice, Capabilities, IoFlags, check_range
+from dst.device import BlockDevice, Buffer, Capabilities, IoFlags, check_range
 from dst.errors import DstError, IoError
 from dst.proto.client import ClientConfig, ClientCore, State
 from dst.proto.events import (
@@ -176,9 +176,21 @@ class RemoteDevice(BlockDevice):
                 self._on_ready(ev)
             elif isinstance(ev, Resent):
                 if trace.on.txn:
-                    trace.emit("txn", "resend", member=self.name, txn=ev.txn, attempt=ev.attempt, why=ev.why)
+                    trace.emit(
+                        "txn",
+                        "resend",
+                        member=self.name,
+                        txn=ev.txn,
+                        attempt=ev.attempt,
+                        why=ev.why,
+                    )
             elif isinstance(ev, ChecksumMismatch):
-                log.warning("%s: checksum mismatch (%s) in transaction %d; resent", self.name, ev.where, ev.txn)
+                log.warning(
+                    "%s: checksum mismatch (%s) in transaction %d; resent",
+                    self.name,
+                    ev.where,
+                    ev.txn,
+                )
             elif isinstance(ev, ConnectionDead):
                 self.last_error = ev.reason
                 if ev.reason != "disconnected":
@@ -209,7 +221,9 @@ class RemoteDevice(BlockDevice):
         when = self.core.get_timer()
         if when is not None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
+            self._timer = loop.call_at(
+                loop.time() + max(0.0, when - time.monotonic()), self._on_timer
+            )
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -236,17 +250,32 @@ class RemoteDevice(BlockDevice):
         self.state = "connected"
         if ev.reconnect:
             self.reconnects += 1
-            log.info("%s: reconnected (generation %d, %d transactions pending)",
-                     self.name, ev.generation, self.core.in_flight)
+            log.info(
+                "%s: reconnected (generation %d, %d transactions pending)",
+                self.name,
+                ev.generation,
+                self.core.in_flight,
+            )
         else:
             log.info(
                 "%s: connected: %d bytes, %s, identity %s, cipher %s, checksum %s",
-                self.name, w.size, "read-only" if w.read_only else "read-write", w.identity,
-                w.cipher, w.checksum,
+                self.name,
+                w.size,
+                "read-only" if w.read_only else "read-write",
+                w.identity,
+                w.cipher,
+                w.checksum,
             )
         if trace.on.proto:
-            trace.emit("proto", "ready", member=self.name, generation=ev.generation,
-                       reconnect=ev.reconnect, cipher=w.cipher, checksum=w.checksum)
+            trace.emit(
+                "proto",
+                "ready",
+                member=self.name,
+                generation=ev.generation,
+                reconnect=ev.reconnect,
+                cipher=w.cipher,
+                checksum=w.checksum,
+            )
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
@@ -280,19 +309,43 @@ class RemoteDevice(BlockDevice):
         if ev.status == 0:
             self.latency[op].add(elapsed)
             if trace.on.txn:
-                trace.emit("txn", "ack", member=self.name, txn=ev.txn, op=op, offset=offset,
-                           length=length, attempts=ev.attempts, seconds=round(elapsed, 6))
+                trace.emit(
+                    "txn",
+                    "ack",
+                    member=self.name,
+                    txn=ev.txn,
+                    op=op,
+                    offset=offset,
+                    length=length,
+                    attempts=ev.attempts,
+                    seconds=round(elapsed, 6),
+                )
             if not fut.done():
                 fut.set_result(None)
             return
         if ev.timed_out:
             log.error(
                 "%s: %s at offset %d length %d failed after %d attempt(s): %s",
-                self.name, op, offset, length, ev.attempts, ev.message,
+                self.name,
+                op,
+                offset,
+                length,
+                ev.attempts,
+                ev.message,
             )
         if trace.on.txn:
-            trace.emit("txn", "fail", member=self.name, txn=ev.txn, op=op, offset=offset,
-                       length=length, attempts=ev.attempts, status=ev.status, message=ev.message)
+            trace.emit(
+                "txn",
+                "fail",
+                member=self.name,
+                txn=ev.txn,
+                op=op,
+                offset=offset,
+                length=length,
+                attempts=ev.attempts,
+                status=ev.status,
+                message=ev.message,
+            )
         if not fut.done():
             err = ev.status if ev.status < 0x1000 else errno.EIO
             fut.set_exception(IoError(err, f"{self.name}: {op} at {offset}+{length}: {ev.message}"))
@@ -317,8 +370,16 @@ class RemoteDevice(BlockDevice):
         op = OPS.get(cmd, "other")
         self.counts[op] += 1
         if trace.on.txn:
-            trace.emit("txn", "submit", member=self.name, txn=tid, op=op, offset=offset,
-                       length=length, flags=int(flags))
+            trace.emit(
+                "txn",
+                "submit",
+                member=self.name,
+                txn=tid,
+                op=op,
+                offset=offset,
+                length=length,
+                flags=int(flags),
+            )
         self._pump()
         await fut
 
@@ -336,7 +397,13 @@ class RemoteDevice(BlockDevice):
         else:
             await asyncio.gather(
                 *(
-                    self._txn(Command.READ, offset + p, min(step, n - p), IoFlags.NONE, into=buf[p : p + step])
+                    self._txn(
+                        Command.READ,
+                        offset + p,
+                        min(step, n - p),
+                        IoFlags.NONE,
+                        into=buf[p : p + step],
+                    )
                     for p in range(0, n, step)
                 )
             )
@@ -352,7 +419,9 @@ class RemoteDevice(BlockDevice):
         else:
             await asyncio.gather(
                 *(
-                    self._txn(Command.WRITE, offset + p, min(step, n - p), flags, payload=mv[p : p + step])
+                    self._txn(
+                        Command.WRITE, offset + p, min(step, n - p), flags, payload=mv[p : p + step]
+                    )
                     for p in range(0, n, step)
                 )
             )
@@ -377,7 +446,10 @@ class RemoteDevice(BlockDevice):
             await self._txn(cmd, offset, length, flags)
             return
         await asyncio.gather(
-            *(self._txn(cmd, offset + p, min(step, length - p), flags) for p in range(0, length, step))
+            *(
+                self._txn(cmd, offset + p, min(step, length - p), flags)
+                for p in range(0, length, step)
+            )
         )
 
     # ---- status and knobs ------------------------------------------------------------

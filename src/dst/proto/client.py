@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from dst.buffers import BufferPool
+from dst.buffers import BufferPool, PooledBuffer
 from dst.crypto.aead import Opener, Sealer, derive_session_keys, get_cipher
 from dst.crypto.auth import Transcript, proof, verify_proof
 from dst.crypto.checksums import Checksum, get_checksum
@@ -127,6 +127,9 @@ class ClientCore:
         self._digest_size = 0
         self._rx_state = "hs_header"
         self._rep: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._rep_head = b""
+        self._rep_buf: PooledBuffer | None = None
+        self._rep_view: memoryview | None = None
         self._channel = Channel(self._on_chunk, max_record=1)
         self._hs_deadline: float | None = None
         self._last_rx = 0.0
@@ -223,7 +226,9 @@ class ClientCore:
         if st == "hs_header":
             magic, mtype, _flags, n = HS_HEADER.unpack(chunk)
             if magic != HS_MAGIC:
-                raise ProtocolError(f"bad handshake magic {bytes(magic)!r}; is this a DST export node?")
+                raise ProtocolError(
+                    f"bad handshake magic {bytes(magic)!r}; is this a DST export node?"
+                )
             if n > MAX_HANDSHAKE_BODY:
                 raise ProtocolError(f"handshake message of {n} bytes exceeds {MAX_HANDSHAKE_BODY}")
             self._hs_type = mtype
@@ -261,7 +266,9 @@ class ClientCore:
             Challenge.decode(body)
             self._challenged = True
             self._transcript.add(frame)
-            p = pack_handshake(MsgType.PROOF, Proof(proof(key, "client", self._transcript.digest())).encode())
+            p = pack_handshake(
+                MsgType.PROOF, Proof(proof(key, "client", self._transcript.digest())).encode()
+            )
             self._transcript.add(p)
             self._channel.send([p])
             self._rx_state = "hs_header"
@@ -287,9 +294,13 @@ class ClientCore:
                 )
                 return
         if welcome.cipher not in (self.config.ciphers if key else ("none",)):
-            raise ProtocolError(f"export node chose cipher {welcome.cipher!r}, which we did not offer")
+            raise ProtocolError(
+                f"export node chose cipher {welcome.cipher!r}, which we did not offer"
+            )
         if welcome.checksum not in self.config.checksums:
-            raise ProtocolError(f"export node chose checksum {welcome.checksum!r}, which we did not offer")
+            raise ProtocolError(
+                f"export node chose checksum {welcome.checksum!r}, which we did not offer"
+            )
         first = self.first_welcome
         if first is not None:
             if welcome.identity != first.identity:
@@ -348,7 +359,9 @@ class ClientCore:
         self._rep_head = bytes(chunk)
         t = self._txns.get(txn_id)
         if t is not None and t.command != command:
-            raise ProtocolError(f"reply for transaction {txn_id} names command {command}, not {t.command}")
+            raise ProtocolError(
+                f"reply for transaction {txn_id} names command {command}, not {t.command}"
+            )
         carries = reply_carries_payload(command, status)
         if not carries and length:
             raise ProtocolError(f"reply without data claims {length} payload bytes")
@@ -356,7 +369,9 @@ class ClientCore:
             if t is not None and length != t.length:
                 raise ProtocolError(f"read reply of {length} bytes for a {t.length}-byte read")
             if length > self.config.max_request:
-                raise ProtocolError(f"read reply of {length} bytes exceeds the maximum request size")
+                raise ProtocolError(
+                    f"read reply of {length} bytes exceeds the maximum request size"
+                )
             if length:
                 if t is not None and t.into is not None:
                     self._rep_buf = None

@@ -52,7 +52,9 @@ def _names(v: bytes) -> tuple[str, ...]:
 
 def _check_unknown(t: int) -> None:
     if t & CRITICAL:
-        raise ProtocolError(f"unknown critical handshake field {t & ~CRITICAL}; upgrade the older side")
+        raise ProtocolError(
+            f"unknown critical handshake field {t & ~CRITICAL}; upgrade the older side"
+        )
 
 
 @dataclass(frozen=True)

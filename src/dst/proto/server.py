@@ -277,7 +277,9 @@ class ServerCore:
             self._transcript.add(frame)
             self._decide()
             return
-        raise ProtocolError(f"unexpected handshake message type {mtype} in state {self.state.value}")
+        raise ProtocolError(
+            f"unexpected handshake message type {mtype} in state {self.state.value}"
+        )
 
     def _decide(self) -> None:
         assert self.hello is not None
@@ -420,7 +422,9 @@ class ServerCore:
         self.in_flight += 1
         self._events.append(Request(command, flags, txn, attempt, offset, length, payload))
 
-    def _validate(self, command: int, flags: int, length: int, offset: int) -> tuple[int, str] | None:
+    def _validate(
+        self, command: int, flags: int, length: int, offset: int
+    ) -> tuple[int, str] | None:
         terms = self.terms
         assert terms is not None and self.welcome is not None
         try:

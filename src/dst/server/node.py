@@ -115,7 +115,9 @@ class Connection:
         when = self.core.get_timer()
         if when is not None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
+            self._timer = loop.call_at(
+                loop.time() + max(0.0, when - time.monotonic()), self._on_timer
+            )
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -140,10 +142,17 @@ class Connection:
             elif isinstance(ev, Rejected):
                 log.warning(
                     "%s: rejected transaction %d from %s: %s",
-                    self._who(), ev.txn, self.peer, ev.message,
+                    self._who(),
+                    ev.txn,
+                    self.peer,
+                    ev.message,
                 )
             elif isinstance(ev, ChecksumMismatch):
-                log.warning("%s: checksum mismatch in transaction %d; asked for a resend", self._who(), ev.txn)
+                log.warning(
+                    "%s: checksum mismatch in transaction %d; asked for a resend",
+                    self._who(),
+                    ev.txn,
+                )
             elif isinstance(ev, Disconnecting):
                 self._disconnect_txn = ev.txn
                 t = asyncio.create_task(self._disconnect())
@@ -207,16 +216,26 @@ class Connection:
             for old in d.fence:
                 conn = old.conn
                 if conn is not None and conn is not self:
-                    why = "a newer connection of the same session" if old is d.session else (
-                        "a newer session of the same client"
+                    why = (
+                        "a newer connection of the same session"
+                        if old is d.session
+                        else ("a newer session of the same client")
                     )
                     log.info(
                         "fencing connection from %s (generation %d) of client %r: replaced by %s",
-                        conn.peer, old.generation, old.client_id, why,
+                        conn.peer,
+                        old.generation,
+                        old.client_id,
+                        why,
                     )
                     if trace.on.proto:
-                        trace.emit("proto", "fence", client=old.client_id, generation=old.generation,
-                                   export=export.name)
+                        trace.emit(
+                            "proto",
+                            "fence",
+                            client=old.client_id,
+                            generation=old.generation,
+                            export=export.name,
+                        )
                     await conn.fence()
             if self.stream.closed:
                 return
@@ -233,8 +252,13 @@ class Connection:
                 assert w is not None
                 log.info(
                     "client %r from %s attached export %r (%s, generation %d, cipher %s, checksum %s)",
-                    hello.client_id, self.peer, export.name,
-                    "read-only" if read_only else "read-write", hello.generation, w.cipher, w.checksum,
+                    hello.client_id,
+                    self.peer,
+                    export.name,
+                    "read-only" if read_only else "read-write",
+                    hello.generation,
+                    w.cipher,
+                    w.checksum,
                 )
         self._pump()
 
@@ -302,7 +326,11 @@ class Connection:
             status = exc.errno or errno.EIO
             log.warning(
                 "%s: %s at offset %d length %d failed: %s",
-                self._who(), Command(req.command).name, req.offset, req.length, exc,
+                self._who(),
+                Command(req.command).name,
+                req.offset,
+                req.length,
+                exc,
             )
         except Exception:
             status = Status.EIO
@@ -313,7 +341,7 @@ class Connection:
                 req.payload.release()
         if req.command != Command.READ:
             s.remember(req.txn, status)
-        if status and Status.ENOSPC == status:
+        if status and status == Status.ENOSPC:
             self.node.enospc += 1
         self.core.reply(req, status, data)
         self._pump_after_reply(buf)
@@ -370,8 +398,9 @@ class ExportNode:
     async def _on_client(self, sock: socket.socket) -> None:
         if self.unauthenticated >= MAX_UNAUTHENTICATED:
             log.warning(
-                "dropping a connection: %d connections are still in their handshake "
-                "(limit %d)", self.unauthenticated, MAX_UNAUTHENTICATED,
+                "dropping a connection: %d connections are still in their handshake (limit %d)",
+                self.unauthenticated,
+                MAX_UNAUTHENTICATED,
             )
             sock.close()
             return
@@ -388,8 +417,12 @@ class ExportNode:
             s = conn.session
             if s is not None and conn.export is not None and s.conn is conn:
                 conn.export.sessions.disconnected(s, time.time())
-                log.info("client %r from %s detached from export %r", s.client_id, conn.peer,
-                         conn.export.name)
+                log.info(
+                    "client %r from %s detached from export %r",
+                    s.client_id,
+                    conn.peer,
+                    conn.export.name,
+                )
 
     async def aclose(self) -> None:
         """Stop accepting, finish in-flight requests, flush and close every export."""

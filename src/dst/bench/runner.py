@@ -1,0 +1,255 @@
+"""Run every job against every target, one target at a time, and collect the numbers.
+
+One target runs at a time, so the servers never compete for the machine's cores. All targets
+serve the same backing file in a temporary directory on /dev/shm (tmpfs), so the storage under
+every server is memory and the table compares the servers, not a disk. The file is written
+once in full before the first target starts: a sparse file would make reads of never-written
+blocks cheaper than reads of data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dst.bench.jobs import FioError, FioResult, Job, fio_command, parse_fio_json
+from dst.bench.procs import StartError, cpu_seconds, die_with_parent
+from dst.bench.targets import RunningTarget, TargetSpec, Workspace, start_target
+from dst.errors import DstError
+
+MiB = 1 << 20
+FIO_GRACE_S = 60.0  # on top of the runtime: connect, layout, JSON
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: which targets, which jobs, for how long, on how big a file."""
+
+    targets: tuple[TargetSpec, ...]
+    jobs: tuple[Job, ...]
+    runtime_s: float
+    size: int
+    fio: str = "fio"
+    ready_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One job on one target: fio's numbers and the server's CPU, or why there are none."""
+
+    target: str
+    job: Job
+    fio: FioResult | None = None
+    server_cpu_pct: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class TargetRun:
+    """One target's processes as they ran, and a start failure if it never came up."""
+
+    spec: TargetSpec
+    commands: list[list[str]] = field(default_factory=list)
+    uri: str = ""
+    error: str | None = None
+
+
+@dataclass
+class BenchReport:
+    """Everything one `dst bench` measured, in order."""
+
+    config: BenchConfig
+    meta: dict[str, object]
+    targets: list[TargetRun] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+
+    def cell(self, target: str, job: str) -> Cell | None:
+        for c in self.cells:
+            if c.target == target and c.job.name == job:
+                return c
+        return None
+
+
+Progress = Callable[[str], None]
+
+
+def check_fio(fio: str) -> str:
+    """The fio executable, or a DstError saying how to get one with the nbd engine."""
+    path = shutil.which(fio)
+    if path is None:
+        raise DstError(f"{fio} is not installed; install it with: apt-get install fio")
+    cp = subprocess.run([path, "--enghelp=nbd"], capture_output=True, text=True, timeout=30,
+                        check=False)
+    if cp.returncode != 0:
+        raise DstError(
+            f"{path} has no nbd I/O engine (it was built without libnbd); install Debian's "
+            "fio package (apt-get install fio), which has it"
+        )
+    return path
+
+
+def bench_dir() -> Path:
+    """A fresh private directory on /dev/shm (memory), or the default temp dir without it."""
+    shm = Path("/dev/shm")
+    where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="dst-bench-", dir=where))
+
+
+def precondition(path: Path, size: int) -> None:
+    """Write the whole backing file once with non-zero data, so no read lands in a hole."""
+    chunk = os.urandom(MiB)
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, MiB)
+            f.write(chunk[:n])
+            left -= n
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers were taken: they mean little without it."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cpus": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def tool_version(args: Sequence[str]) -> str | None:
+    """First line of `TOOL --version`, or None when the tool is missing."""
+    if shutil.which(args[0]) is None:
+        return None
+    try:
+        cp = subprocess.run(list(args), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (cp.stdout or cp.stderr).strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def run_fio(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """Run fio to completion (or kill it); returns its status and last stderr line."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=die_with_parent)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return -1, f"fio did not finish within {timeout:g} s and was killed"
+    finally:
+        if proc.poll() is None:  # interrupted: never leave fio behind
+            proc.kill()
+            proc.wait()
+    lines = [ln for ln in (err + out).splitlines() if ln.strip()]
+    return proc.returncode, (lines[-1].strip() if lines else "")
+
+
+def run_job(t: RunningTarget, job: Job, cfg: BenchConfig, ws: Workspace, tag: str) -> Cell:
+    """One fio job against a running target, with the target's CPU over the same interval."""
+    name = t.spec.name
+    try:
+        t.check_alive()
+    except StartError as exc:
+        return Cell(name, job, error=str(exc))
+    out = ws.dir / f"{tag}-{job.name}.json"
+    cmd = fio_command(cfg.fio, job, t.uri, cfg.runtime_s, out)
+    cpu0 = cpu_seconds(t.pids)
+    status, last = run_fio(cmd, cfg.runtime_s + FIO_GRACE_S)
+    cpu1 = cpu_seconds(t.pids)
+    text = out.read_text(errors="replace") if out.exists() else ""
+    with contextlib.suppress(OSError):
+        out.unlink()
+    if status != 0:
+        dead = "" if all(s.alive() for s in t.servers) else f"; {t.last_words()}"
+        return Cell(name, job, error=f"fio exited with status {status}: {last}{dead}")
+    try:
+        res = parse_fio_json(text, job)
+    except FioError as exc:
+        return Cell(name, job, error=str(exc))
+    cpu = (cpu1 - cpu0) / res.runtime_s * 100.0 if res.runtime_s > 0 else None
+    return Cell(name, job, fio=res, server_cpu_pct=cpu)
+
+
+def describe(c: Cell) -> str:
+    if c.fio is None:
+        return f"error: {c.error}"
+    cpu = f"{c.server_cpu_pct:.0f}%" if c.server_cpu_pct is not None else "?"
+    return (f"{c.fio.mb_s:9.1f} MB/s {c.fio.iops:10.0f} IOPS  p99 {c.fio.p99_us:8.0f} us  "
+            f"server CPU {cpu}")
+
+
+def run_suite(cfg: BenchConfig, progress: Progress) -> BenchReport:
+    """Measure every target in turn; a target that fails is reported, never fatal.
+
+    Every process is stopped and the directory removed on the way out, also on Ctrl-C.
+    """
+    fio = check_fio(cfg.fio)
+    cfg = BenchConfig(cfg.targets, cfg.jobs, cfg.runtime_s, cfg.size, fio, cfg.ready_timeout)
+    report = BenchReport(cfg, {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": {
+            "fio": tool_version([fio, "--version"]),
+            "nbdkit": tool_version(["nbdkit", "--version"]),
+            "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+            "python": sys.version.split()[0],
+        },
+        "runtime_s": cfg.runtime_s,
+        "size_bytes": cfg.size,
+        "backing": "one file on /dev/shm, written once in full before the first target",
+    })
+    root = bench_dir()
+    try:
+        image = root / "backing.img"
+        progress(f"writing the {cfg.size // MiB} MiB backing file {image}")
+        precondition(image, cfg.size)
+        ws = Workspace(root, image, cfg.size, cfg.ready_timeout)
+        for i, spec in enumerate(cfg.targets, 1):
+            _run_target(report, spec, f"t{i}", ws, progress)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def _run_target(report: BenchReport, spec: TargetSpec, tag: str, ws: Workspace,
+                progress: Progress) -> None:
+    cfg = report.config
+    run = TargetRun(spec)
+    report.targets.append(run)
+    progress(f"{spec.name}: starting ({spec.description})")
+    t0 = time.monotonic()
+    try:
+        t = start_target(spec, tag, ws)
+    except StartError as exc:
+        run.error = str(exc)
+        progress(f"{spec.name}: error: {exc}")
+        report.cells.extend(Cell(spec.name, j, error=run.error) for j in cfg.jobs)
+        return
+    try:
+        run.commands, run.uri = t.commands, t.uri
+        progress(f"{spec.name}: ready in {time.monotonic() - t0:.1f} s on {t.uri}")
+        for job in cfg.jobs:
+            cell = run_job(t, job, cfg, ws, tag)
+            report.cells.append(cell)
+            progress(f"{spec.name:>14}  {job.label:<20} {describe(cell)}")
+    finally:
+        t.stop()
