@@ -8,7 +8,9 @@ backend, ...) compose freely.
 from __future__ import annotations
 
 import errno
+import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
@@ -87,11 +89,31 @@ class BlockDevice(ABC):
 
     ``read_into`` fills a caller-owned buffer so that a remote member can receive
     straight into it (no copy); ``read`` is the convenient form.
+
+    ``state`` is one of ``connecting``, ``connected``, ``reconnecting``, ``degraded``,
+    ``resyncing``, ``failed``; local devices are always ``connected``.  Layers that
+    care (a mirror) subscribe to state changes of the devices below them.
     """
 
     size: int
     capabilities: Capabilities
     name: str = "device"
+    identity: uuid.UUID | None = None
+    state: str = "connected"
+    _state_listeners: list[Callable[[BlockDevice, str], None]] | None = None
+
+    def subscribe(self, callback: Callable[[BlockDevice, str], None]) -> None:
+        """Call ``callback(device, new_state)`` on every state change."""
+        if self._state_listeners is None:
+            self._state_listeners = []
+        self._state_listeners.append(callback)
+
+    def set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        for cb in list(self._state_listeners or ()):
+            cb(self, state)
 
     @abstractmethod
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:

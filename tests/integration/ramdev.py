@@ -36,6 +36,7 @@ class RamDevice(BlockDevice):
         self.calls: dict[str, int] = {"read": 0, "write": 0, "flush": 0, "trim": 0, "zero": 0}
         self.fua_writes = 0
         self.fail_reads_at: int | None = None  # an offset whose reads fail with EIO
+        self.read_delay = 0.0  # seconds each read takes, to keep requests in flight
 
     def _check(self, offset: int, length: int, writing: bool) -> None:
         if writing and self.capabilities.read_only:
@@ -45,6 +46,8 @@ class RamDevice(BlockDevice):
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         self._check(offset, buf.nbytes, False)
         self.calls["read"] += 1
+        if self.read_delay:
+            await asyncio.sleep(self.read_delay)
         if self.fail_reads_at is not None and offset <= self.fail_reads_at < offset + buf.nbytes:
             raise IoError(errno.EIO, f"injected read error at {self.fail_reads_at}")
         buf[:] = self.data[offset : offset + buf.nbytes]

@@ -536,6 +536,15 @@ def test_export_info_validates_block_sizes() -> None:
         ExportInfo(size=1, max_block=1 << 32)
 
 
+def test_nbd_uris_follow_the_uri_specification() -> None:
+    from dst.frontends.nbd import nbd_uri
+    from dst.units import Address
+
+    assert nbd_uri(Address(path="/run/dst x.sock")) == "nbd+unix:///?socket=/run/dst%20x.sock"
+    assert nbd_uri(Address(host="127.0.0.1", port=10809)) == "nbd://127.0.0.1:10809/"
+    assert nbd_uri(Address(host="::1", port=5), "a b") == "nbd://[::1]:5/a%20b"
+
+
 def test_the_nbd_package_is_sans_io() -> None:
     forbidden = {"asyncio", "socket", "selectors", "threading", "subprocess", "time"}
     for path in Path(dst.nbd.__file__).parent.glob("*.py"):

@@ -15,9 +15,11 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -41,6 +43,31 @@ def die_with_parent() -> None:
     """Runs in the child between fork and exec: SIGTERM it when the harness dies."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a child is made and recorded, then deliver them.
+
+    An interrupt that lands between fork and the caller keeping the Popen would leave a
+    process nobody reaps; held here, it arrives once the process is on a list to stop.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    old = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 class StartError(Exception):
@@ -131,8 +158,12 @@ class ServerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.popen.kill()
                 self.popen.wait()
-        # children it may have left (a worker pool) go with it
-        for pid in descendants([self.pid]):
+        # whatever it left behind (worker processes) goes with it: its own session's group
+        # and, for those that made their own, its descendants
+        left = descendants([self.pid])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in left:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dst.bench.runner import BenchReport, Cell
-from dst.bench.targets import BASELINE, DESCRIPTIONS
+from dst.bench.targets import BASELINE
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,13 @@ class Metric:
     title: str
     get: Callable[[Cell], float | None]
     fmt: Callable[[float], str]
+
+
+LEGEND = ("MB/s = 10^6 bytes/s; p99 = 99th percentile completion latency seen by fio; "
+          "server CPU = user+system time of all the target's server processes / job runtime, "
+          "in % of one core")
+RATIO_LEGEND = ("X / chain = X / nbdkit-chain: above 1 is better for MB/s and IOPS, below 1 "
+                "is better for p99 and server CPU")
 
 
 def _big(v: float) -> str:
@@ -102,27 +109,36 @@ def print_table(report: BenchReport, console: Console) -> None:
     """The side-by-side table, with failures marked in place and spelled out below."""
     targets = [t.spec.name for t in report.targets]
     ratios = ratio_columns(report)
-    table = Table(title=title(report), title_justify="left", caption_justify="left",
-                  caption=("ratio = dst column / nbdkit-chain: above 1 is better for MB/s "
-                           "and IOPS, below 1 is better for p99 and server CPU "
-                           "(% of one core, all server processes)") if ratios else None)
-    table.add_column("job", no_wrap=True)
-    table.add_column("metric", no_wrap=True)
-    for name in targets:
-        table.add_column(name, justify="right", no_wrap=True)
-    for name in ratios:
-        table.add_column(_ratio_header(name), justify="right", style="bold", no_wrap=True)
+    rows: list[list[str]] = []
     for job in report.config.jobs:
         for i, m in enumerate(METRICS):
-            row: list[str | Text] = [job.label if i == 0 else "", m.title]
+            row = [job.label if i == 0 else "", m.title]
             for name in targets:
                 v = _value(report, name, job.name, m)
-                row.append(v if v is not None else Text("error", style="red"))
+                row.append(v if v is not None else "error")
             for name in ratios:
                 r = ratio(report, name, job.name, m)
                 row.append(f"{r:.2f}" if r is not None else "-")
-            table.add_row(*row, end_section=(i == len(METRICS) - 1))
+            rows.append(row)
+    # numbers never wrap; long column names (variants) fold instead
+    widths = [max((len(r[k]) for r in rows), default=1) for k in range(2 + len(targets)
+                                                                       + len(ratios))]
+    table = Table()
+    table.add_column("job", no_wrap=True)
+    table.add_column("metric", no_wrap=True)
+    for k, name in enumerate(targets, 2):
+        table.add_column(name, justify="right", overflow="fold", min_width=widths[k])
+    for k, name in enumerate(ratios, 2 + len(targets)):
+        table.add_column(_ratio_header(name), justify="right", style="bold", overflow="fold",
+                         min_width=widths[k])
+    for n, row in enumerate(rows):
+        cells = [Text(c, style="red") if c == "error" else c for c in row]
+        table.add_row(*cells, end_section=(n % len(METRICS) == len(METRICS) - 1))
+    console.print(Text(title(report), style="bold"), soft_wrap=True)
     console.print(table)
+    console.print(LEGEND, soft_wrap=True)
+    if ratios:
+        console.print(RATIO_LEGEND, soft_wrap=True)
     for line in errors(report):
         console.print(Text(line, style="red"), soft_wrap=True)
 
@@ -145,6 +161,9 @@ def markdown(report: BenchReport) -> str:
                 r = ratio(report, name, job.name, m)
                 row.append(f"**{r:.2f}**" if r is not None else "-")
             lines.append("| " + " | ".join(row) + " |")
+    lines += ["", LEGEND + "."]
+    if ratios:
+        lines += ["", RATIO_LEGEND + "."]
     errs = errors(report)
     if errs:
         lines += ["", *(f"- {e}" for e in errs)]
@@ -183,8 +202,7 @@ def to_json(report: BenchReport) -> dict[str, object]:
         "jobs": [{"name": j.name, "label": j.label, "rw": j.rw, "bs": j.bs,
                   "iodepth": j.iodepth} for j in report.config.jobs],
         "targets": [{"name": t.spec.name, "kind": t.spec.kind,
-                     "description": t.spec.description if t.spec.kind == "dst"
-                     else DESCRIPTIONS[t.spec.kind],
+                     "description": t.spec.description,
                      "commands": t.commands, "uri": t.uri, "error": t.error}
                     for t in report.targets],
         "results": results,

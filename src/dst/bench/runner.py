@@ -13,6 +13,7 @@ import contextlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dst.bench.jobs import FioError, FioResult, Job, fio_command, parse_fio_json
-from dst.bench.procs import StartError, cpu_seconds, die_with_parent
+from dst.bench.procs import StartError, cpu_seconds, deferred_signals, die_with_parent
 from dst.bench.targets import RunningTarget, TargetSpec, Workspace, start_target
 from dst.errors import DstError
 
@@ -87,7 +88,9 @@ def check_fio(fio: str) -> str:
     """The fio executable, or a DstError saying how to get one with the nbd engine."""
     path = shutil.which(fio)
     if path is None:
-        raise DstError(f"{fio} is not installed; install it with: apt-get install fio")
+        if fio == "fio":
+            raise DstError("fio is not installed; install it with: apt-get install fio")
+        raise DstError(f"--fio {fio}: no such executable; give the path of a fio binary")
     cp = subprocess.run([path, "--enghelp=nbd"], capture_output=True, text=True, timeout=30,
                         check=False)
     if cp.returncode != 0:
@@ -98,11 +101,36 @@ def check_fio(fio: str) -> str:
     return path
 
 
+DIR_PREFIX = "dst-bench-"
+OWNER_FILE = "owner.pid"
+
+
 def bench_dir() -> Path:
-    """A fresh private directory on /dev/shm (memory), or the default temp dir without it."""
+    """A fresh private directory on /dev/shm (memory), or the default temp dir without it.
+
+    A run that was SIGKILLed could not remove its directory, and on /dev/shm its backing file
+    holds memory: such leftovers (their owner process is gone) are removed first.
+    """
     shm = Path("/dev/shm")
-    where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="dst-bench-", dir=where))
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    _remove_orphans(where)
+    d = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=where))
+    (d / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return d
+
+
+def _remove_orphans(where: Path) -> None:
+    for d in where.glob(f"{DIR_PREFIX}*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours, or just being made
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def precondition(path: Path, size: int) -> None:
@@ -146,21 +174,30 @@ def tool_version(args: Sequence[str]) -> str | None:
 
 def run_fio(cmd: list[str], timeout: float) -> tuple[int, str]:
     """Run fio to completion (or kill it); returns its status and last stderr line."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=die_with_parent)
+    proc: subprocess.Popen[str] | None = None
     try:
+        with deferred_signals():
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    preexec_fn=die_with_parent)
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        assert proc is not None
+        _kill_group(proc)
         proc.communicate()
         return -1, f"fio did not finish within {timeout:g} s and was killed"
     finally:
-        if proc.poll() is None:  # interrupted: never leave fio behind
-            proc.kill()
+        if proc is not None and proc.poll() is None:  # interrupted: never leave fio behind
+            _kill_group(proc)
             proc.wait()
     lines = [ln for ln in (err + out).splitlines() if ln.strip()]
     return proc.returncode, (lines[-1].strip() if lines else "")
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL fio and the job processes it forked (its session's process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_job(t: RunningTarget, job: Job, cfg: BenchConfig, ws: Workspace, tag: str) -> Cell:
@@ -217,6 +254,11 @@ def run_suite(cfg: BenchConfig, progress: Progress) -> BenchReport:
         "size_bytes": cfg.size,
         "backing": "one file on /dev/shm, written once in full before the first target",
     })
+    load = os.getloadavg()[0]
+    report.meta["loadavg_at_start"] = round(load, 2)
+    if load > 0.5:
+        progress(f"warning: the machine is busy (load average {load:.2f}); other work "
+                 "competes for the cores and the numbers will be noisy")
     root = bench_dir()
     try:
         image = root / "backing.img"

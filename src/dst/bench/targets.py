@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dst.bench.procs import ServerProcess, StartError
+from dst.bench.procs import ServerProcess, StartError, deferred_signals
 
 DST = [sys.executable, "-m", "dst"]
 
@@ -49,9 +49,14 @@ class TargetSpec:
 
     @property
     def description(self) -> str:
-        extra = " ".join((*self.export_args, *self.attach_args))
-        base = DESCRIPTIONS[self.kind]
-        return f"{base} {extra}".strip() if self.kind == "dst" else base
+        parts = [DESCRIPTIONS[self.kind]]
+        if self.export_args:
+            parts.append("export " + " ".join(self.export_args))
+        if self.attach_args:
+            parts.append("attach " + " ".join(self.attach_args))
+        if self.auto_key:
+            parts.append("key file from dst keygen")
+        return "; ".join(parts)
 
 
 def missing_tool(kind: str) -> str | None:
@@ -161,8 +166,9 @@ def start_target(spec: TargetSpec, tag: str, ws: Workspace) -> RunningTarget:
 
 
 def _server(t: RunningTarget, name: str, args: list[str], ws: Workspace, tag: str) -> ServerProcess:
-    s = ServerProcess(name, args, ws.dir / f"{tag}-{name.replace(' ', '-')}.log")
-    t.servers.append(s)
+    with deferred_signals():  # on the list before any interrupt can strike
+        s = ServerProcess(name, args, ws.dir / f"{tag}-{name.replace(' ', '-')}.log")
+        t.servers.append(s)
     return s
 
 
@@ -221,8 +227,9 @@ def _start_dst(t: RunningTarget, tag: str, ws: Workspace) -> None:
 
 def make_key(path: Path) -> None:
     """A key file for a cipher variant, made the way an operator would: `dst keygen`."""
-    cp = subprocess.run([*DST, "keygen", str(path)], capture_output=True, text=True,
-                        timeout=60, check=False)
+    with deferred_signals():  # a few milliseconds; never leave it half-made
+        cp = subprocess.run([*DST, "keygen", str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
     if cp.returncode != 0:
         last = (cp.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise StartError(f"dst keygen exited with status {cp.returncode}: {last}")

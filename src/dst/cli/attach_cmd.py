@@ -11,6 +11,7 @@ from dst.cli.algorithms import client_algorithms
 from dst.cli.options import ATTACH_OPTS, merge
 from dst.cli.runtime import Stopper, run
 from dst.client.remote import LinkOptions, RemoteDevice
+from dst.control.ops import NodeOps, metrics_address
 from dst.crypto.keys import load_key_file
 from dst.device import BlockDevice
 from dst.errors import UsageError
@@ -53,8 +54,7 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     o["nbd_addr"] = (
         parse_address(o["nbd"], default_port=10809, what="--nbd address") if o["nbd"] else None
     )
-    if o["control"] or o["metrics"]:
-        raise UsageError("--control and --metrics are not available in this version of dst attach")
+    o["metrics_addr"] = metrics_address(o)
     key = load_key_file(o["key_file"]) if o["key_file"] else None
     o["key"] = key
     o["ciphers"], o["checksums"] = client_algorithms(o["cipher"], o["checksum"], key is not None)
@@ -108,8 +108,11 @@ async def _serve(o: dict[str, Any]) -> int:
     stopper = Stopper()
     dev: BlockDevice | None = None
     front: NbdFrontend | None = None
+    ops = NodeOps.for_attach(o)
     try:
+        await ops.start()
         dev = await build_device(o)
+        ops.set_device(dev)
         log.info(
             "device: %s (%d bytes)%s",
             format_size(dev.size),
@@ -119,10 +122,12 @@ async def _serve(o: dict[str, Any]) -> int:
         if o["nbd_addr"] is not None:
             front = NbdFrontend(dev, o["nbd_addr"])
             await front.start()
+            ops.add_frontend(front)
         await stopper.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
         stopper.close()
+        await ops.aclose()
         if front is not None:
             await front.aclose()
         if dev is not None:

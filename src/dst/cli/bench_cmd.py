@@ -7,7 +7,6 @@ assertions: the absolute numbers depend on the machine, the ratios to the peers 
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -156,7 +155,8 @@ def run_bench(args: list[str]) -> int:
     if md:
         sys.stdout.write(markdown(report))
     else:
-        width = None if sys.stdout.isatty() else max(shutil.get_terminal_size().columns, 200)
+        # a pipe or file gets the whole table, however wide; a terminal folds long names
+        width = None if sys.stdout.isatty() else 1000
         print_table(report, Console(width=width, highlight=False))
     if json_path is not None:
         write_json(report, json_path)

@@ -11,6 +11,7 @@ from dst.backends.device import BackendDevice
 from dst.cli.algorithms import export_algorithms
 from dst.cli.options import EXPORT_OPTS, merge
 from dst.cli.runtime import Stopper, run
+from dst.control.ops import NodeOps, metrics_address
 from dst.crypto.keys import load_key_file, load_keys_file
 from dst.errors import UsageError
 from dst.proto.server import ServerConfig
@@ -56,8 +57,7 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     o["ciphers"], o["checksums"] = export_algorithms(
         o["cipher"], o["checksum"], key is not None or keys is not None
     )
-    if o["control"] or o["metrics"]:
-        raise UsageError("--control and --metrics are not available in this version of dst export")
+    o["metrics_addr"] = metrics_address(o)
     return o
 
 
@@ -96,8 +96,10 @@ async def _serve(o: dict[str, Any], backends: list[Any]) -> int:
     )
     node = ExportNode(exports, cfg, allow=set(o["allow"]) if o["allow"] else None)
     stopper = Stopper()
+    ops = NodeOps.for_export(node, o)
     try:
         addr = await node.start(o["listen_addr"])
+        await ops.start()
         for e in exports.values():
             log.info(
                 "export %r: %s, %d bytes, %s, identity %s",
@@ -112,6 +114,7 @@ async def _serve(o: dict[str, Any], backends: list[Any]) -> int:
         log.info("stopping: finishing in-flight requests")
     finally:
         stopper.close()
+        await ops.aclose()
         await node.aclose()
     log.info("stopped")
     return 0

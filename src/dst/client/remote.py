@@ -137,7 +137,7 @@ class RemoteDevice(BlockDevice):
             if self.core.first_welcome is not None and self.state != "failed":
                 if self.state == "connected":
                     log.warning("%s: connection lost; reconnecting", self.name)
-                self.state = "reconnecting"
+                self.set_state("reconnecting")
             if self.core.welcome is not None and self.core.generation > 0 and self._was_ready:
                 delay = self.options.reconnect_min
             self._was_ready = False
@@ -247,7 +247,7 @@ class RemoteDevice(BlockDevice):
         )
         self.trim_zeroes = w.trim_zeroes
         self.identity = w.identity
-        self.state = "connected"
+        self.set_state("connected")
         if ev.reconnect:
             self.reconnects += 1
             log.info(
@@ -285,7 +285,7 @@ class RemoteDevice(BlockDevice):
         self.last_error = ev.message
         if self._ready is not None and not self._ready.done():
             if ev.permanent:
-                self.state = "failed"
+                self.set_state("failed")
                 self._ready.set_exception(DstError(msg))
             else:
                 log.warning("%s; retrying", msg)
@@ -293,7 +293,7 @@ class RemoteDevice(BlockDevice):
             return
         if ev.permanent:
             log.error("%s; the member is marked failed", msg)
-            self.state = "failed"
+            self.set_state("failed")
             self.core.shutdown(Status.EIO, f"member failed: {ev.message}")
         else:
             log.warning("%s; retrying", msg)
@@ -325,12 +325,11 @@ class RemoteDevice(BlockDevice):
             return
         if ev.timed_out:
             log.error(
-                "%s: %s at offset %d length %d failed after %d attempt(s): %s",
+                "%s: %s at offset %d length %d failed: %s",
                 self.name,
                 op,
                 offset,
                 length,
-                ev.attempts,
                 ev.message,
             )
         if trace.on.txn:

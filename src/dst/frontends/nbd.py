@@ -102,11 +102,14 @@ class _ReplyStream(SocketStream):
         self._on_release = on_release
         self._idle: list[asyncio.Future[None]] = []
 
-    def write_reply(self, buffers: Iterable[bytes | memoryview], held: PooledBuffer | None) -> None:
+    def write_replies(
+        self, buffers: Iterable[bytes | memoryview], held: Iterable[PooledBuffer]
+    ) -> None:
+        """Write ``buffers``; ``held`` (referenced by them) go back once all of it is sent."""
         self.write(buffers)
-        if held is not None:
-            self._held.append((self.bytes_out + self.write_buffer_size, held))
-            self._release_sent()
+        end = self.bytes_out + self.write_buffer_size
+        self._held.extend((end, buf) for buf in held)
+        self._release_sent()
 
     def _flush(self) -> None:
         super()._flush()
@@ -153,6 +156,8 @@ class _Connection:
         self.closed = asyncio.Event()
         self._paused = False
         self._closer: asyncio.Task[None] | None = None
+        self._send_scheduled = False
+        self._held_pending: list[PooledBuffer] = []
 
     def start(self) -> None:
         log.debug("NBD client connected from %s", self.peer)
@@ -222,13 +227,24 @@ class _Connection:
         )
         if busy and not self._paused:
             self._paused = True
+            self.front.stats["read_pauses"] += 1
             self.stream.pause_reading()
         elif not busy and self._paused and self._closer is None:
             self._paused = False
             self.stream.resume_reading()
 
     def _send(self, held: PooledBuffer | None = None) -> None:
-        self.stream.write_reply(self.core.data_to_send(), held)
+        """Queue the core's output; replies finished in one loop pass go out in one sendmsg."""
+        if held is not None:
+            self._held_pending.append(held)
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self.send_now)
+
+    def send_now(self) -> None:
+        self._send_scheduled = False
+        held, self._held_pending = self._held_pending, []
+        self.stream.write_replies(self.core.data_to_send(), held)
 
     # ---- requests ----------------------------------------------------------
     async def _run(self, req: Request) -> None:
@@ -320,7 +336,7 @@ class _Connection:
         try:
             if self.tasks:
                 await asyncio.wait(set(self.tasks), timeout=timeout)
-            self._send()
+            self.send_now()
             await asyncio.wait_for(self.stream.wait_sent(), timeout)
         except TimeoutError:
             log.warning("NBD connection from %s did not finish in %.1f s", self.peer, timeout)
@@ -332,6 +348,8 @@ class _Connection:
 
 class NbdFrontend:
     """Serves one BlockDevice over NBD as export ``default`` (and the empty name)."""
+
+    kind = "nbd"
 
     def __init__(
         self,
@@ -361,6 +379,7 @@ class NbdFrontend:
             "errors": 0,
             "protocol_errors": 0,
             "requests_rejected": 0,
+            "read_pauses": 0,
         }
         self._conns: set[_Connection] = set()
         self._sock: socket.socket | None = None

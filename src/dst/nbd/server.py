@@ -300,7 +300,7 @@ class NbdServerConnection:
             return
         command = Command(ctype)
         flags = IoFlags.NONE
-        if cflags & CommandFlags.FUA:
+        if cflags & CommandFlags.FUA and command != Command.READ:  # FUA on a read means nothing
             flags |= IoFlags.FUA
         if cflags & CommandFlags.NO_HOLE:
             flags |= IoFlags.NO_HOLE

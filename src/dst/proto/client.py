@@ -569,11 +569,12 @@ class ClientCore:
             t.expiries += 1
             self.stats.timeouts += 1
             if t.expiries > cfg.resends:
+                sent = f"sent {t.attempt} time(s)" if t.attempt else "never sent: the member was unreachable"
                 self._finish(
                     t,
                     Status.EIO,
-                    f"no ack after {t.attempt} attempt(s) in {now - t.submitted:.1f} s "
-                    f"(--resends {cfg.resends}, --resend-timeout {cfg.resend_timeout:g})",
+                    f"no ack within {now - t.submitted:.1f} s ({t.expiries} timeouts of "
+                    f"--resend-timeout {cfg.resend_timeout:g} with --resends {cfg.resends}; {sent})",
                     timed_out=True,
                 )
                 continue

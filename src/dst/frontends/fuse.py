@@ -1,0 +1,755 @@
+"""Serve a BlockDevice as one regular file, ``DIR/disk``, on a FUSE mount.
+
+Why a file and not a block device: a FUSE file needs no kernel module beyond
+``fuse`` and works in containers; ``losetup`` turns it into a real block device for
+``mkfs`` and ``mount``.
+
+The binding is mfusepy (ctypes over libfuse3's high-level API, a pure-Python
+wheel that needs only the ``fuse3`` package at run time). ``fuse_main`` blocks, so it
+runs in its own thread; libfuse's worker threads call the operations below, and each
+one runs its device call on the asyncio loop that started the front end
+(``run_coroutine_threadsafe``) and waits for it. Nothing on that loop may touch the
+mount itself (that would wait for a worker that waits for the loop).
+
+Cache choice (docs/fuse.md): every open of ``DIR/disk`` is ``direct_io``: the
+kernel keeps no page cache for it, so every read and write reaches the device
+whatever the user above does (``losetup --direct-io=on`` or ``off``, ``dd``, a VM);
+the only cache is the one above the file (the filesystem's, or the loop device's).
+The writeback cache stays off, so a write is on the device when it returns, and
+``fsync``/``fdatasync`` is a FLUSH to the export nodes. Reads and writes go up to
+the kernel's limit (``max_pages``, 1 MiB by default) per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dst import trace
+from dst.device import BlockDevice, IoFlags
+from dst.errors import DstError, IoError, UsageError
+
+log = logging.getLogger("dst.fuse")
+
+T = TypeVar("T")
+
+FILE_NAME = "disk"
+FSNAME = "dst"
+FSTYPE = "fuse.dst"
+MAX_IO = 1 << 20  # libfuse3 3.14 caps requests at 256 pages; the kernel's default limit too
+MAX_THREADS = 64  # libfuse workers: each waits on one device request (queue depth)
+START_TIMEOUT = 15.0
+CLOSE_TIMEOUT = 10.0
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+# ---- mount table and holders ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo that matters here."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+    device: tuple[int, int]
+
+
+def _unescape(field: str) -> str:
+    r"""mountinfo escapes space, tab, newline and backslash as \ooo."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    """The mount table of this process's namespace, in mount order."""
+    out: list[MountEntry] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            a, b = left.split(), right.split()
+            if len(a) < 5 or len(b) < 2:
+                continue
+            major, _, minor = a[2].partition(":")
+            out.append(MountEntry(_unescape(a[4]), b[0], _unescape(b[1]), (int(major), int(minor))))
+    return out
+
+
+def mount_at(path: str) -> MountEntry | None:
+    """The topmost mount whose mount point is exactly ``path``, if any."""
+    found = None
+    for m in mounts():
+        if m.mountpoint == path:
+            found = m
+    return found
+
+
+def holders_of(path: str) -> list[str]:
+    """Who keeps ``path`` busy: open descriptors, working directories, loop devices.
+
+    Scans /proc/*/fd, /proc/*/cwd and /sys/block/loop*/loop/backing_file; reading
+    these links never touches the file itself, so it is safe on a dead mount.
+    """
+    base = os.path.dirname(path)
+    me = os.getpid()
+    found: list[str] = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        comm = _read(f"/proc/{pid}/comm").strip() or "?"
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            cwd = ""
+        if int(pid) != me and (cwd == base or cwd.startswith(base + "/")):
+            found.append(f"process {pid} ({comm}) has its working directory in {base}")
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target == path or target == path + " (deleted)":
+                found.append(f"process {pid} ({comm}) has it open (fd {fd})")
+    for dev, backing in loop_devices().items():
+        if backing == path:
+            where = [m.mountpoint for m in mounts() if m.source == dev]
+            extra = f", mounted on {', '.join(where)}" if where else ""
+            found.append(f"loop device {dev}{extra} (detach it with `losetup -d {dev}`)")
+    return found
+
+
+def loop_devices() -> dict[str, str]:
+    """Every configured loop device and the path of its backing file."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir("/sys/block")):
+            if name.startswith("loop"):
+                backing = _read(f"/sys/block/{name}/loop/backing_file").rstrip("\n")
+                if backing:
+                    out[f"/dev/{name}"] = backing
+    return out
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def unmount(path: str, *, lazy: bool = False) -> None:
+    """Unmount ``path`` (lazily: detach now, finish when the last holder lets go).
+
+    As root this is umount2(2); otherwise fusermount3. Raises OSError (EBUSY when
+    something still holds the mount).
+    """
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+        if libc.umount2(os.fsencode(path), flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return
+    exe = shutil.which("fusermount3") or "fusermount3"
+    cp = subprocess.run(
+        [exe, "-u", *(["-z"] if lazy else []), path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if cp.returncode != 0:
+        msg = cp.stderr.strip() or f"fusermount3 exited {cp.returncode}"
+        raise OSError(errno.EBUSY if "busy" in msg.lower() else errno.EPERM, msg, path)
+
+
+def unmount_command(path: str, *, lazy: bool = False) -> str:
+    """The shell command an operator runs to unmount ``path``."""
+    return f"fusermount3 -u{'z' if lazy else ''} {path}"
+
+
+def check_mountpoint(path: str) -> str:
+    """Validate DIR from the command line (no mounting yet); returns its absolute path.
+
+    A mount already on DIR (live or stale) is left for :meth:`FuseFrontend.start`.
+    """
+    mp = os.path.abspath(path)
+    if mount_at(mp) is not None:
+        return mp
+    if not os.path.exists(mp):
+        raise UsageError(f"--fuse {path}: no such directory; create it with `mkdir -p {mp}`")
+    if not os.path.isdir(mp):
+        raise UsageError(f"--fuse {path}: not a directory; give an empty directory")
+    if os.listdir(mp):
+        raise UsageError(
+            f"--fuse {path}: the directory is not empty; give an empty directory "
+            f"(the mount would hide its contents)"
+        )
+    return mp
+
+
+def clear_stale_mount(mp: str) -> None:
+    """Detect a mount on ``mp`` left by a crash; clear it when nothing holds it.
+
+    A live mount, a stale mount of another filesystem, or a stale one that a loop
+    device or a process still holds is reported with the commands that clear it.
+    """
+    m = mount_at(mp)
+    if m is None:
+        return
+    try:
+        os.stat(mp)
+        alive = True
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise DstError(f"--fuse {mp}: cannot inspect the mount there: {exc}") from None
+        alive = False
+    if alive:
+        raise DstError(
+            f"--fuse {mp}: already a mount point ({m.fstype} from {m.source}); is another "
+            f"`dst attach` serving it? Stop it, or unmount with `{unmount_command(mp)}`"
+        )
+    if m.fstype != FSTYPE:
+        raise DstError(
+            f"--fuse {mp}: a dead {m.fstype} mount is in the way; clear it with "
+            f"`{unmount_command(mp)}`"
+        )
+    disk = os.path.join(mp, FILE_NAME)
+    held = holders_of(disk)
+    if not held:
+        try:
+            unmount(mp)
+        except OSError as exc:
+            held = [f"unmount failed: {exc.strerror}"]
+        else:
+            log.warning("cleared a stale FUSE mount on %s left by an earlier dst attach", mp)
+            return
+    raise DstError(
+        f"--fuse {mp}: a stale mount left by an earlier dst attach is still held "
+        f"({'; '.join(held)}); release the holders (unmount filesystems on the loop device, "
+        f"`losetup -d` it, close the files), then run `{unmount_command(mp)}`, or detach it "
+        f"now with `{unmount_command(mp, lazy=True)}`"
+    )
+
+
+# ---- the filesystem ------------------------------------------------------------------
+
+
+def _load_mfusepy() -> Any:
+    """Import mfusepy late: it loads libfuse3 when imported."""
+    try:
+        import mfusepy
+    except ImportError:
+        raise DstError(
+            "--fuse needs the mfusepy package; install it with `pip install mfusepy`"
+        ) from None
+    except OSError as exc:
+        raise DstError(
+            f"--fuse needs libfuse3 ({exc}); install it with `apt-get install fuse3`"
+        ) from None
+    return mfusepy
+
+
+class _DiskOps:
+    """The filesystem: a root directory holding one file, ``disk``, the device.
+
+    Methods follow mfusepy's Operations protocol; ``read``/``write`` are called by
+    :class:`_Fuse` with memoryviews of libfuse's own buffers (no copies here).
+    """
+
+    use_ns = True  # mfusepy: times in nanoseconds
+
+    def __init__(self, front: FuseFrontend, fuse_error: type[OSError]) -> None:
+        self.front = front
+        self.dev = front.device
+        self.size = front.device.size
+        self.read_only = front.device.capabilities.read_only
+        self.err = fuse_error
+        self.now = time.time_ns()
+        self.uid, self.gid = os.geteuid(), os.getegid()
+
+    # -- bridge to the asyncio loop
+    def call(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.front.loop).result()
+        except IoError as exc:
+            self.front.stats["errors"] += 1
+            log.warning("FUSE %s failed: %s", op, exc)
+            raise self.err(exc.errno or errno.EIO) from None
+        except Exception as exc:
+            self.front.stats["errors"] += 1
+            log.error("FUSE %s failed unexpectedly: %r", op, exc)
+            raise self.err(errno.EIO) from None
+
+    # -- metadata
+    def _is_disk(self, path: str | None) -> bool:
+        return path in (None, "/" + FILE_NAME)
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            conn.max_write = MAX_IO
+            conn.max_readahead = MAX_IO
+        if config is not None:
+            config.direct_io = 1  # no page cache for DIR/disk: every I/O reaches the device
+            config.kernel_cache = 0
+            config.auto_cache = 0
+            config.entry_timeout = 3600.0  # the tree never changes
+            config.attr_timeout = 3600.0
+            config.negative_timeout = 3600.0
+        self.front._initialized()
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        times = {"st_atime": self.now, "st_mtime": self.now, "st_ctime": self.now}
+        ids = {"st_uid": self.uid, "st_gid": self.gid}
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, **times, **ids}
+        if self._is_disk(path):
+            mode = 0o400 if self.read_only else 0o600
+            return {
+                "st_mode": stat.S_IFREG | mode,
+                "st_nlink": 1,
+                "st_size": self.size,
+                "st_blocks": (self.size + 511) // 512,
+                "st_blksize": MAX_IO,
+                **times,
+                **ids,
+            }
+        raise self.err(errno.ENOENT)
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        if path != "/":
+            raise self.err(errno.ENOTDIR)
+        return [".", "..", FILE_NAME]
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": self.size // 4096,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": 1,
+            "f_ffree": 0,
+            "f_namemax": 255,
+        }
+
+    def open(self, path: str, flags: int) -> int:
+        if not self._is_disk(path):
+            raise self.err(errno.EISDIR if path == "/" else errno.ENOENT)
+        if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise self.err(errno.EROFS)
+        # O_TRUNC is ignored, as on a block device: the size is the device's.
+        self.front.stats["opens"] += 1
+        return 0
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        if length == self.size:
+            return 0
+        raise self.err(errno.EINVAL)  # a block device's size is fixed
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        return 0
+
+    def flush(self, path: str, fh: int) -> int:
+        return 0  # close(2) is not a durability point; fsync is
+
+    def release(self, path: str, fh: int) -> int:
+        return 0
+
+    # -- data
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        n = max(0, min(len(buf), self.size - offset))
+        if n == 0:
+            return 0
+        if trace.on.fuse:
+            trace.emit("fuse", "read", offset=offset, length=n)
+        self.call("read", self.dev.read_into(offset, buf[:n]))
+        st = self.front.stats
+        st["reads"] += 1
+        st["bytes_read"] += n
+        return n
+
+    def write_from(self, offset: int, data: memoryview) -> int:
+        n = max(0, min(len(data), self.size - offset))
+        if n == 0 and len(data):
+            raise self.err(errno.ENOSPC)  # past the end of the device
+        if trace.on.fuse:
+            trace.emit("fuse", "write", offset=offset, length=n)
+        self.call("write", self.dev.write(offset, data[:n]))
+        st = self.front.stats
+        st["writes"] += 1
+        st["bytes_written"] += n
+        return n
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        if trace.on.fuse:
+            trace.emit("fuse", "fsync", datasync=datasync)
+        if not self.read_only and self.dev.capabilities.can_flush:
+            self.call("fsync", self.dev.flush())
+        self.front.stats["flushes"] += 1
+        return 0
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int, fh: int) -> int:
+        if trace.on.fuse:
+            trace.emit("fuse", "fallocate", mode=mode, offset=offset, length=length)
+        if offset < 0 or length <= 0:
+            raise self.err(errno.EINVAL)
+        if offset + length > self.size:
+            raise self.err(errno.ENOSPC if not mode & FALLOC_FL_KEEP_SIZE else errno.EINVAL)
+        if self.read_only:
+            raise self.err(errno.EROFS)
+        caps = self.dev.capabilities
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise self.err(errno.EOPNOTSUPP)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise self.err(errno.EOPNOTSUPP)  # the kernel's rule for punch-hole
+            # A punched hole must read back as zeroes: TRIM only where the export
+            # promises that (trim_zeroes), else WRITE_ZEROES (which may punch there).
+            if caps.can_trim and getattr(self.dev, "trim_zeroes", False):
+                self._ranged("trim", self.dev.trim, offset, length)
+                self.front.stats["trims"] += 1
+            else:
+                self._ranged("zero", self.dev.write_zeroes, offset, length)
+                self.front.stats["zeroes"] += 1
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            self._ranged("zero", self.dev.write_zeroes, offset, length)
+            self.front.stats["zeroes"] += 1
+        # plain allocation: every byte of the device already exists
+        return 0
+
+    def _ranged(
+        self, op: str, fn: Callable[[int, int, IoFlags], Coroutine[Any, Any, None]], o: int, n: int
+    ) -> None:
+        step = max(self.dev.capabilities.max_request, 1)
+        end = o + n
+        while o < end:
+            k = min(step, end - o)
+            self.call(op, fn(o, k, IoFlags.NONE))
+            o += k
+
+    def destroy(self, path: str) -> None:
+        return None
+
+
+def _fuse_class(mfusepy: Any) -> Any:
+    """mfusepy's FUSE with read/write handing the C buffers over as memoryviews."""
+
+    class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
+        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            if size == 0:
+                return 0
+            mv = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents)))
+            n: int = self.operations.read_into(offset, mv.cast("B"))
+            return n
+
+        def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            if size == 0:
+                return 0
+            mv = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents)))
+            n: int = self.operations.write_from(offset, mv.cast("B"))
+            return n
+
+    return _Fuse
+
+
+# ---- the front end -------------------------------------------------------------------
+
+
+class FuseFrontend:
+    """Mounts DIR with one file, ``DIR/disk``, that reads and writes ``device``.
+
+    ``start()`` mounts and logs ``serving FUSE on DIR/disk``; ``aclose()`` unmounts.
+    While the file is held (a loop device, an open descriptor), stopping waits:
+    :meth:`on_stop_signal` implements "first SIGTERM: say who holds it and keep
+    serving; second: lazy unmount, serve the holders until they let go; third:
+    abort the FUSE connection".
+    """
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        mountpoint: str,
+        *,
+        max_threads: int = MAX_THREADS,
+        close_timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
+        self.device = device
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.path = os.path.join(self.mountpoint, FILE_NAME)
+        self.max_threads = max_threads
+        self.close_timeout = close_timeout
+        self.on_unmounted: Callable[[], None] | None = None
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "opens",
+                "reads",
+                "writes",
+                "flushes",
+                "trims",
+                "zeroes",
+                "bytes_read",
+                "bytes_written",
+                "errors",
+            ),
+            0,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._ended = asyncio.Event()
+        self._error: BaseException | None = None
+        self._conn: int | None = None
+        self._closing = False
+        self._lazy = False
+        self._warned_busy = False
+        self._stop_cb: Callable[[], None] | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the FUSE front end is not started"
+        return self._loop
+
+    @property
+    def mounted(self) -> bool:
+        """True from a successful start until the FUSE session ends."""
+        return self._thread is not None and not self._ended.is_set()
+
+    def holders(self) -> list[str]:
+        """Who holds ``DIR/disk`` now (processes, working directories, loop devices)."""
+        return holders_of(self.path)
+
+    async def start(self) -> None:
+        """Mount, wait until the kernel talks to us, check DIR/disk, log ``serving``."""
+        if self._thread is not None:
+            raise RuntimeError("this FUSE front end is already started")
+        check_mountpoint(self.mountpoint)
+        clear_stale_mount(self.mountpoint)
+        if os.listdir(self.mountpoint):
+            raise UsageError(f"--fuse {self.mountpoint}: the directory is not empty")
+        if not os.path.exists("/dev/fuse"):
+            raise DstError("--fuse: /dev/fuse is missing; load the module with `modprobe fuse`")
+        mfusepy = _load_mfusepy()
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        ops = _DiskOps(self, mfusepy.FuseOSError)
+        fuse_cls = _fuse_class(mfusepy)
+        self._thread = threading.Thread(
+            target=self._run, args=(fuse_cls, ops), name="dst-fuse", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
+            st = await asyncio.to_thread(os.stat, self.path)
+        except BaseException as exc:
+            await self._abort_start(exc)
+            raise
+        self._conn = os.minor(st.st_dev)
+        log.info(
+            "serving FUSE on %s (%d bytes%s, direct_io, max I/O %d KiB)",
+            self.path,
+            st.st_size,
+            ", read-only" if self.device.capabilities.read_only else "",
+            MAX_IO >> 10,
+        )
+
+    def _options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "foreground": True,
+            "fsname": FSNAME,
+            "subtype": FSNAME,
+            "max_read": MAX_IO,
+            "max_threads": self.max_threads,
+            "default_permissions": True,
+        }
+        if self.device.capabilities.read_only:
+            opts["ro"] = True
+        return opts
+
+    def _run(self, fuse_cls: Any, ops: _DiskOps) -> None:
+        """The FUSE thread: fuse_main until the mount goes away."""
+        err: BaseException | None = None
+        try:
+            fuse_cls(ops, self.mountpoint, **self._options())
+        except BaseException as exc:
+            err = exc
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self.loop.call_soon_threadsafe(self._ended_in_loop, err)
+
+    def _initialized(self) -> None:
+        """Called by the init operation (FUSE thread) once the kernel connected."""
+        self.loop.call_soon_threadsafe(self._set_ready)
+
+    def _set_ready(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    def _ended_in_loop(self, err: BaseException | None) -> None:
+        self._error = err
+        self._ended.set()
+        if self._ready is not None and not self._ready.done():
+            msg = f"mounting FUSE on {self.mountpoint} failed"
+            self._ready.set_exception(DstError(f"{msg}: {err}" if err else msg))
+            return
+        if self._closing:
+            return
+        if self._lazy:
+            log.info("the last holder of %s let go; the FUSE session ended", self.path)
+            if self._stop_cb is not None:
+                self._stop_cb()
+            return
+        log.warning(
+            "%s was unmounted from outside%s; the FUSE front end stopped",
+            self.mountpoint,
+            f" ({err})" if err else "",
+        )
+        if self.on_unmounted is not None:
+            self.on_unmounted()
+
+    async def _abort_start(self, exc: BaseException) -> None:
+        """A start that failed half-way: take the mount down again if it came up."""
+        self._closing = True
+        if mount_at(self.mountpoint) is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(unmount, self.mountpoint, lazy=True)
+        await self._wait_ended(self.close_timeout)
+
+    async def _wait_ended(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        except TimeoutError:
+            return False
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+        return True
+
+    def abort_connection(self) -> bool:
+        """End the FUSE session at once (holders then get ENOTCONN); via fusectl."""
+        if self._conn is None:
+            return False
+        try:
+            with open(f"{FUSECTL}/{self._conn}/abort", "w") as f:
+                f.write("1")
+        except OSError as exc:
+            log.error(
+                "cannot abort FUSE connection %d: %s (is fusectl mounted on %s?)",
+                self._conn,
+                exc,
+                FUSECTL,
+            )
+            return False
+        log.warning("aborted the FUSE connection of %s", self.mountpoint)
+        return True
+
+    def on_stop_signal(self, stop: Callable[[], None]) -> None:
+        """A stop was asked for (SIGINT/SIGTERM): call ``stop`` once unmounting is safe.
+
+        Not held: stop now. Held, first time: log the holders, keep serving. Held
+        again: lazy unmount; ``stop`` runs when the last holder lets go. Once more:
+        abort the FUSE connection.
+        """
+        if not self.mounted:
+            stop()
+            return
+        if self._lazy:
+            log.warning("%s is still held; aborting the FUSE connection", self.path)
+            self.abort_connection()
+            return
+        held = self.holders()
+        if not held:
+            stop()
+            return
+        if not self._warned_busy:
+            self._warned_busy = True
+            log.warning(
+                "not unmounting %s: it is in use by %s; still serving. Release it, or "
+                "send SIGTERM again to force a lazy unmount",
+                self.path,
+                "; ".join(held),
+            )
+            return
+        try:
+            unmount(self.mountpoint, lazy=True)
+        except OSError as exc:
+            log.error("lazy unmount of %s failed: %s", self.mountpoint, exc)
+            return
+        self._lazy = True
+        self._stop_cb = stop
+        log.warning(
+            "forced a lazy unmount of %s; still serving %s until released "
+            "(a further SIGTERM aborts the FUSE connection: the holders get I/O errors)",
+            self.mountpoint,
+            "; ".join(held),
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters since start: opens, requests per op, bytes, errors."""
+        return {**self.stats, "mounted": self.mounted, "path": self.path}
+
+    async def aclose(self) -> None:
+        """Unmount (lazily if still held), wait for the FUSE thread; bounded in time."""
+        if self._thread is None or self._closing:
+            return
+        self._closing = True
+        if not self._ended.is_set() and not self._lazy:
+            try:
+                await asyncio.to_thread(unmount, self.mountpoint)
+            except OSError as exc:
+                held = self.holders()
+                log.warning(
+                    "unmounting %s failed (%s)%s; detaching it lazily",
+                    self.mountpoint,
+                    exc.strerror,
+                    f": held by {'; '.join(held)}" if held else "",
+                )
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(unmount, self.mountpoint, lazy=True)
+        if not await self._wait_ended(self.close_timeout):
+            log.warning(
+                "the FUSE session of %s did not end in %.0f s", self.mountpoint, self.close_timeout
+            )
+            if self.abort_connection():
+                await self._wait_ended(self.close_timeout)
+        log.info("stopped serving FUSE on %s", self.path)
+
+    async def __aenter__(self) -> FuseFrontend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
