@@ -23,8 +23,9 @@ def fio_writer(uri: str, size: str = "48M", rate: str = "16m", bs: str = "64k") 
     exe = need_tool("fio")
     return [
         exe, "--name=verified", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-        f"--bs={bs}", f"--size={size}", "--iodepth=8", f"--rate={rate}",
-        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+        f"--bs={bs}", f"--size={size}", "--iodepth=8", *([f"--rate={rate}"] if rate != "0" else []),
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+        "--output-format=json",
     ]
 
 
