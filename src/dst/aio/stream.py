@@ -53,6 +53,7 @@ class SocketStream:
         self._out: deque[memoryview] = deque()
         self._out_bytes = 0
         self._writer_armed = False
+        self._flush_scheduled = False
         self._reading = False
         self._closed = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -116,7 +117,14 @@ class SocketStream:
                 self._out.append(mv)
                 self._out_bytes += mv.nbytes
                 self._queued_total += mv.nbytes
-        if not self._writer_armed:
+        if not self._writer_armed and not self._flush_scheduled:
+            # one sendmsg for everything written during this loop iteration
+            self._flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._closed and not self._writer_armed:
             self._flush()
 
     def _flush(self) -> None:

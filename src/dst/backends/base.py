@@ -44,6 +44,14 @@ class Backend(ABC):
     trim_reads_zeroes: bool = False
     identity: uuid.UUID
 
+    def try_pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Serve a read without blocking if possible; False: run ``pread_into`` on the pool."""
+        return False
+
+    def try_pwrite_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Take a write without blocking if possible; False: run ``pwrite`` on the pool."""
+        return False
+
     @abstractmethod
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""
@@ -109,7 +117,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
-UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -161,6 +170,8 @@ class FdBackend(Backend):
         self.read_only = read_only
         self._fd = fd
         self._rwf_dsync = RWF_DSYNC != 0
+        self._nowait_read = RWF_NOWAIT != 0
+        self._nowait_write = RWF_NOWAIT != 0
         self.identity_store = "none"
         self.identity = uuid.UUID(int=0)
 
@@ -198,6 +209,53 @@ class FdBackend(Backend):
                 f"{spec} is already exported by another process (locked); "
                 "stop the other export node or use another file"
             ) from None
+
+    def try_pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Read only if the data is in the page cache (RWF_NOWAIT); False means "use the pool".
+
+        A cached 4 KiB read costs a few microseconds inline but tens when handed to a
+        worker thread, so the event loop tries this first and never blocks on a disk.
+        """
+        if not self._nowait_read:
+            return False
+        try:
+            got = os.preadv(self._fd, [buf], offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in UNSUPPORTED:
+                self._nowait_read = False
+                return False
+            raise
+        if got == len(buf):
+            return True
+        if got == 0 and offset >= self._file_size():
+            fill_zeroes(buf)
+            return True
+        return False
+
+    def try_pwrite_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Write only if it cannot block (RWF_NOWAIT); False means "use the pool"."""
+        if not self._nowait_write:
+            return False
+        try:
+            done = os.pwritev(self._fd, [buf], offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in UNSUPPORTED:
+                self._nowait_write = False
+                return False
+            raise
+        if done == len(buf):
+            return True
+        if done > 0:  # partly written: finish the rest the blocking way
+            self.pwrite(buf[done:], offset + done)
+            return True
+        return False
+
+    def _file_size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         pos, n = 0, len(buf)

@@ -57,6 +57,10 @@ async def _settle(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # retrieved: it goes nowhere, the caller is gone
 
 
+# Larger requests go to the pool anyway: copying them inline would stall the loop.
+FAST_PATH_MAX = 256 << 10
+
+
 class BackendDevice(BlockDevice):
     """Serve a backend as an asynchronous block device."""
 
@@ -119,6 +123,20 @@ class BackendDevice(BlockDevice):
             if self._inflight == 0:
                 self._idle.set()
 
+    def _fast(self, op: str, offset: int, length: int, fn: Callable[[], bool]) -> bool:
+        """Try a non-blocking call inline on the loop; map its errors like ``_call``."""
+        if self._closed or length > FAST_PATH_MAX:
+            return False
+        try:
+            return fn()
+        except OSError as e:
+            self.counters.errors += 1
+            err = e.errno or errno.EIO
+            raise IoError(
+                err,
+                f"{self.name}: {op} of {length} bytes at offset {offset} failed: {e.strerror or e}",
+            ) from e
+
     def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
         """Refuse what the backend must never see: writes to read-only stores, bad ranges."""
         try:
@@ -153,8 +171,12 @@ class BackendDevice(BlockDevice):
         view = _as_bytes_view(buf)
         self._check("read", offset, len(view), change=False, limit=True)
         backend = self.backend
-        run = self._wrap(flags, lambda: backend.pread_into(view, offset), False)
-        if len(view) or flags & IoFlags.PREFLUSH:
+        if not (flags & IoFlags.PREFLUSH) and self._executor is not None and self._fast(
+            "read", offset, len(view), lambda: backend.try_pread_nowait(view, offset)
+        ):
+            pass  # served from the page cache without a trip to the pool
+        elif len(view) or flags & IoFlags.PREFLUSH:
+            run = self._wrap(flags, lambda: backend.pread_into(view, offset), False)
             await self._call("read", offset, len(view), run)
         self.counters.reads += 1
         self.counters.bytes_read += len(view)
@@ -164,10 +186,15 @@ class BackendDevice(BlockDevice):
         self._check("write", offset, len(view), change=True, limit=True)
         backend = self.backend
         native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
-        run = self._wrap(
-            flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua
-        )
-        await self._call("write", offset, len(view), run)
+        if not (flags & (IoFlags.PREFLUSH | IoFlags.FUA)) and self._executor is not None and (
+            self._fast("write", offset, len(view), lambda: backend.try_pwrite_nowait(view, offset))
+        ):
+            pass  # the page cache took it without blocking
+        else:
+            run = self._wrap(
+                flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua
+            )
+            await self._call("write", offset, len(view), run)
         self.counters.writes += 1
         self.counters.bytes_written += len(view)
 
