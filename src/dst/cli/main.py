@@ -67,8 +67,8 @@ def build_parser() -> Parser:
     return p
 
 
-def _setup_logging(debug: object) -> None:
-    level = logging.DEBUG if debug else logging.INFO
+def _setup_logging(debug: object, quiet: bool = False) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(
         stream=sys.stderr,
         level=level,
@@ -123,7 +123,7 @@ def _main(argv: list[str]) -> int:
     if ns.command == "demo":
         from dst.cli.demo_cmd import run_demo
 
-        _setup_logging(ns.debug)
+        _setup_logging(ns.debug, quiet=True)
         return run_demo(ns)
     if ns.command == "keygen":
         from dst.crypto.keys import generate_key_file
