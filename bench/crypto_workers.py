@@ -11,6 +11,8 @@ and sha256 checksums (best of 3 interleaved runs, since other work on the host
 only ever makes a run slower):
 
 - ``inline``: one thread, calling the primitive in a loop;
+- ``raw2``: two plain threads, each looping over its own buffer (parallelism
+  with no hand-off: ~2x when the GIL is released and two cores are free);
 - ``thr2``: a ThreadPoolExecutor with 2 threads, one job per buffer, submitted
   from the main thread in batches (the hand-off cost is included);
 - ``proc2``: a ProcessPoolExecutor with 2 processes (spawn); buffers live in a
@@ -44,6 +46,7 @@ from multiprocessing.shared_memory import SharedMemory
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from dst.crypto.aead import get_cipher
 from dst.crypto.checksums import get_checksum
 
 KIB = 1024
@@ -143,13 +146,38 @@ def bench_inline(op: str, size: int, budget: float) -> float:
     return timed(budget, step)
 
 
+def bench_raw_threads(op: str, size: int, budget: float) -> float:
+    """Two plain threads, each looping over its own buffer: parallelism without hand-off."""
+    totals = [0, 0]
+
+    def loop(i: int) -> None:
+        fn, src = make_op(op), make_input(op, size)
+        out = bytearray(io_sizes(op, size)[1])
+        reps = max(1, (4 * MIB) // size)
+        end = time.perf_counter() + budget
+        while time.perf_counter() < end:
+            for _ in range(reps):
+                fn(memoryview(src), memoryview(out))
+            totals[i] += reps * size
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(totals) / (time.perf_counter() - t0)
+
+
 def bench_threads(pool: ThreadPoolExecutor, op: str, size: int, budget: float) -> float:
     fn, batch = make_op(op), BATCH[size]
     srcs = [make_input(op, size) for _ in range(batch)]
     outs = [bytearray(io_sizes(op, size)[1]) for _ in range(batch)]
 
     def step() -> int:
-        futs = [pool.submit(fn, memoryview(s), memoryview(o)) for s, o in zip(srcs, outs, strict=True)]
+        futs = [
+            pool.submit(fn, memoryview(s), memoryview(o)) for s, o in zip(srcs, outs, strict=True)
+        ]
         wait(futs)
         for f in futs:
             f.result()
@@ -247,7 +275,7 @@ def handoff(pool: Executor, count: int, width: int) -> tuple[float, float]:
         return (time.perf_counter() - t0) / n, (time.thread_time() - c0) / n
 
     best = (float("inf"), float("inf"))
-    for _ in range(3):
+    for _ in range(5):
         wall, cpu = asyncio.run(main())
         best = (min(best[0], wall), min(best[1], cpu))
     return best
@@ -260,7 +288,7 @@ def fmt_size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB"
 
 
-MODES = ("inline", "thr2", "proc2", "proc2+cp")
+MODES = ("inline", "raw2", "thr2", "proc2", "proc2+cp")
 
 
 def measure(budget: float, reps: int) -> dict[tuple[str, int, str], float]:
@@ -269,14 +297,22 @@ def measure(budget: float, reps: int) -> dict[tuple[str, int, str], float]:
     shm = SharedMemory(create=True, size=2 * SLOT * max(BATCH.values()))
     ctx = mp.get_context("spawn")
     try:
-        with ThreadPoolExecutor(2) as tpool, ProcessPoolExecutor(
-            2, mp_context=ctx, initializer=_init_worker, initargs=(shm.name,)
-        ) as ppool:
+        with (
+            ThreadPoolExecutor(2) as tpool,
+            ProcessPoolExecutor(
+                2, mp_context=ctx, initializer=_init_worker, initargs=(shm.name,)
+            ) as ppool,
+        ):
+            for kind, pool, count in (("thread", tpool, 2048), ("process", ppool, 512)):
+                for width in (1, 64):
+                    wall, cpu = handoff(pool, count, width)
+                    rates[kind, width, "wall"], rates[kind, width, "cpu"] = wall, cpu
             for _ in range(reps):
                 for size in SIZES:
                     for op in OPS:
                         got = {
                             "inline": bench_inline(op, size, budget),
+                            "raw2": bench_raw_threads(op, size, budget),
                             "thr2": bench_threads(tpool, op, size, budget),
                             "proc2": bench_procs(ppool, shm, op, size, budget, False),
                             "proc2+cp": bench_procs(ppool, shm, op, size, budget, True),
@@ -284,10 +320,6 @@ def measure(budget: float, reps: int) -> dict[tuple[str, int, str], float]:
                         for mode, rate in got.items():
                             key = (op, size, mode)
                             rates[key] = max(rates.get(key, 0.0), rate)
-            for kind, pool, count in (("thread", tpool, 2048), ("process", ppool, 512)):
-                for width in (1, 64):
-                    wall, cpu = handoff(pool, count, width)
-                    rates[kind, width, "wall"], rates[kind, width, "cpu"] = wall, cpu
     finally:
         shm.close()
         shm.unlink()
@@ -300,8 +332,10 @@ def main() -> None:
     quick = ap.parse_args().quick
     budget, reps = (0.04, 1) if quick else (0.07, 3)
     started = time.perf_counter()
-    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"cryptography {cryptography.__version__}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"cryptography {cryptography.__version__}; load average {os.getloadavg()[0]:.2f}"
+    )
 
     print("\n## GIL: one 16 MiB call in a second thread; share of it the main thread ran\n")
     print(f"| {'operation':<22} | {'call ms':>7} | {'share':>5} | GIL released |")
@@ -312,39 +346,60 @@ def main() -> None:
         print(f"| {op:<22} | {call * 1e3:>7.1f} | {share:>5.2f} | {verdict:<12} |")
 
     rates = measure(budget, reps)
-    print(f"\n## Throughput, MB/s of payload (best of {reps}, {budget}s per run); "
-          "x = relative to inline\n")
-    head = (f"| {'operation':<22} | {'size':>6} | {'inline':>6} | {'thr2':>6} | {'x':>4} |"
-            f" {'proc2':>6} | {'x':>4} | {'proc2+cp':>8} | {'x':>4} |")
+    print(
+        f"\n## Throughput, MB/s of payload (best of {reps}, {budget}s per run); "
+        "x = relative to inline\n"
+    )
+    head = (
+        f"| {'operation':<22} | {'size':>6} | {'inline':>6} | {'raw2':>6} | {'x':>4} |"
+        f" {'thr2':>6} | {'x':>4} | {'proc2':>6} | {'x':>4} | {'proc2+cp':>8} | {'x':>4} |"
+    )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for size in SIZES:
         for op in OPS:
             r = {m: rates[op, size, m] for m in MODES}
             x = {m: r[m] / r["inline"] for m in r}
-            print(f"| {op:<22} | {fmt_size(size):>6} | {r['inline'] / 1e6:>6.0f} |"
-                  f" {r['thr2'] / 1e6:>6.0f} | {x['thr2']:>4.2f} | {r['proc2'] / 1e6:>6.0f} |"
-                  f" {x['proc2']:>4.2f} | {r['proc2+cp'] / 1e6:>8.0f} | {x['proc2+cp']:>4.2f} |")
+            print(
+                f"| {op:<22} | {fmt_size(size):>6} | {r['inline'] / 1e6:>6.0f} |"
+                f" {r['raw2'] / 1e6:>6.0f} | {x['raw2']:>4.2f} |"
+                f" {r['thr2'] / 1e6:>6.0f} | {x['thr2']:>4.2f} | {r['proc2'] / 1e6:>6.0f} |"
+                f" {x['proc2']:>4.2f} | {r['proc2+cp'] / 1e6:>8.0f} | {x['proc2+cp']:>4.2f} |"
+            )
 
     print("\n## Hand-off of a no-op from an asyncio loop (run_in_executor), per job\n")
     print("| pool    | in flight | wall us | loop CPU us |")
     print("|---------|-----------|---------|-------------|")
     for kind in ("thread", "process"):
         for width in (1, 64):
-            print(f"| {kind:<7} | {width:>9} | {rates[kind, width, 'wall'] * 1e6:>7.1f} |"
-                  f" {rates[kind, width, 'cpu'] * 1e6:>11.1f} |")
+            print(
+                f"| {kind:<7} | {width:>9} | {rates[kind, width, 'wall'] * 1e6:>7.1f} |"
+                f" {rates[kind, width, 'cpu'] * 1e6:>11.1f} |"
+            )
 
     print("\n## Break-even size: inline work == loop CPU of one thread-pool hand-off\n")
-    print("| operation              | 4 KiB inline us | 64 KiB inline us | break-even, "
-          "1 / 64 in flight |")
-    print("|------------------------|-----------------|------------------|"
-          "-----------------------------|")
+    print(
+        "| operation              | 4 KiB inline us | 64 KiB inline us | break-even, "
+        "1 / 64 in flight | inline_limit |"
+    )
+    print(
+        "|------------------------|-----------------|------------------|"
+        "-----------------------------|--------------|"
+    )
     for op in OPS:
         inline = rates[op, 64 * KIB, "inline"]
         one, many = (rates["thread", w, "cpu"] * inline / KIB for w in (1, 64))
-        print(f"| {op:<22} | {4 * KIB / rates[op, 4 * KIB, 'inline'] * 1e6:>15.1f} |"
-              f" {64 * KIB / inline * 1e6:>16.1f} | {one:>9.0f} KiB / {many:>6.0f} KiB    |")
-    print(f"\n# total run time {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        algo = op.split()[0]
+        limit = (get_checksum(algo) if algo in SUMS else get_cipher(algo)).inline_limit
+        print(
+            f"| {op:<22} | {4 * KIB / rates[op, 4 * KIB, 'inline'] * 1e6:>15.1f} |"
+            f" {64 * KIB / inline * 1e6:>16.1f} | {one:>9.0f} KiB / {many:>6.0f} KiB    |"
+            f" {limit // KIB:>8} KiB |"
+        )
+    print(
+        f"\n# load average at the end {os.getloadavg()[0]:.2f}; "
+        f"total run time {time.perf_counter() - started:.1f}s"
+    )
 
 
 if __name__ == "__main__":

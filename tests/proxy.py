@@ -82,6 +82,8 @@ class FaultProxy:
         self.held_frames: list[tuple[Link, bytes]] = []
         self.corrupt_next: Callable[[bytes], bytes] | None = None
         self.corrupt_where = "c2s"
+        self.corrupt_raw = False  # corrupt any large chunk (sealed records), not only WRITE frames
+        self.replay_next_where: str | None = None  # send the next large chunk twice
         self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -152,8 +154,15 @@ class FaultProxy:
                     if way == "c2s" and self._should_hold(f):
                         self.held_frames.append((link, f))
                         continue
-                    if self.corrupt_next is not None and self.corrupt_where == way and self._corruptible(f, way):
+                    if (
+                        self.corrupt_next is not None
+                        and self.corrupt_where == way
+                        and (self._corruptible(f, way) or (self.corrupt_raw and len(f) > 1024))
+                    ):
                         f, self.corrupt_next = self.corrupt_next(f), None
+                    if self.replay_next_where == way and len(f) > 1024:
+                        self.replay_next_where = None
+                        w.write(f)  # the same bytes again: a replayed record
                     if link.blackholed:
                         continue
                     w.write(f)

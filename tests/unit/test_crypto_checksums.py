@@ -53,13 +53,19 @@ def test_compute_with_no_parts_is_digest_of_empty_input() -> None:
 
 def test_registry_shape() -> None:
     assert tuple(CHECKSUMS) == CHECKSUM_ORDER
-    expected = {"none": (0, 0), "crc32c": (1, 4), "xxh3": (2, 8), "blake2b": (3, 32),
-                "sha256": (4, 32)}
+    expected = {
+        "none": (0, 0),
+        "crc32c": (1, 4),
+        "xxh3": (2, 8),
+        "blake2b": (3, 32),
+        "sha256": (4, 32),
+    }
     for name, (wire_id, size) in expected.items():
         c = CHECKSUMS[name]
         assert (c.name, c.wire_id, c.digest_size) == (name, wire_id, size)
         assert len(c.compute(CHECK)) == size
         assert checksum_by_wire_id(wire_id) is c
+        assert c.releases_gil and c.inline_limit >= 4096
     assert checksum_by_wire_id(99) is None
 
 
@@ -109,8 +115,17 @@ def test_a_flipped_bit_changes_the_digest(name: str) -> None:
     assert c.verify(good, data)
 
 
-FORBIDDEN = {"asyncio", "socket", "selectors", "threading", "subprocess", "time",
-             "concurrent", "multiprocessing", "_thread"}
+FORBIDDEN = {
+    "asyncio",
+    "socket",
+    "selectors",
+    "threading",
+    "subprocess",
+    "time",
+    "concurrent",
+    "multiprocessing",
+    "_thread",
+}
 
 
 def _imported_modules(tree: ast.AST) -> set[str]:

@@ -111,8 +111,13 @@ def test_missing_key_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "word"),
-    [(0o644, "readable"), (0o640, "readable"), (0o604, "readable"), (0o620, "writable"),
-     (0o601, "accessible")],
+    [
+        (0o644, "readable"),
+        (0o640, "readable"),
+        (0o604, "readable"),
+        (0o620, "writable"),
+        (0o601, "accessible"),
+    ],
 )
 def test_key_file_open_to_others(tmp_path: Path, mode: int, word: str) -> None:
     p = write(tmp_path / "k", HEX_A + "\n", mode)
@@ -154,6 +159,14 @@ def test_key_file_that_is_a_directory(tmp_path: Path) -> None:
     d.mkdir(mode=0o700)
     assert usage_error(load_key_file, str(d)) == (
         f"key file {d} is not a regular file; give the path of a file"
+    )
+
+
+def test_key_file_that_is_a_fifo(tmp_path: Path) -> None:
+    p = tmp_path / "fifo"
+    os.mkfifo(p, 0o600)
+    assert usage_error(load_key_file, str(p)) == (
+        f"key file {p} is not a regular file; give the path of a file"
     )
 
 
@@ -208,10 +221,16 @@ def test_keys_file_duplicate_client(tmp_path: Path) -> None:
     [
         (f"alpha {HEX_A}\nbeta\n", "line 2: expected `CLIENT_ID HEXKEY` (two fields), found 1"),
         (f"alpha {HEX_A} extra\n", "line 1: expected `CLIENT_ID HEXKEY` (two fields), found 3"),
-        ("\n\nalpha abcd\n", "line 3: the key for 'alpha' must be 64 hex characters but it "
-         "has 4 characters; make one with `dst keygen FILE`"),
-        (f"alpha {HEX_A[:-1]}z\n", "line 1: the key for 'alpha' must be 64 hex characters "
-         "but it contains 'z', which is not a hex digit; make one with `dst keygen FILE`"),
+        (
+            "\n\nalpha abcd\n",
+            "line 3: the key for 'alpha' must be 64 hex characters but it "
+            "has 4 characters; make one with `dst keygen FILE`",
+        ),
+        (
+            f"alpha {HEX_A[:-1]}z\n",
+            "line 1: the key for 'alpha' must be 64 hex characters "
+            "but it contains 'z', which is not a hex digit; make one with `dst keygen FILE`",
+        ),
     ],
 )
 def test_keys_file_malformed_lines(tmp_path: Path, content: str, message: str) -> None:

@@ -28,13 +28,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dst.errors import ProtocolError, UsageError
 
 Buf = bytes | bytearray | memoryview
+KIB: Final = 1024
+#: ``inline_limit`` of the identity cipher: no work, never worth a hand-off.
+ALWAYS_INLINE: Final = (1 << 63) - 1
 
 NONCE: Final = struct.Struct("<4xQ")
 #: Records a key may seal or open; counter values 0 .. RECORD_LIMIT - 1 are used once each.
 RECORD_LIMIT: Final = 1 << 64
-#: HKDF ``info`` labels; the cipher name is appended so each cipher gets unrelated keys.
-C2S_LABEL: Final = b"dst v1 c2s "
-S2C_LABEL: Final = b"dst v1 s2c "
+#: HKDF ``info`` labels, one per direction (docs/protocol.md, "Session keys").
+C2S_LABEL: Final = b"dst v1 c2s"
+S2C_LABEL: Final = b"dst v1 s2c"
 
 
 class _Aead(Protocol):
@@ -73,12 +76,22 @@ def _identity(key: Buf) -> _Aead:
 
 @dataclass(frozen=True)
 class Cipher:
-    """One named AEAD algorithm; a value object, safe to share."""
+    """One named AEAD algorithm; a value object, safe to share.
+
+    ``releases_gil`` and ``inline_limit`` guide the asyncio shell: records of at
+    most ``inline_limit`` plaintext bytes cost the event loop less when sealed
+    or opened inline than when handed to a worker thread (measured,
+    docs/crypto-measurements.md).  ``cryptography`` releases the GIL for AEAD
+    inputs of 2 KiB and more in the installed version (50.x); older versions
+    held it, which the measurement script shows.
+    """
 
     name: str
     wire_id: int
     key_size: int
     tag_size: int
+    releases_gil: bool
+    inline_limit: int
     _factory: _Factory = field(repr=False, compare=False)
 
     def primitive(self, key: Buf) -> _Aead:
@@ -91,9 +104,9 @@ class Cipher:
 CIPHERS: Final[dict[str, Cipher]] = {
     c.name: c
     for c in (
-        Cipher("aes-256-gcm", 1, 32, 16, _aes_gcm),
-        Cipher("chacha20-poly1305", 2, 32, 16, _chacha),
-        Cipher("none", 0, 32, 0, _identity),
+        Cipher("aes-256-gcm", 1, 32, 16, True, 64 * KIB, _aes_gcm),
+        Cipher("chacha20-poly1305", 2, 32, 16, True, 32 * KIB, _chacha),
+        Cipher("none", 0, 32, 0, True, ALWAYS_INLINE, _identity),
     )
 }
 
@@ -123,8 +136,10 @@ def record_nonce(counter: int) -> bytes:
     return NONCE.pack(counter)
 
 
-class Sealer:
-    """Seals the records of one direction, numbering them 0, 1, 2, ..."""
+class _Direction:
+    """Key and record counter of one direction; shared by Sealer and Opener."""
+
+    _verb = ""
 
     def __init__(self, cipher: Cipher, key: bytes) -> None:
         self.cipher = cipher
@@ -133,59 +148,76 @@ class Sealer:
 
     @property
     def counter(self) -> int:
-        """How many records were sealed so far (the next record's number)."""
+        """How many record numbers were used so far (the next record's number)."""
         return self._counter
+
+    def next_counter(self) -> int:
+        """Take the next record number, for ``seal_record``/``open_record`` off the loop.
+
+        Take numbers on the event loop in wire order, then do the work anywhere:
+        the records stay numbered in the order they travel even when worker
+        threads finish out of order.
+        """
+        n = self._counter
+        self._check_limit(n)
+        self._counter = n + 1
+        return n
+
+    def _check_limit(self, n: int) -> None:
+        if n >= RECORD_LIMIT:
+            raise ProtocolError(
+                f"{self.cipher.name} session key {self._verb} {n} records, the most one key "
+                "may; reconnect to derive fresh session keys"
+            )
+
+
+class Sealer(_Direction):
+    """Seals the records of one direction, numbering them 0, 1, 2, ..."""
+
+    _verb = "sealed"
 
     def seal(self, plaintext: Buf, aad: bytes) -> bytes:
         """``ciphertext || tag`` of the next record; ``aad`` is authenticated, not sent."""
-        n = self._counter
-        if n >= RECORD_LIMIT:
-            raise ProtocolError(
-                f"{self.cipher.name} session key sealed {n} records, the most one key may; "
-                "reconnect to derive fresh session keys"
-            )
-        out = self._aead.encrypt(NONCE.pack(n), plaintext, aad)
-        self._counter = n + 1
-        return out
+        return self.seal_record(self.next_counter(), plaintext, aad)
+
+    def seal_record(self, counter: int, plaintext: Buf, aad: bytes) -> bytes:
+        """Seal record number ``counter`` (from ``next_counter``); safe in a worker thread."""
+        return self._aead.encrypt(NONCE.pack(counter), plaintext, aad)
 
 
-class Opener:
+class Opener(_Direction):
     """Opens the records of one direction in the order they were sealed."""
 
-    def __init__(self, cipher: Cipher, key: bytes) -> None:
-        self.cipher = cipher
-        self._aead = cipher.primitive(key)
-        self._counter = 0
-
-    @property
-    def counter(self) -> int:
-        """How many records were opened so far (the next record's number)."""
-        return self._counter
+    _verb = "opened"
 
     def open(self, ciphertext_and_tag: Buf, aad: bytes) -> bytes:
-        """The plaintext of the next record, or ProtocolError if it does not authenticate."""
+        """The plaintext of the next record, or ProtocolError if it does not authenticate.
+
+        A record that fails does not use up its number; the connection must be
+        closed anyway.
+        """
         n = self._counter
-        if n >= RECORD_LIMIT:
-            raise ProtocolError(
-                f"{self.cipher.name} session key opened {n} records, the most one key may; "
-                "reconnect to derive fresh session keys"
-            )
+        self._check_limit(n)
+        plain = self.open_record(n, ciphertext_and_tag, aad)
+        self._counter = n + 1
+        return plain
+
+    def open_record(self, counter: int, ciphertext_and_tag: Buf, aad: bytes) -> bytes:
+        """Open record number ``counter`` (from ``next_counter``); safe in a worker thread."""
         size = len(ciphertext_and_tag)
         if size < self.cipher.tag_size:
             raise ProtocolError(
-                f"AEAD tag check failed: record {n} is {size} bytes, shorter than the "
+                f"AEAD tag check failed: record {counter} is {size} bytes, shorter than the "
                 f"{self.cipher.tag_size}-byte tag; the frame was tampered with, replayed "
                 "or reordered"
             )
         try:
-            plain = self._aead.decrypt(NONCE.pack(n), ciphertext_and_tag, aad)
+            return self._aead.decrypt(NONCE.pack(counter), ciphertext_and_tag, aad)
         except InvalidTag:
             raise ProtocolError(
-                f"AEAD tag check failed: record {n} ({size} bytes, {self.cipher.name}) does "
-                "not authenticate; the frame was tampered with, replayed or reordered"
+                f"AEAD tag check failed: record {counter} ({size} bytes, {self.cipher.name}) "
+                "does not authenticate; the frame was tampered with, replayed or reordered"
             ) from None
-        self._counter = n + 1
-        return plain
 
 
 def derive_session_keys(
@@ -197,18 +229,18 @@ def derive_session_keys(
     handshake transcript hash as salt: every connection gets fresh keys (both
     nonces are in the transcript), so restarting the record counters at zero
     never reuses a nonce under one key.  Distinct ``info`` labels keep the two
-    directions' keys unrelated.
+    directions' keys unrelated.  The cipher is not an HKDF input: the transcript
+    already contains the export node's choice of cipher.
     """
     if not shared_key:
         raise ValueError("derive_session_keys needs a non-empty shared key")
-    name = cipher.name.encode()
     keys = []
     for label in (C2S_LABEL, S2C_LABEL):
         hkdf = HKDF(
             algorithm=hashes.SHA256(),
             length=cipher.key_size,
             salt=transcript_hash,
-            info=label + name,
+            info=label,
         )
         keys.append(hkdf.derive(shared_key))
     return keys[0], keys[1]

@@ -32,6 +32,7 @@ import xxhash as _xxhash
 from dst.errors import UsageError
 
 Buf = bytes | bytearray | memoryview
+KIB: Final = 1024
 
 
 def _crc32c_parts(parts: tuple[Buf, ...]) -> bytes:
@@ -68,14 +69,26 @@ def _none_parts(parts: tuple[Buf, ...]) -> bytes:
     return b""
 
 
+#: ``inline_limit`` of an algorithm that does no work: never worth a hand-off.
+ALWAYS_INLINE: Final = (1 << 63) - 1
+
+
 @dataclass(frozen=True)
 class Checksum:
-    """One named checksum algorithm; a value object, safe to share between threads."""
+    """One named checksum algorithm; a value object, safe to share between threads.
+
+    ``releases_gil`` and ``inline_limit`` guide the asyncio shell: payloads of at
+    most ``inline_limit`` bytes cost the event loop less when computed inline
+    than when handed to a worker thread (measured, docs/crypto-measurements.md);
+    larger ones go to the thread pool, where they run in parallel because the
+    library releases the GIL.
+    """
 
     name: str
     digest_size: int
     wire_id: int
     releases_gil: bool
+    inline_limit: int
     _fn: Callable[[tuple[Buf, ...]], bytes] = field(repr=False, compare=False)
 
     def compute(self, *parts: Buf) -> bytes:
@@ -93,11 +106,11 @@ class Checksum:
 CHECKSUMS: Final[dict[str, Checksum]] = {
     c.name: c
     for c in (
-        Checksum("crc32c", 4, 1, True, _crc32c_parts),
-        Checksum("xxh3", 8, 2, True, _xxh3_parts),
-        Checksum("blake2b", 32, 3, True, _blake2b_parts),
-        Checksum("sha256", 32, 4, True, _sha256_parts),
-        Checksum("none", 0, 0, True, _none_parts),
+        Checksum("crc32c", 4, 1, True, 128 * KIB, _crc32c_parts),
+        Checksum("xxh3", 8, 2, True, 256 * KIB, _xxh3_parts),
+        Checksum("blake2b", 32, 3, True, 8 * KIB, _blake2b_parts),
+        Checksum("sha256", 32, 4, True, 16 * KIB, _sha256_parts),
+        Checksum("none", 0, 0, True, ALWAYS_INLINE, _none_parts),
     )
 }
 

@@ -91,13 +91,14 @@ def generate_key_file(path: str, force: bool = False) -> None:
 def _read_private(path: str, what: str, create_hint: str) -> bytes:
     """The contents of a secret file, after the existence, type and permission checks."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        # O_NONBLOCK: a FIFO planted at the path must not hang the command.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist; {create_hint}") from None
     except PermissionError:
         raise UsageError(
             f"{what} {path} cannot be read: permission denied; run dst as the user "
-            f"that owns it, or `chown` it to the user that runs dst"
+            "that owns it, or `chown` it to the user that runs dst"
         ) from None
     except OSError as e:
         raise UsageError(f"{what} {path} cannot be opened: {e.strerror}") from None
@@ -155,9 +156,7 @@ def load_key_file(path: str) -> bytes:
 
 def load_keys_file(path: str) -> dict[str, bytes]:
     """``{client_id: key}`` from lines ``CLIENT_ID HEXKEY``; errors name the line number."""
-    raw = _read_private(
-        path, "keys file", "create it with one `CLIENT_ID HEXKEY` line per client"
-    )
+    raw = _read_private(path, "keys file", "create it with one `CLIENT_ID HEXKEY` line per client")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -99,7 +99,7 @@ class Connection:
         if self._timer is not None:
             self._timer.cancel()
         if not self._authenticated:
-            self.node.unauthenticated -= 1
+            self.node.pending.pop(self, None)
             self._authenticated = True
         self.closed.set()
 
@@ -247,7 +247,7 @@ class Connection:
             self.core.accept(export.terms(read_only))
             if self.core.state == SState.READY:
                 self._authenticated = True
-                node.unauthenticated -= 1
+                node.pending.pop(self, None)
                 w = self.core.welcome
                 assert w is not None
                 log.info(
@@ -260,6 +260,17 @@ class Connection:
                     w.cipher,
                     w.checksum,
                 )
+                if trace.on.proto:
+                    trace.emit(
+                        "proto",
+                        "attached",
+                        client=hello.client_id,
+                        export=export.name,
+                        generation=hello.generation,
+                        read_only=read_only,
+                        cipher=w.cipher,
+                        checksum=w.checksum,
+                    )
         self._pump()
 
     async def fence(self) -> None:
@@ -343,6 +354,20 @@ class Connection:
             s.remember(req.txn, status)
         if status and status == Status.ENOSPC:
             self.node.enospc += 1
+        if trace.on.txn:
+            trace.emit(
+                "txn",
+                "served",
+                client=s.client_id,
+                export=export.name,
+                txn=req.txn,
+                attempt=req.attempt,
+                op=Command(req.command).name.lower(),
+                offset=req.offset,
+                length=req.length,
+                flags=int(req.flags),
+                status=int(status),
+            )
         self.core.reply(req, status, data)
         self._pump_after_reply(buf)
 
@@ -380,7 +405,9 @@ class ExportNode:
         self.allow = allow
         self.pool = BufferPool()
         self.connections: set[Connection] = set()
-        self.unauthenticated = 0
+        self.pending: dict[Connection, None] = {}  # connections still in their handshake
+        self.evicted = 0
+        self._evict_logged = -1e9
         self.enospc = 0
         self.started = time.time()
         self._sock: socket.socket | None = None
@@ -396,16 +423,26 @@ class ExportNode:
         return self.address
 
     async def _on_client(self, sock: socket.socket) -> None:
-        if self.unauthenticated >= MAX_UNAUTHENTICATED:
-            log.warning(
-                "dropping a connection: %d connections are still in their handshake (limit %d)",
-                self.unauthenticated,
-                MAX_UNAUTHENTICATED,
-            )
-            sock.close()
-            return
-        self.unauthenticated += 1
+        if len(self.pending) >= MAX_UNAUTHENTICATED:
+            # Like sshd's MaxStartups: the oldest unfinished handshake makes room, so a flood
+            # of idle or garbage connections cannot lock out a client that completes its
+            # handshake in a millisecond.
+            oldest = next(iter(self.pending))
+            self.pending.pop(oldest, None)
+            oldest.stream.abort()
+            self.evicted += 1
+            now = time.monotonic()
+            if now - self._evict_logged > 10:
+                self._evict_logged = now
+                log.warning(
+                    "%d connections were still in their handshake (limit %d): closing the "
+                    "oldest ones (%d so far); is someone flooding this port?",
+                    MAX_UNAUTHENTICATED,
+                    MAX_UNAUTHENTICATED,
+                    self.evicted,
+                )
         conn = Connection(self, sock)
+        self.pending[conn] = None
         self.connections.add(conn)
         try:
             conn.start()
