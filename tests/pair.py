@@ -64,6 +64,8 @@ class Pair:
         self.c2s = bytearray()  # bytes in flight toward the export node
         self.s2c = bytearray()
         self.cut = False  # bytes are lost (a dead link that has not noticed yet)
+        self.reverse_jobs = False  # finish offloaded jobs in reverse order (ordering test)
+        self.jobs_run = 0
 
     # ---- connections ------------------------------------------------------------
     def connect(self) -> None:
@@ -106,8 +108,28 @@ class Pair:
                 moved = True
             while (ev := self.client.next_event()) is not None:
                 self.client_events.append(ev)
+            moved = self._run_jobs() or moved
             if not moved:
                 break
+
+    def _run_jobs(self) -> bool:
+        """Play the shell's worker pool: run offloaded jobs, possibly out of order."""
+        ran = False
+        for core in (self.client, self.server):
+            if core is None:
+                continue
+            jobs = core.take_jobs()
+            if self.reverse_jobs:
+                jobs.reverse()
+            for job in jobs:
+                job.run()
+                self.jobs_run += 1
+                if core is self.client:
+                    self.client.job_done(job, self.now)
+                else:
+                    core.job_done(job)  # type: ignore[call-arg]
+                ran = True
+        return ran
 
     def _server_events(self) -> None:
         assert self.server is not None

@@ -59,8 +59,8 @@ class FrameSplitter:
                     break
                 _, cmd, _, _, _, length, _ = REQ.unpack_from(self.buf)
                 n = REQ.size + (length if cmd == 2 else 0) + self.digest
-            else:  # not a frame we understand (sealed records): pass everything through
-                n = len(self.buf)
+            else:  # a sealed record: u32 length, then that many bytes
+                n = 4 + int.from_bytes(self.buf[:4], "little")
             if len(self.buf) < n:
                 break
             out.append(bytes(self.buf[:n]))

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from dst.aio import workers
 from dst.client.remote import LinkOptions, RemoteDevice
 from dst.crypto.keys import load_key_file
 from dst.device import BlockDevice, Buffer, IoFlags
@@ -112,6 +113,7 @@ async def open_device_async(
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
         handshake_timeout=connect_timeout,
+        offload=workers.enabled(),
     )
     dev = RemoteDevice(member, cfg, LinkOptions(connect_timeout=connect_timeout))
     await dev.connect()

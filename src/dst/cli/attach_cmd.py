@@ -7,6 +7,7 @@ import logging
 import socket
 from typing import Any
 
+from dst.aio import workers
 from dst.cli.algorithms import client_algorithms
 from dst.cli.options import ATTACH_OPTS, merge
 from dst.cli.runtime import Stopper, run
@@ -50,7 +51,9 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     if not o["nbd"] and not o["fuse"]:
         raise UsageError("no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device")
     if o["fuse"]:
-        raise UsageError("--fuse is not available in this version of dst attach; use --nbd")
+        from dst.frontends.fuse import check_mountpoint
+
+        o["fuse"] = check_mountpoint(o["fuse"])
     o["nbd_addr"] = (
         parse_address(o["nbd"], default_port=10809, what="--nbd address") if o["nbd"] else None
     )
@@ -63,6 +66,7 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     if o["reconnect_min"] <= 0 or o["reconnect_max"] < o["reconnect_min"]:
         raise UsageError("--reconnect-min must be > 0 and not above --reconnect-max")
     o["client_id"] = o["client_id"] or socket.gethostname()
+    workers.configure(o["crypto_workers"])
     return o
 
 
@@ -79,6 +83,7 @@ def client_config(o: dict[str, Any], uri: MemberUri) -> ClientConfig:
         ping_interval=o["ping_interval"],
         ping_timeout=o["ping_timeout"],
         handshake_timeout=o["connect_timeout"],
+        offload=workers.enabled(),
     )
 
 
@@ -103,11 +108,13 @@ def run_attach(ns: argparse.Namespace) -> int:
 
 
 async def _serve(o: dict[str, Any]) -> int:
+    from dst.frontends.fuse import FuseFrontend
     from dst.frontends.nbd import NbdFrontend
 
     stopper = Stopper()
     dev: BlockDevice | None = None
     front: NbdFrontend | None = None
+    fuse: FuseFrontend | None = None
     ops = NodeOps.for_attach(o)
     try:
         await ops.start()
@@ -123,11 +130,22 @@ async def _serve(o: dict[str, Any]) -> int:
             front = NbdFrontend(dev, o["nbd_addr"])
             await front.start()
             ops.add_frontend(front)
+        if o["fuse"]:
+            fuse = FuseFrontend(dev, o["fuse"])
+            await fuse.start()
+            ops.add_frontend(fuse)
+            # a busy DIR/disk is not unmounted on the first SIGTERM (FuseFrontend.on_stop_signal)
+            stopper.on_signal = lambda _n, f=fuse: f.on_stop_signal(stopper.event.set)
+            if front is None:
+                fuse.on_unmounted = stopper.event.set
+        ops.ready(f"serving {dev.size} bytes")
         await stopper.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
         stopper.close()
         await ops.aclose()
+        if fuse is not None:
+            await fuse.aclose()
         if front is not None:
             await front.aclose()
         if dev is not None:

@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Any
 
+from dst.aio import workers
 from dst.backends import open_backend
 from dst.backends.device import BackendDevice
 from dst.cli.algorithms import export_algorithms
@@ -88,11 +89,13 @@ async def _serve(o: dict[str, Any], backends: list[Any]) -> int:
             shared=bool(o["shared"]),
             trim_zeroes=b.trim_reads_zeroes,
         )
+    workers.configure(o["crypto_workers"])
     cfg = ServerConfig(
         ciphers=o["ciphers"],
         checksums=o["checksums"],
         key=o["key"],
         keys=o["keys_map"],
+        offload=workers.enabled(),
     )
     node = ExportNode(exports, cfg, allow=set(o["allow"]) if o["allow"] else None)
     stopper = Stopper()
@@ -110,6 +113,7 @@ async def _serve(o: dict[str, Any], backends: list[Any]) -> int:
                 e.identity,
             )
         log.info("listening on %s", addr)
+        ops.ready(f"listening on {addr}")
         await stopper.wait()
         log.info("stopping: finishing in-flight requests")
     finally:

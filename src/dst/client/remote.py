@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dst import trace
+from dst.aio import workers
 from dst.aio.listen import connect
 from dst.aio.stream import SocketStream
 from dst.buffers import BufferPool
@@ -32,6 +33,7 @@ from dst.proto.events import (
     Refused,
     Resent,
 )
+from dst.proto.jobs import Job
 from dst.proto.wire import Command, Status
 from dst.uri import MemberUri
 
@@ -200,12 +202,19 @@ class RemoteDevice(BlockDevice):
                 self._close_stream()
             elif isinstance(ev, Refused):
                 self._on_refused(ev)
+        jobs = core.take_jobs()
+        if jobs:
+            workers.run_jobs(jobs, self._job_done)
         stream = self._stream
         if stream is not None:
             out = core.data_to_send()
             if out:
                 stream.write(out)
         self._arm_timer()
+
+    def _job_done(self, job: Job) -> None:
+        self.core.job_done(job, time.monotonic())
+        self._pump()
 
     def _close_stream(self) -> None:
         if self._stream is not None:

@@ -6,18 +6,31 @@ agreed on a cipher, every frame is sealed as one record:
 associated data, nonces are per-direction counters, so tampering, replay,
 reordering and truncation all fail the tag check.  The frame layer above never
 knows which mode it is in.
+
+The channel also appends each frame's checksum trailer.  With ``offload`` on,
+large records are sealed/opened and large trailers computed as :class:`Job` s that
+the shell runs on a worker pool; record numbers are taken in wire order and the
+send queue only releases bytes up to the first unfinished job, so the order of
+frames on the wire never changes.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from dst.crypto.aead import Opener, Sealer
+from dst.crypto.checksums import Checksum
 from dst.errors import ProtocolError
+from dst.proto.jobs import Job
 from dst.proto.reader import ChunkReader, take_buffered
 from dst.proto.wire import REC_HEADER
 
 Buf = bytes | bytearray | memoryview
+
+
+def _joined(parts: list[Buf]) -> bytes:
+    return b"".join(parts)
 
 
 class Channel:
@@ -30,8 +43,21 @@ class Channel:
         self._opener: Opener | None = None
         self._max_record = max_record
         self._rec_len = 0
-        self._out: list[Buf] = []
-        self.out_bytes = 0
+        self._rec_aad = b""
+        self._out: deque[Buf | Job] = deque()
+        self._opening: deque[Job] = deque()
+        self.offload = False
+        self.jobs: list[Job] = []
+
+    # ---- jobs ------------------------------------------------------------
+    def new_job(self, fn: Callable[[], object], then: Callable[[Job], None] | None = None) -> Job:
+        job = Job(fn, then)
+        self.jobs.append(job)
+        return job
+
+    def take_jobs(self) -> list[Job]:
+        jobs, self.jobs = self.jobs, []
+        return jobs
 
     # ---- receive -------------------------------------------------------
     def get_buffer(self) -> memoryview:
@@ -55,6 +81,7 @@ class Channel:
         self.frames.stop()
         if self._records is not None:
             self._records.stop()
+        self._opening.clear()
 
     @property
     def sealed(self) -> bool:
@@ -65,6 +92,7 @@ class Channel:
         self._sealer = sealer
         self._opener = opener
         self._records = ChunkReader(self._on_record_chunk)
+        self._records.grow(256 << 10)
         self._records.expect(REC_HEADER.size)
         leftover = take_buffered(self.frames)
         if leftover:
@@ -82,29 +110,85 @@ class Channel:
             self._rec_len = n
             self._rec_aad = bytes(chunk)
             self._records.expect(n, memoryview(bytearray(n)))
+            return
+        self._rec_len = 0
+        self._records.expect(REC_HEADER.size)
+        opener, aad = self._opener, self._rec_aad
+        number = opener.next_counter()
+        if self.offload and len(chunk) > opener.cipher.inline_limit:
+            body = chunk
+            self._opening.append(
+                self.new_job(lambda: opener.open_record(number, body, aad), self._opened)
+            )
+            return
+        plain = opener.open_record(number, chunk, aad)
+        if self._opening:  # keep arrival order behind records still being opened
+            job = Job(lambda: plain)
+            job.result = plain
+            job.done = True
+            self._opening.append(job)
+            self._opened(None)
         else:
-            self._rec_len = 0
-            plain = self._opener.open(chunk, self._rec_aad)
-            self._records.expect(REC_HEADER.size)
             self.frames.feed(plain)
 
+    def _opened(self, _job: Job | None) -> None:
+        q = self._opening
+        while q and q[0].done:
+            job = q.popleft()
+            if job.error is not None:
+                self.stop()
+                if isinstance(job.error, ProtocolError):
+                    raise job.error
+                raise ProtocolError(f"cannot open a record: {job.error}")
+            self.frames.feed(job.result)
+
     # ---- send ----------------------------------------------------------
-    def send(self, parts: list[Buf]) -> None:
-        """Queue one frame (its parts in order)."""
-        if self._sealer is None:
-            for p in parts:
-                self._out.append(p)
-                self.out_bytes += len(p)
+    def send(self, parts: list[Buf], checksum: Checksum | None = None) -> None:
+        """Queue one frame (its parts in order), with its checksum trailer if given."""
+        size = sum(len(p) for p in parts)
+        big = self.offload and size > 4096
+        sealer = self._sealer
+        digest_size = checksum.digest_size if checksum is not None else 0
+        if sealer is None:
+            self._out.extend(parts)
+            if digest_size:
+                assert checksum is not None
+                if big and size > checksum.inline_limit:
+                    self._out.append(self.new_job(lambda: checksum.compute(*parts)))
+                else:
+                    self._out.append(checksum.compute(*parts))
             return
-        plain = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
-        n = len(plain) + self._sealer.cipher.tag_size
-        aad = REC_HEADER.pack(n)
-        sealed = self._sealer.seal(plain, aad)
+        sealed_len = size + digest_size + sealer.cipher.tag_size
+        aad = REC_HEADER.pack(sealed_len)
+        number = sealer.next_counter()
+
+        def seal() -> bytes:
+            plain = [*parts, checksum.compute(*parts)] if digest_size and checksum else parts
+            return sealer.seal_record(number, _joined(plain), aad)
+
         self._out.append(aad)
-        self._out.append(sealed)
-        self.out_bytes += len(aad) + len(sealed)
+        if big and (
+            size > sealer.cipher.inline_limit
+            or (checksum is not None and size > checksum.inline_limit)
+        ):
+            self._out.append(self.new_job(seal))
+        else:
+            self._out.append(seal())
 
     def data_to_send(self) -> list[Buf]:
-        out, self._out = self._out, []
-        self.out_bytes = 0
+        """Everything queued up to the first frame whose job has not finished."""
+        out: list[Buf] = []
+        q = self._out
+        while q:
+            head = q[0]
+            if isinstance(head, Job):
+                if not head.done:
+                    break
+                if head.error is not None:
+                    raise head.error
+                q.popleft()
+                out.append(head.result)
+            else:
+                q.popleft()
+                out.append(head)
         return out

@@ -32,6 +32,7 @@ from dst.proto.events import (
     Resent,
 )
 from dst.proto.handshake import Challenge, Hello, Proof, Refuse, Welcome
+from dst.proto.jobs import InOrder, Job
 from dst.proto.wire import (
     HS_HEADER,
     HS_MAGIC,
@@ -68,6 +69,7 @@ class ClientConfig:
     ping_interval: float = 5.0
     ping_timeout: float = 2.0
     handshake_timeout: float = 10.0
+    offload: bool = False  # large payload crypto/checksums as Jobs for a worker pool
 
 
 class State(Enum):
@@ -130,6 +132,8 @@ class ClientCore:
         self._rep_head = b""
         self._rep_buf: PooledBuffer | None = None
         self._rep_view: memoryview | None = None
+        self._order = InOrder()
+        self._verifying: set[int] = set()
         self._channel = Channel(self._on_chunk, max_record=1)
         self._hs_deadline: float | None = None
         self._last_rx = 0.0
@@ -146,6 +150,9 @@ class ClientCore:
         self._dead = False
         self._channel = Channel(self._on_chunk, max_record=self.config.max_request + 4096)
         self._channel.frames.grow(256 << 10)
+        self._channel.offload = self.config.offload
+        self._order = InOrder()
+        self._verifying = set()
         self._rx_state = "hs_header"
         self._channel.frames.expect(HS_HEADER.size)
         self._hs_deadline = now + self.config.handshake_timeout
@@ -393,20 +400,44 @@ class ClientCore:
 
     def _on_reply_complete(self, digest: bytes) -> None:
         command, status, txn_id, _attempt, _length = self._rep
-        view = self._rep_view
-        if self._digest_size:
-            parts: list[Buf] = [self._rep_head]
-            if view is not None:
-                parts.append(view)
-            ok = self._checksum.compute(*parts) == digest
-        else:
-            ok = True
-        if self._rep_buf is not None:
-            self._rep_buf.release()
+        view, buf, head = self._rep_view, self._rep_buf, self._rep_head
         self._rep_buf = None
         self._rep_view = None
         self._rx_state = "header"
         self._channel.frames.expect(REP_HEADER.size)
+        cs = self._checksum
+        job = None
+        if not self._digest_size:
+            ok = True
+        elif self._channel.offload and view is not None and len(view) > cs.inline_limit:
+            self._verifying.add(txn_id)
+            job = self._channel.new_job(lambda: cs.verify(digest, head, view))
+            ok = False
+        else:
+            ok = cs.compute(*([head, view] if view is not None else [head])) == digest
+
+        def complete() -> None:
+            self._verifying.discard(txn_id)
+            good = bool(job.result) if job is not None and job.error is None else ok
+            if buf is not None:
+                buf.release()
+            self._reply_verified(command, status, txn_id, good)
+
+        self._order.add(job, complete)
+
+    def job_done(self, job: Job, now: float) -> None:
+        """The shell finished ``job`` on a worker; let its results take effect."""
+        self._now = now
+        try:
+            job.finish()
+            self._order.drain()
+        except ProtocolError as exc:
+            self._die(f"protocol error from the export node: {exc}")
+
+    def take_jobs(self) -> list[Job]:
+        return self._channel.take_jobs()
+
+    def _reply_verified(self, command: int, status: int, txn_id: int, ok: bool) -> None:
         t = self._txns.get(txn_id)
         if not ok:
             self.stats.checksum_errors += 1
@@ -509,9 +540,7 @@ class ClientCore:
         parts: list[Buf] = [head]
         if t.payload is not None:
             parts.append(t.payload)
-        if self._digest_size:
-            parts.append(self._checksum.compute(*parts))
-        self._channel.send(parts)
+        self._channel.send(parts, self._checksum if self._digest_size else None)
         if t.attempt > 1:
             self.stats.resends += 1
 
@@ -562,14 +591,20 @@ class ClientCore:
             t = self._txns.get(tid)
             if t is None or t.expiries != expiries:
                 continue
-            if self._rx_state in ("payload", "trailer") and self._rep[2] == tid:
+            if (self._rx_state in ("payload", "trailer") and self._rep[2] == tid) or (
+                tid in self._verifying
+            ):
                 # its reply is arriving right now: let it finish (the buffer is in use)
                 heapq.heappush(self._heap, (now + cfg.resend_timeout, tid, expiries))
                 continue
             t.expiries += 1
             self.stats.timeouts += 1
             if t.expiries > cfg.resends:
-                sent = f"sent {t.attempt} time(s)" if t.attempt else "never sent: the member was unreachable"
+                sent = (
+                    f"sent {t.attempt} time(s)"
+                    if t.attempt
+                    else "never sent: the member was unreachable"
+                )
                 self._finish(
                     t,
                     Status.EIO,
@@ -589,10 +624,7 @@ class ClientCore:
         self._ping = ping
         self.stats.pings += 1
         head = RequestHeader(Command.PING, 0, tid, 1, 0, 0).pack()
-        parts: list[Buf] = [head]
-        if self._digest_size:
-            parts.append(self._checksum.compute(head))
-        self._channel.send(parts)
+        self._channel.send([head], self._checksum if self._digest_size else None)
 
     # ---- output ----------------------------------------------------------------
     def data_to_send(self) -> list[Buf]:

@@ -44,6 +44,7 @@ from dst.proto.handshake import (
     choose_algorithm,
     choose_version,
 )
+from dst.proto.jobs import InOrder, Job
 from dst.proto.wire import (
     ALL_REQ_FLAGS,
     HS_HEADER,
@@ -72,6 +73,7 @@ class ServerConfig:
     max_request: int = 32 << 20
     queue_depth: int = 128
     handshake_timeout: float = 10.0
+    offload: bool = False  # large payload crypto/checksums as Jobs for a worker pool
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class ServerCore:
         self._skip_left = 0
         self._scratch: bytearray | None = None
         self.in_flight = 0
+        self._order = InOrder()
+        self._channel.offload = config.offload
 
     # ---- lifecycle -------------------------------------------------------------
     def connection_made(self, now: float) -> None:
@@ -390,26 +394,64 @@ class ServerCore:
         self._channel.frames.expect(n, memoryview(self._scratch)[:n])
 
     def _on_request_complete(self, digest: bytes) -> None:
-        command, flags, txn, attempt, length, offset = self._req
+        req, head = self._req, self._req_head
         payload, self._payload = self._payload, None
         self._rx = "header"
         self._channel.frames.expect(REQ_HEADER.size)
+        cs = self._checksum
+        job = None
+        ok = True
         if self._digest:
-            parts: list[Buf] = [self._req_head]
-            if payload is not None:
-                parts.append(payload.view)
-            if self._checksum.compute(*parts) != digest:
+            if (
+                self._channel.offload
+                and payload is not None
+                and len(payload.view) > cs.inline_limit
+            ):
+                view = payload.view
+                job = self._channel.new_job(lambda: cs.verify(digest, head, view))
+            else:
+                parts: list[Buf] = [head]
                 if payload is not None:
-                    payload.release()
-                self.stats.checksum_errors += 1
-                self._events.append(ChecksumMismatch(txn, "request"))
-                self._send_reply(command, Status.CHECKSUM, txn, attempt, None)
-                return
+                    parts.append(payload.view)
+                ok = cs.compute(*parts) == digest
+
+        def complete() -> None:
+            good = bool(job.result) if job is not None and job.error is None else ok
+            self._request_verified(req, payload, good)
+
+        self._order.add(job, complete)
+
+    def job_done(self, job: Job) -> None:
+        """The shell finished ``job`` on a worker; let its results take effect."""
+        try:
+            job.finish()
+            self._order.drain()
+        except ProtocolError as exc:
+            self._die(f"protocol error: {exc}")
+
+    def take_jobs(self) -> list[Job]:
+        return self._channel.take_jobs()
+
+    def _request_verified(
+        self, req: tuple[int, int, int, int, int, int], payload: PooledBuffer | None, ok: bool
+    ) -> None:
+        command, flags, txn, attempt, length, offset = req
+        if self._dead:
+            if payload is not None:
+                payload.release()
+            return
+        if not ok:
+            if payload is not None:
+                payload.release()
+            self.stats.checksum_errors += 1
+            self._events.append(ChecksumMismatch(txn, "request"))
+            self._send_reply(command, Status.CHECKSUM, txn, attempt, None)
+            return
         problem = self._validate(command, flags, length, offset)
         if problem is not None:
             if payload is not None:
                 payload.release()
-            self._reject(txn, command, problem[0], problem[1])
+            self._reject(txn, command, problem[0], problem[1], attempt)
             return
         if command == Command.PING:
             self.stats.pings += 1
@@ -452,10 +494,12 @@ class ServerCore:
             )
         return None
 
-    def _reject(self, txn: int, command: int, status: int, message: str) -> None:
+    def _reject(
+        self, txn: int, command: int, status: int, message: str, attempt: int | None = None
+    ) -> None:
         self.stats.rejected += 1
         self._events.append(Rejected(txn, command, status, message))
-        self._send_reply(command, status, txn, self._req[3], None)
+        self._send_reply(command, status, txn, self._req[3] if attempt is None else attempt, None)
 
     # ---- replies -------------------------------------------------------------------
     def reply(self, req: Request, status: int, data: memoryview | None = None) -> None:
@@ -473,9 +517,7 @@ class ServerCore:
         parts: list[Buf] = [head]
         if data is not None and n:
             parts.append(data)
-        if self._digest:
-            parts.append(self._checksum.compute(*parts))
-        self._channel.send(parts)
+        self._channel.send(parts, self._checksum if self._digest else None)
 
     def reply_disconnect(self, txn: int) -> None:
         if not self._dead:

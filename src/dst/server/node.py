@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dst import trace
+from dst.aio import workers
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
 from dst.aio.stream import SocketStream
 from dst.buffers import BufferPool, PooledBuffer
@@ -26,6 +27,7 @@ from dst.proto.events import (
     Rejected,
     Request,
 )
+from dst.proto.jobs import Job
 from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
 from dst.proto.wire import Command, Refusal, ReqFlags, Status
 from dst.server.sessions import Decision, Session, SessionTable
@@ -124,7 +126,14 @@ class Connection:
         self.core.handle_timer(time.monotonic())
         self._pump()
 
+    def _job_done(self, job: Job) -> None:
+        self.core.job_done(job)
+        self._pump()
+
     def _flush_out(self) -> None:
+        jobs = self.core.take_jobs()
+        if jobs:
+            workers.run_jobs(jobs, self._job_done)
         out = self.core.data_to_send()
         if out:
             self.stream.write(out)
