@@ -28,6 +28,7 @@ import ctypes
 import errno
 import logging
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -50,6 +51,8 @@ FSNAME = "dst"
 FSTYPE = "fuse.dst"
 MAX_IO = 1 << 20  # libfuse3 3.14 caps requests at 256 pages; the kernel's default limit too
 MAX_THREADS = 64  # libfuse workers: each waits on one device request (queue depth)
+COUNTERS: tuple[str, ...] = ("opens", "reads", "writes", "flushes", "trims", "zeroes")
+COUNTERS += ("bytes_read", "bytes_written", "errors")
 START_TIMEOUT = 15.0
 CLOSE_TIMEOUT = 10.0
 
@@ -131,7 +134,7 @@ def holders_of(path: str) -> list[str]:
         except OSError:
             cwd = ""
         if int(pid) != me and (cwd == base or cwd.startswith(base + "/")):
-            found.append(f"process {pid} ({comm}) has its working directory in {base}")
+            found.append(f"process {pid} ({comm}, working directory)")
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -142,12 +145,12 @@ def holders_of(path: str) -> list[str]:
             except OSError:
                 continue
             if target == path or target == path + " (deleted)":
-                found.append(f"process {pid} ({comm}) has it open (fd {fd})")
+                found.append(f"process {pid} ({comm}, fd {fd})")
     for dev, backing in loop_devices().items():
         if backing == path:
             where = [m.mountpoint for m in mounts() if m.source == dev]
             extra = f", mounted on {', '.join(where)}" if where else ""
-            found.append(f"loop device {dev}{extra} (detach it with `losetup -d {dev}`)")
+            found.append(f"loop device {dev}{extra}")
     return found
 
 
@@ -199,7 +202,7 @@ def unmount(path: str, *, lazy: bool = False) -> None:
 
 def unmount_command(path: str, *, lazy: bool = False) -> str:
     """The shell command an operator runs to unmount ``path``."""
-    return f"fusermount3 -u{'z' if lazy else ''} {path}"
+    return f"fusermount3 -u{'z' if lazy else ''} {shlex.quote(path)}"
 
 
 def check_mountpoint(path: str) -> str:
@@ -232,7 +235,7 @@ def clear_stale_mount(mp: str) -> None:
     if m is None:
         return
     try:
-        os.stat(mp)
+        os.statvfs(mp)  # always asks the daemon (stat may be answered from the attr cache)
         alive = True
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -254,13 +257,15 @@ def clear_stale_mount(mp: str) -> None:
         try:
             unmount(mp)
         except OSError as exc:
-            held = [f"unmount failed: {exc.strerror}"]
-        else:
-            log.warning("cleared a stale FUSE mount on %s left by an earlier dst attach", mp)
-            return
+            raise DstError(
+                f"--fuse {mp}: a stale mount left by an earlier dst attach could not be "
+                f"cleared ({exc.strerror}); clear it with `{unmount_command(mp, lazy=True)}`"
+            ) from None
+        log.warning("cleared a stale FUSE mount on %s left by an earlier dst attach", mp)
+        return
     raise DstError(
         f"--fuse {mp}: a stale mount left by an earlier dst attach is still held "
-        f"({'; '.join(held)}); release the holders (unmount filesystems on the loop device, "
+        f"by {'; '.join(held)}; release them (unmount what is mounted on a loop device and "
         f"`losetup -d` it, close the files), then run `{unmount_command(mp)}`, or detach it "
         f"now with `{unmount_command(mp, lazy=True)}`"
     )
@@ -307,11 +312,11 @@ class _DiskOps:
         try:
             return asyncio.run_coroutine_threadsafe(coro, self.front.loop).result()
         except IoError as exc:
-            self.front.stats["errors"] += 1
+            self.front.count(errors=1)
             log.warning("FUSE %s failed: %s", op, exc)
             raise self.err(exc.errno or errno.EIO) from None
         except Exception as exc:
-            self.front.stats["errors"] += 1
+            self.front.count(errors=1)
             log.error("FUSE %s failed unexpectedly: %r", op, exc)
             raise self.err(errno.EIO) from None
 
@@ -322,6 +327,7 @@ class _DiskOps:
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:
             conn.max_write = MAX_IO
+            conn.max_read = MAX_IO  # libfuse wants this equal to the max_read mount option
             conn.max_readahead = MAX_IO
         if config is not None:
             config.direct_io = 1  # no page cache for DIR/disk: every I/O reaches the device
@@ -373,7 +379,7 @@ class _DiskOps:
         if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise self.err(errno.EROFS)
         # O_TRUNC is ignored, as on a block device: the size is the device's.
-        self.front.stats["opens"] += 1
+        self.front.count(opens=1)
         return 0
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
@@ -391,6 +397,15 @@ class _DiskOps:
         return 0
 
     # -- data
+    # mfusepy registers an operation only if its name exists here; _Fuse routes
+    # both to read_into / write_from with libfuse's buffers.
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[: self.read_into(offset, memoryview(buf))])
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        return self.write_from(offset, memoryview(data))
+
     def read_into(self, offset: int, buf: memoryview) -> int:
         n = max(0, min(len(buf), self.size - offset))
         if n == 0:
@@ -398,9 +413,7 @@ class _DiskOps:
         if trace.on.fuse:
             trace.emit("fuse", "read", offset=offset, length=n)
         self.call("read", self.dev.read_into(offset, buf[:n]))
-        st = self.front.stats
-        st["reads"] += 1
-        st["bytes_read"] += n
+        self.front.count(reads=1, bytes_read=n)
         return n
 
     def write_from(self, offset: int, data: memoryview) -> int:
@@ -410,9 +423,7 @@ class _DiskOps:
         if trace.on.fuse:
             trace.emit("fuse", "write", offset=offset, length=n)
         self.call("write", self.dev.write(offset, data[:n]))
-        st = self.front.stats
-        st["writes"] += 1
-        st["bytes_written"] += n
+        self.front.count(writes=1, bytes_written=n)
         return n
 
     def fsync(self, path: str, datasync: int, fh: int) -> int:
@@ -420,7 +431,7 @@ class _DiskOps:
             trace.emit("fuse", "fsync", datasync=datasync)
         if not self.read_only and self.dev.capabilities.can_flush:
             self.call("fsync", self.dev.flush())
-        self.front.stats["flushes"] += 1
+        self.front.count(flushes=1)
         return 0
 
     def fallocate(self, path: str, mode: int, offset: int, length: int, fh: int) -> int:
@@ -442,13 +453,13 @@ class _DiskOps:
             # promises that (trim_zeroes), else WRITE_ZEROES (which may punch there).
             if caps.can_trim and getattr(self.dev, "trim_zeroes", False):
                 self._ranged("trim", self.dev.trim, offset, length)
-                self.front.stats["trims"] += 1
+                self.front.count(trims=1)
             else:
                 self._ranged("zero", self.dev.write_zeroes, offset, length)
-                self.front.stats["zeroes"] += 1
+                self.front.count(zeroes=1)
         elif mode & FALLOC_FL_ZERO_RANGE:
             self._ranged("zero", self.dev.write_zeroes, offset, length)
-            self.front.stats["zeroes"] += 1
+            self.front.count(zeroes=1)
         # plain allocation: every byte of the device already exists
         return 0
 
@@ -514,20 +525,8 @@ class FuseFrontend:
         self.max_threads = max_threads
         self.close_timeout = close_timeout
         self.on_unmounted: Callable[[], None] | None = None
-        self.stats: dict[str, int] = dict.fromkeys(
-            (
-                "opens",
-                "reads",
-                "writes",
-                "flushes",
-                "trims",
-                "zeroes",
-                "bytes_read",
-                "bytes_written",
-                "errors",
-            ),
-            0,
-        )
+        self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._stats_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -538,6 +537,12 @@ class FuseFrontend:
         self._lazy = False
         self._warned_busy = False
         self._stop_cb: Callable[[], None] | None = None
+
+    def count(self, **deltas: int) -> None:
+        """Add to the counters; called from libfuse's worker threads."""
+        with self._stats_lock:
+            for k, v in deltas.items():
+                self.stats[k] += v
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -594,6 +599,7 @@ class FuseFrontend:
             "subtype": FSNAME,
             "max_read": MAX_IO,
             "max_threads": self.max_threads,
+            "max_idle_threads": self.max_threads,
             "default_permissions": True,
         }
         if self.device.capabilities.read_only:
@@ -662,6 +668,14 @@ class FuseFrontend:
         """End the FUSE session at once (holders then get ENOTCONN); via fusectl."""
         if self._conn is None:
             return False
+        if not os.path.isdir(f"{FUSECTL}/{self._conn}") and os.geteuid() == 0:
+            with contextlib.suppress(OSError):  # fusectl is not always mounted
+                subprocess.run(
+                    ["mount", "-t", "fusectl", "fusectl", FUSECTL],
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )
         try:
             with open(f"{FUSECTL}/{self._conn}/abort", "w") as f:
                 f.write("1")
@@ -697,8 +711,8 @@ class FuseFrontend:
         if not self._warned_busy:
             self._warned_busy = True
             log.warning(
-                "not unmounting %s: it is in use by %s; still serving. Release it, or "
-                "send SIGTERM again to force a lazy unmount",
+                "not unmounting %s: in use by %s; still serving. Release it, or send "
+                "SIGTERM again to force a lazy unmount",
                 self.path,
                 "; ".join(held),
             )
@@ -718,8 +732,20 @@ class FuseFrontend:
         )
 
     def statistics(self) -> dict[str, Any]:
-        """Counters since start: opens, requests per op, bytes, errors."""
-        return {**self.stats, "mounted": self.mounted, "path": self.path}
+        """Counters since start, shaped like the NBD front end's for `dst status`."""
+        with self._stats_lock:
+            st = dict(self.stats)
+        ops = {"read": "reads", "write": "writes", "flush": "flushes"}
+        ops.update({"trim": "trims", "zero": "zeroes"})
+        return {
+            "requests": {op: st[key] for op, key in ops.items()},
+            "bytes_read": st["bytes_read"],
+            "bytes_written": st["bytes_written"],
+            "errors": st["errors"],
+            "opens": st["opens"],
+            "mounted": self.mounted,
+            "path": self.path,
+        }
 
     async def aclose(self) -> None:
         """Unmount (lazily if still held), wait for the FUSE thread; bounded in time."""
@@ -745,7 +771,20 @@ class FuseFrontend:
             )
             if self.abort_connection():
                 await self._wait_ended(self.close_timeout)
-        log.info("stopped serving FUSE on %s", self.path)
+        st = self.stats
+        log.info(
+            "stopped serving FUSE on %s: %d reads (%d KiB average), %d writes (%d KiB "
+            "average), %d fsyncs, %d trims, %d zeroes, %d errors",
+            self.path,
+            st["reads"],
+            st["bytes_read"] // max(st["reads"], 1) >> 10,
+            st["writes"],
+            st["bytes_written"] // max(st["writes"], 1) >> 10,
+            st["flushes"],
+            st["trims"],
+            st["zeroes"],
+            st["errors"],
+        )
 
     async def __aenter__(self) -> FuseFrontend:
         await self.start()
