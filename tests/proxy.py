@@ -136,7 +136,9 @@ class FaultProxy:
         link.tasks = [t1, t2]
         await asyncio.gather(t1, t2, return_exceptions=True)
 
-    async def _pump(self, link: Link, r: asyncio.StreamReader, w: asyncio.StreamWriter, way: str) -> None:
+    async def _pump(
+        self, link: Link, r: asyncio.StreamReader, w: asyncio.StreamWriter, way: str
+    ) -> None:
         splitter = FrameSplitter(self.digest) if way == "c2s" else None
         try:
             while True:
@@ -227,7 +229,9 @@ class FaultProxy:
                     sock = w.get_extra_info("socket")
                     if sock is not None:
                         with contextlib.suppress(OSError):
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            sock.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
                     with contextlib.suppress(Exception):
                         w.transport.abort()
             self.links.clear()

@@ -46,10 +46,10 @@ def _probe() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "the ip command is missing (apt-get install iproute2)"
-    cp = sh("ip", "netns", "add", "dstprobe%d" % os.getpid(), check=False)
+    cp = sh("ip", "netns", "add", f"dstprobe{os.getpid()}", check=False)
     if cp.returncode != 0:
         return f"cannot create a network namespace here: {cp.stderr.strip()}"
-    sh("ip", "netns", "del", "dstprobe%d" % os.getpid(), check=False)
+    sh("ip", "netns", "del", f"dstprobe{os.getpid()}", check=False)
     return None
 
 
@@ -76,7 +76,9 @@ def netns() -> Iterator[Netns]:
 
 
 def start_remote_export(procs: Procs, n: Netns, img: Path) -> str:
-    p = procs.start([*n.exec(), *DST, "export", "--listen", f"{n.ns_ip}:0", f"file:{img}", "--size", "64M"])
+    p = procs.start(
+        [*n.exec(), *DST, "export", "--listen", f"{n.ns_ip}:0", f"file:{img}", "--size", "64M"]
+    )
     m = p.wait_for(r"listening on (\S+)")
     return m.group(1)
 
@@ -84,7 +86,9 @@ def start_remote_export(procs: Procs, n: Netns, img: Path) -> str:
 def test_link_down_for_3s_during_writes(procs: Procs, sockdir: Path, netns: Netns) -> None:
     addr = start_remote_export(procs, netns, sockdir / "d.img")
     att, uri = procs.attach(f"dst://{addr}/default")
-    fio = subprocess.Popen(fio_writer(uri, size="32M"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fio = subprocess.Popen(
+        fio_writer(uri, size="32M"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(0.7)
     netns.link(False)
     time.sleep(3.0)
@@ -99,20 +103,44 @@ def test_20_percent_packet_loss_verified_writes(procs: Procs, sockdir: Path, net
         pytest.skip("iptables is missing (apt-get install iptables)")
     addr = start_remote_export(procs, netns, sockdir / "d.img")
     for chain in ("INPUT", "OUTPUT"):
-        cp = sh(*netns.exec(), "iptables", "-A", chain, "-m", "statistic", "--mode", "random",
-                "--probability", "0.2", "-j", "DROP", check=False)
+        cp = sh(
+            *netns.exec(),
+            "iptables",
+            "-A",
+            chain,
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.2",
+            "-j",
+            "DROP",
+            check=False,
+        )
         if cp.returncode != 0:
             pytest.skip(f"iptables statistic match unavailable: {cp.stderr.strip()}")
     att, uri = procs.attach(
-        f"dst://{addr}/default", "--ping-interval", "5", "--ping-timeout", "5", "--resend-timeout", "10"
+        f"dst://{addr}/default",
+        "--ping-interval",
+        "5",
+        "--ping-timeout",
+        "5",
+        "--resend-timeout",
+        "10",
     )
     t0 = time.monotonic()
     fio = subprocess.Popen(
-        fio_writer(uri, size="8M", rate="0", bs="64k"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        fio_writer(uri, size="8M", rate="0", bs="64k"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     job = fio_result(fio, timeout=240)
     elapsed = time.monotonic() - t0
     assert job["write"]["io_bytes"] >= 8 << 20  # type: ignore[index]
     assert "failed:" not in att.output
-    print(f"8 MiB written and verified over a 20%-loss link in {elapsed:.1f} s; "
-          f"reconnects: {att.output.count('reconnected')}")
+    print(
+        f"8 MiB written and verified over a 20%-loss link in {elapsed:.1f} s; "
+        f"reconnects: {att.output.count('reconnected')}"
+    )

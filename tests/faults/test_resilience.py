@@ -22,9 +22,19 @@ FAST = ("--reconnect-min", "0.05", "--reconnect-max", "0.5")
 def fio_writer(uri: str, size: str = "48M", rate: str = "16m", bs: str = "64k") -> list[str]:
     exe = need_tool("fio")
     return [
-        exe, "--name=verified", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-        f"--bs={bs}", f"--size={size}", "--iodepth=8", *([f"--rate={rate}"] if rate != "0" else []),
-        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+        exe,
+        "--name=verified",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        "--rw=randwrite",
+        f"--bs={bs}",
+        f"--size={size}",
+        "--iodepth=8",
+        *([f"--rate={rate}"] if rate != "0" else []),
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]
 
@@ -32,7 +42,7 @@ def fio_writer(uri: str, size: str = "48M", rate: str = "16m", bs: str = "64k") 
 def fio_result(p: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:
     out, err = p.communicate(timeout=timeout)
     assert p.returncode == 0, f"fio failed ({p.returncode}):\n{out}\n{err}"
-    data = json.loads(out[out.index("{"):])
+    data = json.loads(out[out.index("{") :])
     job = data["jobs"][0]
     assert job["error"] == 0, job
     return job
@@ -61,7 +71,9 @@ def test_kill_9_export_node_mid_write_and_restart(procs: Procs, sockdir: Path) -
     listen = f"unix:{sockdir}/e.sock"
     exp, addr = procs.export(*export_args(img), listen=listen)
     att, uri = procs.attach(member_uri(addr), "--resend-timeout", "2", "--resends", "5", *FAST)
-    fio = subprocess.Popen(fio_writer(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fio = subprocess.Popen(
+        fio_writer(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(1.0)
     exp.kill()
     time.sleep(1.0)
@@ -76,7 +88,9 @@ def test_sigstop_export_node_for_3s_is_only_latency(procs: Procs, sockdir: Path)
     img = sockdir / "d.img"
     exp, addr = procs.export(*export_args(img))
     att, uri = procs.attach(member_uri(addr))  # default knobs: resend 5 s, ping 5 s / 2 s
-    fio = subprocess.Popen(fio_writer(uri, size="32M"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fio = subprocess.Popen(
+        fio_writer(uri, size="32M"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(0.7)
     exp.signal(signal.SIGSTOP)
     time.sleep(3.0)
@@ -99,7 +113,9 @@ def test_outage_longer_than_budget_gives_eio_then_recovers(procs: Procs, sockdir
     elapsed = time.monotonic() - t0
     assert "Input/output error" in cp.stdout + cp.stderr, cp.stdout + cp.stderr
     assert elapsed < 2.0 + 3.0, f"the failure took {elapsed:.1f} s, budget is 2 s"
-    att.wait_for(r"write at offset 0 length 65536 failed: no ack within 2\.\d s \(2 timeouts", timeout=5)
+    att.wait_for(
+        r"write at offset 0 length 65536 failed: no ack within 2\.\d s \(2 timeouts", timeout=5
+    )
     assert att.popen.poll() is None  # the client node lives on
     procs.export(*export_args(img), listen=listen)
     deadline = time.monotonic() + 10
@@ -118,7 +134,14 @@ def test_half_open_connection_is_detected_by_pings(procs: Procs, sockdir: Path) 
     proxy = FaultProxy(addr[5:], sockdir)
     try:
         att, uri = procs.attach(
-            proxy.uri, "--ping-interval", "1", "--ping-timeout", "1", "--resend-timeout", "10", *FAST
+            proxy.uri,
+            "--ping-interval",
+            "1",
+            "--ping-timeout",
+            "1",
+            "--resend-timeout",
+            "10",
+            *FAST,
         )
         assert qemu_io(uri, "write -P 0x41 0 64k").returncode == 0
         proxy.blackhole_all()  # the peer vanished without FIN or RST
@@ -135,7 +158,9 @@ def test_half_open_connection_is_detected_by_pings(procs: Procs, sockdir: Path) 
         proxy.close()
 
 
-def test_stale_write_held_by_the_network_never_overwrites_newer_data(procs: Procs, sockdir: Path) -> None:
+def test_stale_write_held_by_the_network_never_overwrites_newer_data(
+    procs: Procs, sockdir: Path
+) -> None:
     img = sockdir / "d.img"
     exp, addr = procs.export(*export_args(img))
     proxy = FaultProxy(addr[5:], sockdir, digest_size=4)
@@ -145,7 +170,9 @@ def test_stale_write_held_by_the_network_never_overwrites_newer_data(procs: Proc
         exe = need_tool("qemu-io")
         old = subprocess.Popen(
             [exe, "-f", "raw", "-c", "write -P 0x11 1M 4k", uri],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         deadline = time.monotonic() + 10
         while not proxy.held_frames:
@@ -171,7 +198,9 @@ def test_reset_and_stall_through_proxy_are_invisible(procs: Procs, sockdir: Path
     proxy = FaultProxy(addr[5:], sockdir)
     try:
         att, uri = procs.attach(proxy.uri, "--resend-timeout", "2", "--resends", "5", *FAST)
-        fio = subprocess.Popen(fio_writer(uri, size="32M"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fio = subprocess.Popen(
+            fio_writer(uri, size="32M"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         time.sleep(0.5)
         proxy.reset_all()
         time.sleep(0.5)

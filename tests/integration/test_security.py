@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -66,8 +67,15 @@ def test_every_cipher_and_checksum_round_trip(procs: Procs, sockdir: Path, ciphe
 
 
 def refused(sockdir: Path, addr: str, *args: str) -> str:
-    cp = dst_run("attach", member_uri(addr), "--nbd", f"unix:{sockdir}/n-refused.sock",
-                 "--connect-timeout", "5", *args)
+    cp = dst_run(
+        "attach",
+        member_uri(addr),
+        "--nbd",
+        f"unix:{sockdir}/n-refused.sock",
+        "--connect-timeout",
+        "5",
+        *args,
+    )
     assert cp.returncode == 1, cp.stderr
     return error_line(cp.stderr)
 
@@ -75,15 +83,29 @@ def refused(sockdir: Path, addr: str, *args: str) -> str:
 def test_refusals_have_exact_messages_and_write_nothing(procs: Procs, sockdir: Path) -> None:
     k1, k2 = keygen(sockdir / "k1"), keygen(sockdir / "k2")
     img = sockdir / "d.img"
-    exp, addr = procs.export(f"file:{img}", "--size", "4M", "--key-file", str(k1),
-                             "--cipher", "chacha20-poly1305", "--allow", "alpha")
+    exp, addr = procs.export(
+        f"file:{img}",
+        "--size",
+        "4M",
+        "--key-file",
+        str(k1),
+        "--cipher",
+        "chacha20-poly1305",
+        "--allow",
+        "alpha",
+    )
     line = refused(sockdir, addr, "--key-file", str(k2), "--client-id", "alpha")
     assert "authentication failed: the client's key differs from the export node's key" in line
     assert "use the same key file on both sides" in line
     line = refused(sockdir, addr, "--client-id", "alpha")
     assert "requires authentication; give the client the same --key-file" in line
-    line = refused(sockdir, addr, "--key-file", str(k1), "--client-id", "alpha", "--cipher", "aes-256-gcm")
-    assert "no common cipher: the export node offers chacha20-poly1305, the client accepts aes-256-gcm" in line
+    line = refused(
+        sockdir, addr, "--key-file", str(k1), "--client-id", "alpha", "--cipher", "aes-256-gcm"
+    )
+    assert (
+        "no common cipher: the export node offers chacha20-poly1305, the client accepts aes-256-gcm"
+        in line
+    )
     line = refused(sockdir, addr, "--key-file", str(k1), "--client-id", "beta")
     assert "client id 'beta' is not allowed on this export node; add --allow beta" in line
     exp.wait_for(r"refused .*client's key differs")
@@ -97,7 +119,9 @@ def test_refusals_have_exact_messages_and_write_nothing(procs: Procs, sockdir: P
 def test_per_client_keys_file(procs: Procs, sockdir: Path) -> None:
     ka, kb = keygen(sockdir / "ka"), keygen(sockdir / "kb")
     keys = sockdir / "keys"
-    keys.write_text(f"# client keys\nalpha {ka.read_text().strip()}\nbeta {kb.read_text().strip()}\n")
+    keys.write_text(
+        f"# client keys\nalpha {ka.read_text().strip()}\nbeta {kb.read_text().strip()}\n"
+    )
     keys.chmod(0o600)
     _, addr = procs.export(f"file:{sockdir}/d.img", "--size", "4M", "--keys", str(keys), "--shared")
     _, uri = procs.attach(member_uri(addr), "--key-file", str(ka), "--client-id", "alpha")
@@ -175,8 +199,12 @@ def test_flood_of_garbage_and_half_open_connections(procs: Procs, sockdir: Path)
     host, port = addr.rsplit(":", 1)
     att, uri = procs.attach(f"dst://{addr}/default")
     rss_before = rss_kib(exp.pid)
-    fio = subprocess.Popen(fio_writer(uri, size="32M", rate="12m"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    fio = subprocess.Popen(
+        fio_writer(uri, size="32M", rate="12m"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     socks: list[socket.socket] = []
     stop = threading.Event()
 
@@ -190,10 +218,10 @@ def test_flood_of_garbage_and_half_open_connections(procs: Procs, sockdir: Path)
                 continue
             socks.append(s)
             if i % 2:
-                try:
-                    s.sendall(os.urandom(2048) if i % 4 == 1 else b"DSTH\x01\x00\x00\x00\xff\xff\xff\x7f")
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    s.sendall(
+                        os.urandom(2048) if i % 4 == 1 else b"DSTH\x01\x00\x00\x00\xff\xff\xff\x7f"
+                    )
             time.sleep(0.005)
 
     t = threading.Thread(target=flood)

@@ -1,0 +1,475 @@
+"""The bitmap file, the activity log, start-up decisions and crash consistency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dst.backends import open_device
+from dst.device import BlockDevice
+from dst.errors import DstError
+from dst.layers import FaultDevice, MirrorDevice
+from dst.layers.bitmap import BITMAP_BASE, BLOCK, ActivityLog, Bitmap, Record
+from tests.model import contents, until
+
+KIB = 1 << 10
+MIB = 1 << 20
+G = 4096
+EXT = 64 * KIB
+
+
+# ---------------------------------------------------------------- the in-memory bitmap
+
+
+def test_bitmap_set_clear_and_search() -> None:
+    bm = Bitmap(100_000)
+    assert bm.set(5, 70) == 65 and bm.set(60, 80) == 10
+    assert bm.count() == 75 and bm.test(5) and not bm.test(4) and bm.test(79)
+    assert bm.next_set(0) == 5 and bm.next_set(80) is None
+    assert bm.run_end(5, 1000) == 80 and bm.run_end(5, 30) == 30
+    assert bm.clear(10, 20) == 10 and bm.run_end(5, 1000) == 10 and bm.next_set(10) == 20
+    bm.set(99_990, 200_000)  # clipped to the end
+    assert bm.count() == 75 and bm.next_set(81) == 99_990
+    assert bm.dirty_pages == {0, 99_990 // 8 // BLOCK}
+    rng = random.Random(4)
+    ref = [False] * 3000
+    small = Bitmap(3000)
+    for _ in range(400):
+        a, b = sorted(rng.randrange(3001) for _ in range(2))
+        on = rng.random() < 0.6
+        (small.set if on else small.clear)(a, b)
+        ref[a:b] = [on] * (b - a)
+    assert [small.test(i) for i in range(3000)] == ref
+    assert small.count() == sum(ref)
+    i, runs = small.next_set(0), []
+    while i is not None:
+        j = small.run_end(i, 3000)
+        runs.append((i, j))
+        i = small.next_set(j)
+    assert sum(j - i for i, j in runs) == sum(ref)
+
+
+def test_bitmap_regrain_and_merge() -> None:
+    old = Bitmap(64)  # 64 KiB regions
+    old.set(1, 2)
+    old.set(10, 12)
+    new = Bitmap(64 * 16)  # 4 KiB regions
+    new.regrain(old, 64 * KIB, 4 * KIB)
+    assert new.count() == 3 * 16 and new.test(16) and new.test(10 * 16) and not new.test(15)
+    back = Bitmap(64)
+    back.regrain(new, 4 * KIB, 64 * KIB)
+    assert back.bits == old.bits
+    a, b = Bitmap(50_000), Bitmap(50_000)
+    a.set(0, 10)
+    b.set(5, 20)
+    b.set(45_000, 45_001)
+    a.dirty_pages.clear()
+    assert a.merge(b) == 11 and a.count() == 21 and a.dirty_pages == {0, 1}
+
+
+# ---------------------------------------------------------------- the record on disk
+
+
+def peek(path: Path, size: int, granularity: int = G) -> Record:
+    """Read a record as it is on disk, without locking it (the mirror may hold it)."""
+    rec = Record(str(path), size, granularity, EXT)
+    rec.fd = os.open(path, os.O_RDONLY)
+    try:
+        assert rec._load() is None
+    finally:
+        os.close(rec.fd)
+        rec.fd = None
+    return rec
+
+
+def test_record_round_trip_and_torn_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "bm"
+
+    async def main() -> None:
+        rec, why = Record.open(str(path), MIB, G, EXT)
+        assert why is not None and "is new" in why
+        ident = uuid.uuid4()
+        rec.add_slot(0, "dst://a/x", ident, full=False).generation = 7
+        rec.add_slot(3, "b" * 80, None, full=True)
+        rec.generation = 7
+        rec.mark(0, 10_000, 9000)
+        rec.al = [2, 5]
+        await rec.sync()
+        with pytest.raises(DstError, match="in use by another process"):
+            Record.open(str(path), MIB, G, EXT)
+        await rec.abandon()
+
+        back, why = Record.open(str(path), MIB, G, EXT)
+        assert why is None and back.generation == 7 and back.al == [2, 5]
+        assert back.mirror_id == rec.mirror_id
+        s0, s3 = back.slots[0], back.slots[3]
+        assert s0 is not None and s3 is not None
+        assert (s0.name, s0.identity, s0.generation, s0.full) == ("dst://a/x", ident, 7, False)
+        assert (s3.name, s3.identity, s3.full) == ("b" * 64, None, True)
+        assert back.bitmaps[0] is not None and back.bitmaps[0].count() == 3
+        assert back.bitmaps[3] is not None and back.bitmaps[3].count() == MIB // G
+        back.generation = 8
+        back.mark_meta()
+        await back.sync()  # written to the other copy
+        await back.abandon()
+
+        with open(path, "r+b") as f:  # tear the newer copy: the older one is used
+            f.seek((back.seq % 2) * BLOCK + 100)
+            f.write(b"\x99" * 8)
+        again, why = Record.open(str(path), MIB, G, EXT)
+        assert why is None and again.generation == 7
+        await again.abandon()
+        with open(path, "r+b") as f:
+            f.seek((rec.seq % 2) * BLOCK + 100)
+            f.write(b"\x99" * 8)
+        broken, why = Record.open(str(path), MIB, G, EXT)
+        assert why is not None and "damaged" in why and broken.slots == [None] * 8
+        await broken.close()  # a fresh record replaces the damaged one
+
+        other, why = Record.open(str(path), 2 * MIB, G, EXT)
+        assert why is not None and "records a mirror of" in why
+        await other.close()
+
+    asyncio.run(main())
+
+
+def test_record_converts_a_changed_granularity(tmp_path: Path) -> None:
+    async def main() -> None:
+        rec, _ = Record.open(str(tmp_path / "bm"), MIB, 64 * KIB, EXT)
+        rec.add_slot(1, "x", None, full=False)
+        rec.mark(1, 70 * KIB, 1)
+        await rec.close()
+        finer, why = Record.open(str(tmp_path / "bm"), MIB, 4 * KIB, EXT)
+        bm = finer.bitmaps[1]
+        assert why is None and bm is not None and bm.count() == 16 and bm.next_set(0) == 16
+        await finer.close()
+
+    asyncio.run(main())
+
+
+def test_activity_log_is_durable_before_the_write_and_dropped_lazily(tmp_path: Path) -> None:
+    path = tmp_path / "bm"
+
+    async def main() -> None:
+        rec, _ = Record.open(str(path), 4 * MIB, G, EXT)
+        await rec.sync()
+        al = ActivityLog(rec, limit=3)
+        await al.begin(0, 10)
+        assert peek(path, 4 * MIB).al == [0]
+        await al.begin(EXT * 2 - 1, 2)  # spans extents 1 and 2
+        assert peek(path, 4 * MIB).al == [0, 1, 2]
+        al.end(0, 10)
+        seq = rec.seq
+        await al.begin(5, 1)  # extent 0 is still recorded: no metadata write
+        assert rec.seq == seq
+        al.end(5, 1)
+        await al.begin(EXT * 5, 1)  # room is made from extents without writes in flight
+        assert peek(path, 4 * MIB).al == [1, 2, 5]
+        al.end(EXT * 2 - 1, 2)
+        al.end(EXT * 5, 1)
+        await rec.close()
+        assert peek(path, 4 * MIB).al == [] and peek(path, 4 * MIB).clean
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- mirrors across restarts
+
+
+async def open_mirror(inners: Sequence[BlockDevice], path: Path, **kw: Any) -> MirrorDevice:
+    legs = [FaultDevice(x, name=f"leg{i}") for i, x in enumerate(inners)]
+    kw.setdefault("granularity", G)
+    kw.setdefault("al_extent", EXT)
+    m = MirrorDevice(legs, bitmap=str(path), **kw)
+    m.retry_min = 0.05
+    await m.start()
+    return m
+
+
+async def in_sync(m: MirrorDevice) -> None:
+    await until(lambda: m.statistics()["sync"] == "in-sync", 10.0, "the mirror to be in sync")
+
+
+def dirty(m: MirrorDevice, name: str) -> int:
+    return int(next(x for x in m.statistics()["members"] if x["uri"] == name)["dirty_bytes"])
+
+
+async def same(inners: Sequence[BlockDevice]) -> bool:
+    first = await contents(inners[0])
+    return all([await contents(x) == first for x in inners[1:]])
+
+
+def test_a_new_bitmap_means_a_full_resync(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        await inners[0].write(0, b"old data on the first leg")
+        m = await open_mirror(inners, tmp_path / "bm")
+        await in_sync(m)
+        assert await same(inners)
+        await m.aclose()
+
+    with caplog.at_level(logging.INFO, logger="dst.mirror"):
+        asyncio.run(main())
+    assert "leg1: full resync: the bitmap file" in caplog.text and "is new" in caplog.text
+
+
+def test_a_clean_restart_resyncs_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        await m.write(0, b"x" * 100_000)
+        await m.abandon()  # legs stay open; a clean stop is recorded below by hand
+        rec, why = Record.open(str(tmp_path / "bm"), MIB, G, EXT)
+        assert why is None and rec.al == [0, 1]
+        await rec.close()
+        m = await open_mirror(inners, tmp_path / "bm")
+        assert m.statistics()["sync"] == "in-sync" and dirty(m, "leg1") == 0
+        await m.abandon()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("held", [0, 1])
+def test_a_crash_in_the_middle_of_a_mirrored_write(
+    held: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Drop the mirror while one leg has a write and the other has not: after the
+    start-up resync the legs are identical (old or new data, but the same)."""
+
+    async def main() -> None:
+        inners = [open_device("memory:4M") for _ in range(2)]
+        # a small activity log: older extents are dropped as new ones are recorded
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True, al_limit=2)
+        await m.write(0, random.Random(1).randbytes(MIB))
+        await m.write(40 * EXT, b"\x01" * 2 * EXT)
+        legs = [x.dev for x in m.legs]
+        mine, other = legs[held], legs[1 - held]
+        assert isinstance(mine, FaultDevice) and isinstance(other, FaultDevice)
+        mine.hold_changes()
+        before = other.applied["write"]
+        write = asyncio.create_task(m.write(48 * EXT + 16 * KIB, b"\xee" * 100 * KIB))
+        await until(lambda: other.applied["write"] == before + 1, what="one leg to apply")
+        await m.abandon()  # the crash
+        with contextlib.suppress(asyncio.CancelledError):
+            await write
+        assert not await same(inners)
+
+        m = await open_mirror(inners, tmp_path / "bm", al_limit=2)
+        # only the extents of the activity log are resynced: the write spans two
+        assert dirty(m, "leg1") == 2 * EXT and dirty(m, "leg0") == 0
+        await in_sync(m)
+        assert await same(inners)
+        await m.aclose()
+
+    with caplog.at_level(logging.INFO, logger="dst.mirror"):
+        asyncio.run(main())
+    assert "activity log: the client node stopped with writes in flight in 2 extents" in caplog.text
+
+
+def test_a_crash_while_degraded_resyncs_only_dirty_regions(tmp_path: Path) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:2M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        legs = [x.dev for x in m.legs]
+        assert isinstance(legs[1], FaultDevice)
+        legs[1].go_down(budget=0.01)
+        await m.write(0, b"\x01" * 4096)
+        for i in range(1, 6):
+            await m.write(i * 300 * KIB, b"\x02" * 5000)
+        assert dirty(m, "leg1") == 4096 + 5 * 2 * G
+        disk = peek(tmp_path / "bm", 2 * MIB)  # already durable: the writes were acked
+        assert disk.bitmaps[1] is not None and disk.bitmaps[1].count() == 11
+        assert disk.slots[1] is not None and disk.slots[1].generation < disk.generation
+        await m.abandon()
+
+        m = await open_mirror(inners, tmp_path / "bm")
+        stats = m.statistics()
+        assert [x["sync"] for x in stats["members"]] == ["in-sync", "resyncing"]
+        # dirty regions, plus the activity-log extents (everything written recently)
+        assert 11 * G <= dirty(m, "leg1") <= 11 * G + 6 * EXT
+        await in_sync(m)
+        assert await same(inners)
+        await m.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_replaced_leg_gets_a_full_resync(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        await m.write(0, b"\x06" * 5000)
+        await m.abandon()
+        inners = [inners[0], open_device("memory:1M")]  # a blank store under the old name
+        m = await open_mirror(inners, tmp_path / "bm")
+        assert dirty(m, "leg1") == MIB
+        await in_sync(m)
+        assert await same(inners)
+        await m.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="dst.mirror"):
+        asyncio.run(main())
+    assert "leg1: full resync: its identity changed from" in caplog.text
+    assert "a blank or replaced store" in caplog.text
+
+
+def test_a_leg_without_identity_is_not_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        legs: list[BlockDevice] = [
+            FaultDevice(inners[0], name="leg0"),
+            FaultDevice(inners[1], name="leg1", identity=None),
+        ]
+        m = MirrorDevice(legs, bitmap=str(tmp_path / "bm"), granularity=G, assume_clean=True)
+        await m.start()
+        await m.abandon()
+        legs = [
+            FaultDevice(inners[0], name="leg0"),
+            FaultDevice(inners[1], name="leg1", identity=None),
+        ]
+        m = MirrorDevice(legs, bitmap=str(tmp_path / "bm"), granularity=G)
+        await m.start()
+        assert dirty(m, "leg1") == MIB
+        await m.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="dst.mirror"):
+        asyncio.run(main())
+    assert "leg1: full resync: it has no identity" in caplog.text
+
+
+def test_no_current_leg_reachable_refuses_to_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        first = m.legs[0].dev
+        assert isinstance(first, FaultDevice)
+        first.go_down(budget=0.01)
+        await m.write(0, b"only on leg1")  # leg0 is behind from now on
+        await m.aclose()
+        legs = [FaultDevice(x, name=f"leg{i}") for i, x in enumerate(inners)]
+        legs[1].go_down(budget=None)
+        m = MirrorDevice(list(legs), bitmap=str(tmp_path / "bm"), granularity=G)
+        with pytest.raises(DstError) as e:
+            await m.start()
+        text = str(e.value)
+        assert "no current leg of the mirror is reachable" in text
+        assert "leg0 is behind (generation" in text and "leg1 is current but not reachable" in text
+        assert "remove" in text
+        await m.abandon()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_current_leg_down_at_start_is_checked_when_it_returns(
+    replaced: bool, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        await m.write(0, b"\x03" * MIB)
+        await m.abandon()
+        rec, _ = Record.open(str(tmp_path / "bm"), MIB, G, EXT)
+        await rec.close()  # as if it had stopped cleanly
+        legs = [FaultDevice(x, name=f"leg{i}") for i, x in enumerate(inners)]
+        legs[1].go_down(budget=None)
+        m = MirrorDevice(list(legs), bitmap=str(tmp_path / "bm"), granularity=G, al_extent=EXT)
+        await m.start()
+        assert m.state == "degraded"
+        await m.write(8192, b"\x04" * 100)
+        if replaced:
+            legs[1].identity = uuid.uuid4()
+        legs[1].come_up()
+        assert dirty(m, "leg1") == (MIB if replaced else G)
+        await in_sync(m)
+        assert await same(inners)
+        await m.aclose()
+
+    asyncio.run(main())
+
+
+def test_forgotten_and_unrecorded_legs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        await m.abandon()
+        legs = [
+            FaultDevice(inners[0], name="leg0"),
+            FaultDevice(open_device("memory:1M"), name="x"),
+        ]
+        m = MirrorDevice(list(legs), bitmap=str(tmp_path / "bm"), granularity=G)
+        await m.start()
+        assert dirty(m, "x") == MIB and dirty(m, "leg0") == 0
+        await in_sync(m)
+        await m.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="dst.mirror"):
+        asyncio.run(main())
+    assert (
+        "leg leg1 (identity" in caplog.text
+        and "is recorded but not given: forgotten" in caplog.text
+    )
+    assert "x: full resync: it is not recorded in the bitmap file" in caplog.text
+
+
+def test_a_full_resync_cut_short_starts_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:2M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", resync_rate=2 * MIB)
+        await until(lambda: (m.statistics()["resync"] or {}).get("bytes_done", 0) > 0)
+        await m.abandon()
+        m = await open_mirror(inners, tmp_path / "bm")
+        assert dirty(m, "leg1") == 2 * MIB
+        await in_sync(m)
+        await m.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="dst.mirror"):
+        asyncio.run(main())
+    assert "leg1: full resync: its earlier full resync did not finish" in caplog.text
+
+
+def test_legs_found_under_new_names_by_identity(tmp_path: Path) -> None:
+    async def main() -> None:
+        inners = [open_device("memory:1M") for _ in range(2)]
+        m = await open_mirror(inners, tmp_path / "bm", assume_clean=True)
+        await m.abandon()
+        legs = [FaultDevice(x, name=f"moved{i}") for i, x in enumerate(reversed(inners))]
+        m = MirrorDevice(list(legs), bitmap=str(tmp_path / "bm"), granularity=G)
+        await m.start()
+        assert m.statistics()["sync"] == "in-sync"
+        assert peek(tmp_path / "bm", MIB).slots[0] is not None
+        await m.aclose()
+        names = {s.name for s in peek(tmp_path / "bm", MIB).slots if s is not None}
+        assert names == {"moved0", "moved1"}
+
+    asyncio.run(main())
+
+
+def test_bitmap_pages_are_laid_out_per_slot(tmp_path: Path) -> None:
+    async def main() -> None:
+        rec, _ = Record.open(str(tmp_path / "bm"), 64 * MIB, G, EXT)
+        rec.add_slot(2, "x", None, full=False)
+        rec.mark(2, 40 * KIB, 1)  # bit 10: byte 1, bit 2
+        await rec.close()
+        stride = 4096  # 2048 bytes of bits, rounded up to a block
+        with open(tmp_path / "bm", "rb") as f:
+            f.seek(BITMAP_BASE + 2 * stride)
+            assert f.read(2) == b"\x00\x04"
+        assert os.path.getsize(tmp_path / "bm") == BITMAP_BASE + 8 * stride
+
+    asyncio.run(main())
