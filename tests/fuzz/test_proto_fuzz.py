@@ -91,3 +91,41 @@ def test_client_core_survives_garbage(parts: list[bytes], ready: bool) -> None:
             pass
         c.data_to_send()
     assert REQ_HEADER.size == 32
+
+
+KEY = bytes(range(32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks)
+def test_authenticating_server_survives_garbage(parts: list[bytes]) -> None:
+    s = ServerCore(ServerConfig(key=KEY, ciphers=("aes-256-gcm",)))
+    s.connection_made(0.0)
+    for p in parts:
+        s.receive_data(p)
+        drain_server(s)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks, st.sampled_from(["aes-256-gcm", "chacha20-poly1305"]))
+def test_sealed_channel_survives_garbage_records(parts: list[bytes], cipher: str) -> None:
+    """After a real authenticated handshake, random bytes as records: only a protocol error."""
+    c = ClientCore(ClientConfig(key=KEY, checksums=("none",)))
+    s = ServerCore(ServerConfig(key=KEY, ciphers=(cipher,), checksums=("none",)))
+    s.connection_made(0.0)
+    c.connection_made(0.0)
+    for _ in range(4):
+        for out in c.data_to_send():
+            s.receive_data(bytes(out))
+        while (ev := s.next_event()) is not None:
+            if isinstance(ev, HelloReceived):
+                s.accept(ExportTerms(1 << 20, False, IDENTITY))
+        for out in s.data_to_send():
+            c.receive_data(bytes(out), 0.0)
+    assert c.connected and s.welcome is not None and s.welcome.cipher == cipher
+    for p in parts:
+        s.receive_data(p)
+        c.receive_data(p, 0.0)
+        drain_server(s)
+        while c.next_event() is not None:
+            pass
