@@ -487,6 +487,21 @@ def test_eshutdown_reply_reconnects_and_resends() -> None:
     assert sent(core).endswith(b"disk" + struct.pack(">HH", 1, 3) + request(FLUSH, h, 0, 0))
 
 
+def test_nothing_follows_disc() -> None:
+    core = connected(queue_depth=1)
+    h1, h2 = core.submit(FLUSH, 0, 0, 0, 0.0), core.submit(FLUSH, 0, 0, 0, 0.0)
+    assert sent(core) == request(FLUSH, h1, 0, 0)
+    core.close()
+    assert sent(core) == request(DISC, h2 + 1, 0, 0)
+    core.receive_data(simple(h1), 0.0)
+    assert sent(core) == b""  # h2 stays unsent; shutdown() fails it
+    core.shutdown()
+    assert [(e.handle, e.error) for e in events(core) if isinstance(e, Completed)] == [
+        (h1, 0),
+        (h2, errno.ESHUTDOWN),
+    ]
+
+
 def test_shutdown_fails_everything_pending() -> None:
     core = connected()
     hs = {core.submit(FLUSH, 0, 0, 0, 0.0) for _ in range(3)}

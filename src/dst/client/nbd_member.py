@@ -1,0 +1,470 @@
+"""An NBD member: any NBD server (nbdkit, qemu-nbd, ...) as a BlockDevice.
+
+This is how existing storage joins a mirror or stripe through ``nbd://HOST[:PORT]/NAME``
+and ``nbd+unix:///NAME?socket=PATH`` members. The asyncio shell around
+:class:`dst.nbd.client.NbdClientCore` has the shape of
+:class:`~dst.client.remote.RemoteDevice`: it connects, reconnects with back-off, feeds
+the core from a :class:`SocketStream`, keeps one timer armed and resolves one future
+per request. I/O issued while disconnected waits inside its budget.
+
+What NBD cannot give, and what this device does instead:
+
+- **Identity**: an NBD export has none. ``identity`` is a UUID derived from the
+  canonical URI and the export size, so a different export at the same address is
+  only noticed when its size differs (then the member is marked failed).
+- **Resend is at-least-once**: NBD has no transaction ids across connections, so a
+  request without a reply when the connection broke is simply sent again after the
+  reconnect; a write may be applied twice, and nothing fences a write the server
+  still runs late from the broken connection.
+- **Liveness**: NBD has no pings; a connection with requests in flight that receives
+  nothing for ``resend_timeout`` is closed and re-established.
+
+A request fails with EIO at the latest ``(resends + 1) * resend_timeout`` after it
+was submitted; an error reply from the server (EIO, ENOSPC, EPERM) goes to the
+caller at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from dst.aio.listen import connect
+from dst.aio.stream import SocketStream
+from dst.client.latency import Latency
+from dst.client.remote import LinkOptions
+from dst.device import MAX_REQUEST, BlockDevice, Buffer, Capabilities, IoFlags, check_range
+from dst.errors import DstError, IoError
+from dst.nbd.client import (
+    Completed,
+    Connected,
+    ConnectionDead,
+    ExportRefused,
+    NbdClientConfig,
+    NbdClientCore,
+)
+from dst.nbd.constants import Command, CommandFlags
+from dst.nbd.constants import TransmissionFlags as TF
+from dst.uri import MemberUri, format_uri
+
+log = logging.getLogger("dst.member")
+
+OPS = {
+    Command.READ: "read",
+    Command.WRITE: "write",
+    Command.FLUSH: "flush",
+    Command.TRIM: "trim",
+    Command.WRITE_ZEROES: "zero",
+}
+_RANGE_STEP = 1 << 31  # TRIM and WRITE_ZEROES lengths are 32-bit on the wire
+
+
+def nbd_identity(uri: MemberUri, size: int) -> uuid.UUID:
+    """The stand-in identity of an NBD export: the same URI and size give the same UUID."""
+    canonical = format_uri("nbd", uri.address, uri.export)
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{canonical}#size={size}")
+
+
+class NbdDevice(BlockDevice):
+    """One export of one NBD server, as a block device.
+
+    NBD has no export identity, so ``identity`` is derived from the URI and the size;
+    resends after a reconnect are at-least-once (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        uri: MemberUri,
+        options: LinkOptions | None = None,
+        *,
+        read_only: bool = False,
+        resends: int = 10,
+        resend_timeout: float = 5.0,
+        queue_depth: int = 128,
+    ) -> None:
+        self.uri = uri
+        self.name = uri.text
+        self.options = options or LinkOptions()
+        self.read_only = read_only
+        self.core = NbdClientCore(
+            NbdClientConfig(
+                export=uri.export,
+                resends=resends,
+                resend_timeout=resend_timeout,
+                handshake_timeout=self.options.connect_timeout,
+                queue_depth=queue_depth,
+            )
+        )
+        self.state = "connecting"
+        self.size = 0
+        self.capabilities = Capabilities()
+        self.last_error = ""
+        self.reconnects = 0
+        self._flags = TF(0)
+        self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
+        self._stream: SocketStream | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Event | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._kick: asyncio.Event | None = None
+        self._closing = False
+        self._was_ready = False
+        self.latency = {op: Latency() for op in OPS.values()}
+        self.counts = {op: 0 for op in OPS.values()}
+        self.bytes = {"read": 0, "write": 0}
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect and handshake, retrying within --connect-timeout; raise DstError if the
+        server refuses the export or cannot be reached."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._lost = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"nbd member {self.uri}")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self.options.connect_timeout)
+        except TimeoutError:
+            why = self.last_error or "no answer"
+            await self.aclose()
+            raise DstError(
+                f"cannot reach NBD server {self.uri} within --connect-timeout "
+                f"{self.options.connect_timeout:g} s: {why}; check that the server is running "
+                "and the address and export name are right"
+            ) from None
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _run(self) -> None:
+        delay = self.options.reconnect_min
+        while not self._closing and self.state != "failed":
+            try:
+                sock = await connect(self.uri.address, self.options.connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                code = getattr(exc, "errno", None)
+                self.last_error = os.strerror(code) if code else str(exc) or "connect timed out"
+            else:
+                assert self._lost is not None
+                self._lost.clear()
+                self._stream = SocketStream(sock, self)
+                self.core.connection_made(time.monotonic())
+                self._stream.start()
+                self._pump()
+                await self._lost.wait()
+                self._stream = None
+                self.core.connection_lost(time.monotonic())
+                self._pump()
+                if self._closing or self.state == "failed":
+                    break
+                if self.core.export is not None:
+                    if self.state == "connected":
+                        log.warning("%s: connection lost; reconnecting", self.name)
+                    self.set_state("reconnecting")
+                if self._was_ready:
+                    delay = self.options.reconnect_min
+                self._was_ready = False
+            await self._sleep(delay)
+            delay = min(delay * 2, self.options.reconnect_max)
+
+    async def _sleep(self, delay: float) -> None:
+        assert self._kick is not None
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), delay)
+
+    # Receiver protocol for SocketStream
+    def get_buffer(self) -> memoryview:
+        return self.core.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.core.buffer_updated(nbytes, time.monotonic())
+        self._pump()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self.last_error = str(exc)
+        if self._lost is not None:
+            self._lost.set()
+
+    # ---- the pump ----------------------------------------------------------------------
+    def _pump(self) -> None:
+        core = self.core
+        while (ev := core.next_event()) is not None:
+            if isinstance(ev, Completed):
+                self._complete(ev)
+            elif isinstance(ev, Connected):
+                self._on_connected(ev)
+            elif isinstance(ev, ConnectionDead):
+                self.last_error = ev.reason
+                log.warning("%s: closing the connection: %s", self.name, ev.reason)
+                self._close_stream()
+            elif isinstance(ev, ExportRefused):
+                self._on_refused(ev)
+        if self._stream is not None:
+            out = core.data_to_send()
+            if out:
+                self._stream.write(out)
+        self._arm_timer()
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            out = self.core.data_to_send()
+            if out:
+                self._stream.write(out)
+            self._stream.close()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.core.get_timer()
+        if when is not None and not self._closing:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, when - time.monotonic())
+            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(time.monotonic())
+        self._pump()
+
+    def _on_connected(self, ev: Connected) -> None:
+        x = ev.export
+        self._was_ready = True
+        self._flags = x.flags
+        ro = self.read_only or bool(x.flags & TF.READ_ONLY)
+        step = max(x.min_block, min(x.max_block, MAX_REQUEST) // x.min_block * x.min_block)
+        self.capabilities = Capabilities(
+            read_only=ro,
+            can_flush=bool(x.flags & TF.SEND_FLUSH),
+            can_fua=not ro,  # SEND_FUA, or emulated with a flush
+            can_trim=not ro and bool(x.flags & TF.SEND_TRIM),
+            can_zero=not ro,  # SEND_WRITE_ZEROES, or emulated with writes
+            can_multi_conn=bool(x.flags & TF.CAN_MULTI_CONN),
+            min_block=x.min_block,
+            preferred_block=max(x.preferred_block, x.min_block),
+            max_request=step,
+        )
+        self.size = x.size
+        self.identity = nbd_identity(self.uri, x.size)
+        self.set_state("connected")
+        if ev.reconnect:
+            self.reconnects += 1
+            log.info("%s: reconnected (%d requests pending)", self.name, self.core.in_flight)
+        else:
+            log.info(
+                "%s: connected: %d bytes, %s, %s replies, identity %s (derived from URI and size)",
+                self.name,
+                x.size,
+                "read-only" if ro else "read-write",
+                "structured" if x.structured else "simple",
+                self.identity,
+            )
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    def _on_refused(self, ev: ExportRefused) -> None:
+        msg = f"{self.uri}: {ev.message}"
+        self.last_error = ev.message
+        if ev.permanent:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(DstError(msg))
+            else:
+                log.error("%s; the member is marked failed", msg)
+                self.core.shutdown(errno.EIO, f"member failed: {ev.message}")
+            self.set_state("failed")
+        else:
+            log.warning("%s; retrying", msg)
+        self._close_stream()
+
+    def _complete(self, ev: Completed) -> None:
+        entry = self._pending.pop(ev.handle, None)
+        if entry is None:
+            return
+        fut, cmd, offset, length, started = entry
+        op = OPS.get(Command(cmd), "other")
+        if ev.error == 0:
+            self.latency[op].add(time.monotonic() - started)
+            if not fut.done():
+                fut.set_result(None)
+            return
+        if ev.timed_out:
+            log.error("%s: %s at %d+%d failed: %s", self.name, op, offset, length, ev.message)
+        if not fut.done():
+            fut.set_exception(
+                IoError(ev.error, f"{self.name}: {op} at {offset}+{length}: {ev.message}")
+            )
+
+    # ---- I/O ---------------------------------------------------------------------------
+    async def _txn(
+        self,
+        cmd: Command,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        payload: memoryview | None = None,
+        into: memoryview | None = None,
+    ) -> None:
+        if self.state == "failed" or self.core.closed:
+            raise IoError(errno.EIO, f"{self.name} has failed: {self.last_error}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        handle = self.core.submit(cmd, offset, length, flags, now, payload, into)
+        self._pending[handle] = (fut, cmd, offset, length, now)
+        self.counts[OPS[cmd]] += 1
+        self._pump()
+        await fut
+
+    async def _ranged(self, cmd: Command, offset: int, length: int, flags: int) -> None:
+        """TRIM or WRITE_ZEROES, in parallel pieces when the length exceeds 32 bits."""
+        await asyncio.gather(
+            *(
+                self._txn(cmd, offset + p, min(_RANGE_STEP, length - p), flags)
+                for p in range(0, length, _RANGE_STEP)
+            )
+        )
+
+    def _check(self, offset: int, length: int, write: bool, io: bool = False) -> None:
+        """Refuse before any I/O: out of range, a READ/WRITE beyond max_request, read-only,
+        unaligned to the server's minimum block size."""
+        check_range(self.size, offset, length, self.capabilities.max_request if io else None)
+        if write and self.capabilities.read_only:
+            raise IoError(errno.EPERM, f"{self.name} is read-only")
+        if (offset | length) % self.capabilities.min_block:
+            raise IoError(
+                errno.EINVAL,
+                f"{self.name}: [{offset}, +{length}) is not aligned to the server's "
+                f"minimum block size {self.capabilities.min_block}",
+            )
+
+    async def _write_flags(self, flags: IoFlags) -> int:
+        """Wire flags for a write-type request; PREFLUSH becomes a FLUSH sent first."""
+        if flags & IoFlags.PREFLUSH:
+            await self.flush()
+        return CommandFlags.FUA if flags & IoFlags.FUA and self._flags & TF.SEND_FUA else 0
+
+    async def _after_write(self, flags: IoFlags) -> None:
+        """FUA on a server without SEND_FUA: a FLUSH after the write."""
+        if flags & IoFlags.FUA and not self._flags & TF.SEND_FUA:
+            await self.flush()
+
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        n = buf.nbytes
+        self._check(offset, n, False, io=True)
+        if flags & IoFlags.PREFLUSH:
+            await self.flush()
+        if n:
+            await self._txn(Command.READ, offset, n, into=buf.cast("B"))
+        self.bytes["read"] += n
+
+    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
+        mv = (data if isinstance(data, memoryview) else memoryview(data)).cast("B")
+        n = mv.nbytes
+        self._check(offset, n, True, io=True)
+        wflags = await self._write_flags(flags)
+        if n:
+            await self._txn(Command.WRITE, offset, n, wflags, payload=mv)
+        await self._after_write(flags)
+        self.bytes["write"] += n
+
+    async def flush(self) -> None:
+        if self._flags & TF.SEND_FLUSH:
+            await self._txn(Command.FLUSH, 0, 0)
+
+    async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        self._check(offset, length, True)
+        if not self.capabilities.can_trim:
+            raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
+        wflags = await self._write_flags(flags)
+        if length:
+            await self._ranged(Command.TRIM, offset, length, wflags)
+        await self._after_write(flags)
+
+    async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        self._check(offset, length, True)
+        if not self._flags & TF.SEND_WRITE_ZEROES:
+            await super().write_zeroes(offset, length, flags)
+            return
+        wflags = await self._write_flags(flags)
+        if flags & IoFlags.NO_HOLE:
+            wflags |= CommandFlags.NO_HOLE
+        if length:
+            await self._ranged(Command.WRITE_ZEROES, offset, length, wflags)
+        await self._after_write(flags)
+
+    # ---- status and knobs --------------------------------------------------------------
+    def set_knob(self, key: str, value: float) -> None:
+        """resends and resend-timeout apply; NBD has no pings, so ping knobs are accepted
+        and have no effect."""
+        cfg = self.core.config
+        if key == "resends":
+            cfg.resends = int(value)
+        elif key == "resend-timeout":
+            cfg.resend_timeout = float(value)
+        elif key not in ("ping-interval", "ping-timeout"):
+            raise KeyError(key)
+        self._arm_timer()
+
+    def statistics(self) -> dict[str, Any]:
+        st = self.core.stats
+        x = self.core.export
+        return {
+            "uri": self.uri.text,
+            "protocol": "nbd",
+            "state": self.state,
+            "generation": self.core.generation,
+            "identity": str(self.identity or ""),
+            "size": self.size,
+            "structured_replies": x.structured if x else None,
+            "in_flight": self.core.in_flight,
+            "submitted": st.submitted,
+            "completed": st.completed,
+            "resends": st.resends,
+            "timeouts": st.timeouts,
+            "failed": st.failed,
+            "errors": st.errors,
+            "protocol_errors": st.violations,
+            "reconnects": self.reconnects,
+            "connections": st.connections,
+            "requests": dict(self.counts),
+            "bytes_read": self.bytes["read"],
+            "bytes_written": self.bytes["write"],
+            "latency": {op: lat.summary() for op, lat in self.latency.items() if lat.count},
+            "last_error": self.last_error,
+        }
+
+    async def aclose(self) -> None:
+        """Send NBD_CMD_DISC (the server answers what is in flight first), then close."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._stream is not None and self.core.ready:
+            self.core.close()
+            self._pump()
+            assert self._lost is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 2.0)
+        self.core.shutdown()
+        while (ev := self.core.next_event()) is not None:
+            if isinstance(ev, Completed):
+                self._complete(ev)
+        if self._stream is not None:
+            self._stream.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._kick is not None:
+            self._kick.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,708 @@
+"""A sans-IO NBD client: fixed newstyle handshake, then requests with resend across connections.
+
+One :class:`NbdClientCore` lives for a whole member session, across connections,
+like the DST :class:`~dst.proto.client.ClientCore`: bytes and ``now`` go in; bytes
+to send, events and the next timer deadline come out. It asks for structured
+replies, then NBD_OPT_GO (NBD_OPT_EXPORT_NAME only when GO is unsupported).
+
+Requests carry 64-bit handles (the request id, stable across resends); many are in
+flight and replies may come in any order. Read data is received straight into the
+caller's buffer (``get_buffer()`` hands out a slice of it). Everything from the
+server is validated: a bad magic, an unknown handle or data beyond what was asked
+becomes a :class:`ServerViolation` event (close the connection), never an exception.
+
+NBD has no pings and no session, so: a connection with requests in flight that
+receives nothing for ``resend_timeout`` is declared dead; after a reconnect every
+request without a reply is sent again (at-least-once: a write may be applied
+twice); a request fails with EIO ``(resends + 1) * resend_timeout`` after it was
+submitted, or when it would need more than ``resends + 1`` sends.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dst.nbd import wire
+from dst.nbd.constants import (
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlags,
+    Command,
+    HandshakeFlags,
+    Info,
+    NbdError,
+    Option,
+    OptionReply,
+    ReplyFlags,
+    ReplyType,
+    TransmissionFlags,
+)
+from dst.nbd.events import Event
+
+OLDSTYLE_MAGIC = 0x00420281861253
+STAGE_SIZE = 64 << 10  # staging buffer for headers, option replies and chunk metadata
+DIRECT_THRESHOLD = 16 << 10  # read data at least this big is received in place
+MAX_OPTION_REPLY = 32 << 10  # option reply data beyond this is a protocol violation
+MAX_CHUNK_META = 16 << 10  # the same for the payload of an error chunk
+_MIN_FREE = 4096
+_ERROR_BIT = 1 << 15
+_REP_ERROR = 1 << 31
+_SIMPLE_REST = struct.Struct(">IQ")  # error, handle (after the magic)
+_CHUNK_REST = struct.Struct(">HHQI")  # flags, type, handle, length (after the magic)
+_U64 = struct.Struct(">Q")
+_HOLE = struct.Struct(">QI")
+_ZEROES = bytes(1 << 20)
+_COMMANDS = (Command.READ, Command.WRITE, Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES)
+_NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
+
+
+@dataclass
+class NbdClientConfig:
+    """The export to ask for and the (live-tunable) resend knobs."""
+
+    export: str = ""
+    structured: bool = True
+    resends: int = 10
+    resend_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+    queue_depth: int = 128
+
+
+@dataclass(frozen=True)
+class ServerExport:
+    """The export as the server described it."""
+
+    size: int
+    flags: TransmissionFlags
+    structured: bool
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 << 20
+
+
+@dataclass(frozen=True)
+class Connected(Event):
+    """The handshake ended; requests flow (``generation`` counts connections)."""
+
+    export: ServerExport
+    generation: int
+    reconnect: bool
+
+
+@dataclass(frozen=True)
+class Completed(Event):
+    """A request ended: ``error`` is 0 or an errno value."""
+
+    handle: int
+    error: int
+    message: str = ""
+    attempts: int = 1
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class ConnectionDead(Event):
+    """Close this connection; unanswered requests are resent after the next handshake."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServerViolation(ConnectionDead):
+    """The server broke the protocol (bad magic, unknown handle, data beyond the request)."""
+
+
+@dataclass(frozen=True)
+class ExportRefused(Event):
+    """The server refused the export, or a different export answers now; close."""
+
+    message: str
+    permanent: bool
+
+
+@dataclass(eq=False, slots=True)
+class _Req:
+    handle: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    payload: memoryview | None
+    into: memoryview | None
+    submitted: float
+    attempts: int = 0
+    sent: bool = False  # on the wire of the current connection, no reply yet
+    reported: bool = False  # the caller has its Completed event (a reply is then dropped)
+    in_reply: bool = False  # structured chunks arrived, the final one not yet
+    covered: list[tuple[int, int]] = field(default_factory=list)
+    error: int = 0
+    message: str = ""
+
+
+@dataclass
+class ClientStats:
+    submitted: int = 0
+    completed: int = 0
+    errors: int = 0
+    failed: int = 0
+    resends: int = 0
+    timeouts: int = 0
+    violations: int = 0
+    connections: int = 0
+
+
+class NbdClientCore:
+    """Sans-IO NBD client for one member: feed it bytes and time, take bytes and events."""
+
+    def __init__(self, config: NbdClientConfig) -> None:
+        self.config = config
+        self.stats = ClientStats()
+        self.export: ServerExport | None = None  # from the first handshake
+        self.generation = 0
+        self.ready = False
+        self.closed = False
+        self._events: deque[Event] = deque()
+        self._out: list[bytes | memoryview] = []
+        self._reqs: dict[int, _Req] = {}  # every request not finished on the wire
+        self._queue: deque[_Req] = deque()  # waiting to be sent on this connection
+        self._order: deque[_Req] = deque()  # by submission, for the budget timer
+        self._next = 1
+        self._inflight = 0
+        self._progress = 0.0
+        self._now = 0.0
+        self._hs_deadline: float | None = None
+        self._dead = True  # no connection yet
+        self._stage = bytearray(STAGE_SIZE)
+        self._view = memoryview(self._stage)
+        self._start = self._end = 0
+        self._need = 0
+        self._handler: Callable[[memoryview], None] = self._on_greeting
+        self._sink: memoryview | None = None
+        self._sink_left = 0
+        self._sink_done: Callable[[], None] = self._expect_header
+        self._direct = False
+        self._current: _Req | None = None  # the request whose data is being received
+        self._option = 0
+        self._info: dict[int, tuple[int, ...]] = {}
+        self._structured = False
+        self._no_zeroes = False
+
+    # ---- connection lifecycle ------------------------------------------------
+    def connection_made(self, now: float) -> None:
+        """A new transport is up: the server speaks first."""
+        self._now = now
+        self.generation += 1
+        self.stats.connections += 1
+        self.ready = self._dead = self._structured = False
+        self._start = self._end = self._sink_left = self._inflight = 0
+        self._sink, self._out, self._info, self._option = None, [], {}, 0
+        self._expect(wire.GREETING.size, self._on_greeting)
+        self._hs_deadline = now + self.config.handshake_timeout
+
+    def connection_lost(self, now: float) -> None:
+        """The transport is gone; every unanswered request waits for the next connection."""
+        self._now = now
+        if self._hs_deadline is not None and not self._dead:
+            hint = " (is the export name right?)" if self._option == Option.EXPORT_NAME else ""
+            self._events.append(
+                ConnectionDead(f"the server closed the connection during the handshake{hint}")
+            )
+        self.ready, self._dead, self._hs_deadline = False, True, None
+        self._sink, self._sink_left, self._inflight, self._out = None, 0, 0, []
+        self._current = None
+        for r in list(self._reqs.values()):
+            if r.reported:
+                del self._reqs[r.handle]
+            r.sent = r.in_reply = False
+            r.covered, r.error = [], 0
+        self._queue = deque(self._reqs.values())
+
+    def close(self) -> None:
+        """Send NBD_CMD_DISC: the server answers what is in flight, then hangs up."""
+        if self.ready and not self._dead:
+            self._out.append(self._request_header(Command.DISC, 0, self._take_handle(), 0, 0))
+        self.closed = True
+
+    def shutdown(self, error: int = errno.ESHUTDOWN, message: str = "device closed") -> None:
+        """Fail every request still pending (the owner is going away or gave up)."""
+        self.closed = self._dead = True
+        for r in list(self._reqs.values()):
+            if not r.reported:
+                self._report(r, error, message)
+        self._reqs.clear()
+        self._queue.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for r in self._reqs.values() if not r.reported)
+
+    # ---- submitting ------------------------------------------------------------
+    def submit(
+        self,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int,
+        now: float,
+        payload: memoryview | None = None,
+        into: memoryview | None = None,
+    ) -> int:
+        """Queue a request; ``payload`` (WRITE) and ``into`` (READ) stay valid until its
+        :class:`Completed` event. Returns the handle."""
+        buf = payload if payload is not None else into
+        if (
+            self.closed
+            or command not in _COMMANDS
+            or not (0 <= length <= 0xFFFFFFFF and offset >= 0)
+            or (payload is not None) != (command == Command.WRITE)
+            or (into is not None) != (command == Command.READ)
+            or (buf is not None and buf.nbytes != length)
+        ):
+            raise ValueError(
+                f"invalid NBD request {command} [{offset}, +{length}) (a WRITE takes a payload "
+                "and a READ a buffer of its length; nothing after close)"
+            )
+        self._now = now
+        r = _Req(self._take_handle(), command, flags, offset, length, payload, into, now)
+        self._reqs[r.handle] = r
+        self._queue.append(r)
+        self._order.append(r)
+        self.stats.submitted += 1
+        self._send_pending()
+        return r.handle
+
+    def _take_handle(self) -> int:
+        handle = self._next
+        self._next = (self._next + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        return handle
+
+    @staticmethod
+    def _request_header(command: int, flags: int, handle: int, offset: int, length: int) -> bytes:
+        return wire.REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
+
+    def _send_pending(self) -> None:
+        if not self.ready or self._dead or self.closed:  # nothing may follow NBD_CMD_DISC
+            return
+        while self._queue and self._inflight < max(1, self.config.queue_depth):
+            r = self._queue.popleft()
+            if r.reported or r.sent:
+                continue
+            if r.attempts > self.config.resends:
+                self._fail(r, f"sent {r.attempts} time(s) without a reply (--resends)")
+                continue
+            if self._inflight == 0:
+                self._progress = self._now
+            r.sent = True
+            r.attempts += 1
+            self._inflight += 1
+            self.stats.resends += r.attempts > 1
+            self._out.append(self._request_header(r.command, r.flags, r.handle, r.offset, r.length))
+            if r.payload is not None and r.length:
+                self._out.append(r.payload)
+
+    # ---- output and time ---------------------------------------------------------
+    def data_to_send(self) -> list[bytes | memoryview]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def _oldest(self) -> _Req | None:
+        while self._order and self._order[0].reported:
+            self._order.popleft()
+        return self._order[0] if self._order else None
+
+    def get_timer(self) -> float | None:
+        cfg = self.config
+        times = [] if self._hs_deadline is None else [self._hs_deadline]
+        if self.ready and not self._dead and self._inflight:
+            times.append(self._progress + cfg.resend_timeout)
+        oldest = self._oldest()
+        if oldest is not None:
+            times.append(oldest.submitted + (cfg.resends + 1) * cfg.resend_timeout)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        cfg = self.config
+        if self._hs_deadline is not None and now >= self._hs_deadline and not self._dead:
+            self._die(f"no handshake answer within {cfg.handshake_timeout:g} s")
+        stalled = self._inflight and now >= self._progress + cfg.resend_timeout
+        if self.ready and not self._dead and stalled:
+            self.stats.timeouts += 1
+            self._die(
+                f"no reply for {cfg.resend_timeout:g} s (--resend-timeout) with "
+                f"{self._inflight} request(s) in flight"
+            )
+        budget = (cfg.resends + 1) * cfg.resend_timeout
+        while (r := self._oldest()) is not None and now >= r.submitted + budget:
+            how = f"sent {r.attempts} time(s)" if r.attempts else "never sent: unreachable"
+            self._fail(
+                r,
+                f"no reply within {now - r.submitted:.1f} s ((--resends {cfg.resends} + 1) "
+                f"x --resend-timeout {cfg.resend_timeout:g}; {how})",
+            )
+
+    def _fail(self, r: _Req, message: str) -> None:
+        self.stats.failed += 1
+        self._report(r, errno.EIO, message, timed_out=True)
+        if not r.sent:
+            self._reqs.pop(r.handle, None)
+        elif r is self._current:
+            self._sink = None  # the rest of its data is dropped, not written into the buffer
+        r.into = r.payload = None
+
+    def _report(self, r: _Req, error: int, message: str, timed_out: bool = False) -> None:
+        r.reported = True
+        self._events.append(Completed(r.handle, error, message, max(r.attempts, 1), timed_out))
+
+    def _die(self, reason: str, violation: bool = False) -> None:
+        if not self._dead:
+            self._dead = True
+            self._hs_deadline = None
+            self.stats.violations += violation
+            self._events.append(ServerViolation(reason) if violation else ConnectionDead(reason))
+
+    def _violation(self, message: str) -> None:
+        self._die(f"protocol error from the NBD server: {message}", violation=True)
+
+    # ---- receiving -------------------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """A non-empty writable buffer for the next bytes (a slice of a read buffer, often)."""
+        sink = self._sink
+        if sink is not None and self._sink_left >= DIRECT_THRESHOLD and not self._dead:
+            self._direct = True
+            return sink[sink.nbytes - self._sink_left :]
+        self._direct = False
+        if self._start == self._end or self._dead:
+            self._start = self._end = 0
+        elif STAGE_SIZE - self._end < _MIN_FREE:
+            n = self._end - self._start
+            self._stage[:n] = self._stage[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int, now: float) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``."""
+        self._now = self._progress = now
+        if nbytes <= 0 or self._dead:
+            return
+        if self._direct:
+            self._direct = False
+            self._sink_left -= nbytes
+            if not self._sink_left:
+                self._sink = None
+                self._sink_done()
+        else:
+            self._end += nbytes
+        self._process()
+        self._send_pending()
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed bytes by copying them into the buffers ``get_buffer()`` hands out."""
+        mv = memoryview(data).cast("B")
+        while mv.nbytes and not self._dead:
+            buf = self.get_buffer()
+            n = min(buf.nbytes, mv.nbytes)
+            buf[:n] = mv[:n]
+            self.buffer_updated(n, now)
+            mv = mv[n:]
+
+    def _expect(self, n: int, handler: Callable[[memoryview], None]) -> None:
+        self._need, self._handler = n, handler
+
+    def _expect_data(self, sink: memoryview | None, n: int, done: Callable[[], None]) -> None:
+        self._sink, self._sink_left, self._sink_done = sink, n, done
+        if n == 0:
+            done()
+
+    def _process(self) -> None:
+        while not self._dead:
+            avail = self._end - self._start
+            if self._sink_left:
+                take = min(avail, self._sink_left)
+                if take == 0:
+                    return
+                if self._sink is not None:
+                    pos = self._sink.nbytes - self._sink_left
+                    self._sink[pos : pos + take] = self._view[self._start : self._start + take]
+                self._start += take
+                self._sink_left -= take
+                if not self._sink_left:
+                    self._sink = None
+                    self._sink_done()
+                continue
+            if avail < self._need:
+                return
+            chunk = self._view[self._start : self._start + self._need]
+            self._start += self._need
+            self._handler(chunk)
+
+    # ---- handshake ---------------------------------------------------------------------
+    def _send_option(self, option: Option, data: bytes = b"") -> None:
+        self._option = option
+        self._out.append(wire.OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data)
+        if option == Option.EXPORT_NAME:
+            size = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else 124)
+            self._expect(size, self._on_export_name_reply)
+        else:
+            self._expect(wire.OPTION_REPLY.size, self._on_option_reply)
+
+    def _send_go(self) -> None:
+        name = self.config.export.encode("utf-8")
+        data = wire.U32.pack(len(name)) + name + struct.pack(">HH", 1, Info.BLOCK_SIZE)
+        self._send_option(Option.GO, data)
+
+    def _on_greeting(self, v: memoryview) -> None:
+        magic, second, hflags = wire.GREETING.unpack(v)
+        if magic != NBDMAGIC:
+            return self._violation(f"bad greeting magic 0x{magic:016x}: is this an NBD server?")
+        if second == OLDSTYLE_MAGIC:
+            return self._refuse("the server uses the oldstyle handshake; run it in newstyle mode")
+        if second != IHAVEOPT:
+            return self._violation(f"bad greeting 0x{second:016x} (expected IHAVEOPT)")
+        fixed = bool(hflags & HandshakeFlags.FIXED_NEWSTYLE)
+        self._no_zeroes = bool(hflags & HandshakeFlags.NO_ZEROES)
+        cflags = (ClientFlags.FIXED_NEWSTYLE if fixed else 0) | (
+            ClientFlags.NO_ZEROES if self._no_zeroes else 0
+        )
+        self._out.append(wire.CLIENT_FLAGS.pack(cflags))
+        if not fixed:
+            self._send_option(Option.EXPORT_NAME, self.config.export.encode("utf-8"))
+        elif self.config.structured:
+            self._send_option(Option.STRUCTURED_REPLY)
+        else:
+            self._send_go()
+
+    def _on_option_reply(self, v: memoryview) -> None:
+        magic, option, rtype, length = wire.OPTION_REPLY.unpack(v)
+        if magic != OPTION_REPLY_MAGIC:
+            return self._violation(f"bad option reply magic 0x{magic:016x}")
+        if option != self._option:
+            return self._violation(f"a reply to option {option}, but {self._option} was sent")
+        if length > MAX_OPTION_REPLY:
+            return self._violation(f"option reply of {length} bytes (limit {MAX_OPTION_REPLY})")
+        self._expect(length, lambda data: self._on_option_data(rtype, bytes(data)))
+
+    def _on_option_data(self, rtype: int, data: bytes) -> None:
+        option = self._option
+        if rtype & _REP_ERROR:
+            text = data.decode("utf-8", "replace")
+            if option == Option.STRUCTURED_REPLY:
+                return self._send_go()  # carry on with simple replies
+            if option == Option.GO and rtype == OptionReply.ERR_UNSUP:
+                return self._send_option(Option.EXPORT_NAME, self.config.export.encode("utf-8"))
+            return self._refuse_go(rtype, text)
+        if rtype == OptionReply.ACK and not data and option == Option.STRUCTURED_REPLY:
+            self._structured = True
+            return self._send_go()
+        if option != Option.GO or rtype not in (OptionReply.ACK, OptionReply.INFO):
+            return self._violation(f"unexpected reply type {rtype:#x} to option {option}")
+        if rtype == OptionReply.INFO:
+            self._expect(wire.OPTION_REPLY.size, self._on_option_reply)
+            return self._on_info(data)
+        if data or Info.EXPORT not in self._info:
+            return self._violation("NBD_OPT_GO ended without NBD_INFO_EXPORT")
+        size, flags = self._info[Info.EXPORT]
+        blocks = self._info.get(Info.BLOCK_SIZE, (1, 4096, 32 << 20))
+        self._connected(size, flags, *blocks)
+
+    def _on_info(self, data: bytes) -> None:
+        kind = wire.U16.unpack_from(data)[0] if len(data) >= 2 else -1
+        if kind == Info.EXPORT:
+            if len(data) != wire.INFO_EXPORT.size:
+                return self._violation(f"NBD_INFO_EXPORT of {len(data)} bytes")
+            self._info[kind] = wire.INFO_EXPORT.unpack(data)[1:]
+        elif kind == Info.BLOCK_SIZE:
+            if len(data) != wire.INFO_BLOCK_SIZE.size:
+                return self._violation(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
+            lo, pref, hi = wire.INFO_BLOCK_SIZE.unpack(data)[1:]
+            if not _pow2(lo) or lo > 1 << 16 or not _pow2(pref) or (hi % lo and hi != 0xFFFFFFFF):
+                return self._violation(f"block sizes min {lo}, preferred {pref}, max {hi}")
+            self._info[kind] = (lo, pref, hi)
+        elif kind < 0:
+            self._violation("an NBD_REP_INFO shorter than 2 bytes")
+
+    def _on_export_name_reply(self, v: memoryview) -> None:
+        size, flags = wire.EXPORT_NAME_REPLY.unpack_from(v)
+        self._connected(size, flags, 1, 4096, 32 << 20)
+
+    def _refuse(self, message: str, permanent: bool = True) -> None:
+        if not self._dead:
+            self._dead = True
+            self._hs_deadline = None
+            self._events.append(ExportRefused(message, permanent))
+
+    def _refuse_go(self, rtype: int, text: str) -> None:
+        name = self.config.export
+        reasons: dict[int, str] = {
+            OptionReply.ERR_UNKNOWN: f"the server has no export {name!r}",
+            OptionReply.ERR_POLICY: f"the server's policy refuses export {name!r}",
+            OptionReply.ERR_TLS_REQD: "the server requires TLS, which dst does not speak",
+            OptionReply.ERR_SHUTDOWN: "the server is shutting down",
+        }
+        why = reasons.get(rtype, f"the server refused export {name!r} (reply {rtype:#x})")
+        self._out.append(wire.OPTION_HEADER.pack(IHAVEOPT, Option.ABORT, 0))
+        self._refuse(f"{why}: {text}" if text else why, rtype != OptionReply.ERR_SHUTDOWN)
+
+    def _connected(self, size: int, flags: int, lo: int, pref: int, hi: int) -> None:
+        if not flags & TransmissionFlags.HAS_FLAGS:
+            flags = 0
+        if size >= 1 << 63:
+            return self._violation(f"export size {size} is out of range")
+        export = ServerExport(size, TransmissionFlags(flags), self._structured, lo, pref, hi)
+        first = self.export
+        if first is not None and first.size != size:
+            return self._refuse(
+                f"the export's size changed from {first.size} to {size} bytes: a different "
+                "export answers at this address now"
+            )
+        self.export = export
+        self.ready, self._hs_deadline = True, None
+        self._events.append(Connected(export, self.generation, first is not None))
+        self._expect_header()
+        self._send_pending()
+
+    # ---- replies -----------------------------------------------------------------------
+    def _expect_header(self) -> None:
+        self._current = None
+        self._expect(4, self._on_magic)
+
+    def _on_magic(self, v: memoryview) -> None:
+        (magic,) = wire.U32.unpack(v)
+        if magic == SIMPLE_REPLY_MAGIC:
+            self._expect(_SIMPLE_REST.size, self._on_simple)
+        elif magic == STRUCTURED_REPLY_MAGIC and self._structured:
+            self._expect(_CHUNK_REST.size, self._on_chunk)
+        else:
+            self._violation(f"bad reply magic 0x{magic:08x}")
+
+    def _lookup(self, handle: int) -> _Req | None:
+        r = self._reqs.get(handle)
+        if r is None or not r.sent:
+            self._violation(f"a reply for handle {handle:#x}, which has no request in flight")
+            return None
+        return r
+
+    def _on_simple(self, v: memoryview) -> None:
+        err, handle = _SIMPLE_REST.unpack(v)
+        r = self._lookup(handle)
+        if r is None:
+            return
+        if r.in_reply:
+            return self._violation(f"a simple reply inside the structured reply to {handle:#x}")
+        if err or r.command != Command.READ:
+            return self._finish(r, err, "")
+        self._current = r
+        self._expect_data(r.into, r.length, lambda: self._finish(r, 0, ""))
+
+    def _on_chunk(self, v: memoryview) -> None:
+        flags, ctype, handle, length = _CHUNK_REST.unpack(v)
+        r = self._lookup(handle)
+        if r is None:
+            return
+        r.in_reply = True
+        done = bool(flags & ReplyFlags.DONE)
+        read = r.command == Command.READ
+        if ctype == ReplyType.NONE:
+            if length or not done:
+                return self._violation(f"a NONE chunk of {length} bytes, DONE {done}")
+            return self._end_chunk(r, True)
+        if ctype == ReplyType.OFFSET_DATA and read and length > 8:
+            return self._expect(8, lambda d: self._on_data(r, _U64.unpack(d)[0], length - 8, done))
+        if ctype == ReplyType.OFFSET_HOLE and read and length == _HOLE.size:
+            return self._expect(_HOLE.size, lambda d: self._on_hole(r, d, done))
+        if ctype & _ERROR_BIT and 6 <= length <= MAX_CHUNK_META:
+            return self._expect(length, lambda d: self._on_error_chunk(r, ctype, bytes(d), done))
+        self._violation(f"chunk type {ctype} of {length} bytes for {Command(r.command).name}")
+
+    def _claim(self, r: _Req, offset: int, n: int) -> int | None:
+        """The position of [offset, offset+n) in the request; None (a violation) if outside
+        it or overlapping an earlier chunk."""
+        rel = offset - r.offset
+        i = bisect_left(r.covered, (rel, 0))
+        overlaps = (i > 0 and r.covered[i - 1][1] > rel) or (
+            i < len(r.covered) and r.covered[i][0] < rel + n
+        )
+        if rel < 0 or rel + n > r.length or overlaps:
+            self._violation(
+                f"a chunk [{offset}, +{n}) outside or overlapping the request "
+                f"[{r.offset}, +{r.length}) of handle {r.handle:#x}"
+            )
+            return None
+        r.covered.insert(i, (rel, rel + n))
+        return rel
+
+    def _on_data(self, r: _Req, offset: int, n: int, done: bool) -> None:
+        rel = self._claim(r, offset, n)
+        if rel is not None:
+            self._current = r
+            sink = None if r.into is None else r.into[rel : rel + n]
+            self._expect_data(sink, n, lambda: self._end_chunk(r, done))
+
+    def _on_hole(self, r: _Req, v: memoryview, done: bool) -> None:
+        offset, n = _HOLE.unpack(v)
+        rel = self._claim(r, offset, n or r.length + 1)  # an empty hole is a violation too
+        if rel is None:
+            return
+        pos = 0
+        while pos < n and r.into is not None:
+            step = min(n - pos, len(_ZEROES))
+            r.into[rel + pos : rel + pos + step] = _ZEROES[:step]
+            pos += step
+        self._end_chunk(r, done)
+
+    def _on_error_chunk(self, r: _Req, ctype: int, data: bytes, done: bool) -> None:
+        err, mlen = struct.unpack_from(">IH", data)
+        rest = len(data) - 6 - mlen
+        if err == 0 or rest < 0 or (ctype == ReplyType.ERROR_OFFSET and rest != 8):
+            return self._violation(f"error chunk type {ctype:#x}: error {err}, message {mlen}")
+        if ctype == ReplyType.ERROR_OFFSET:
+            (offset,) = _U64.unpack_from(data, 6 + mlen)
+            if not r.offset <= offset < r.offset + max(r.length, 1):
+                return self._violation(f"an error offset {offset} outside the request")
+        if not r.error:
+            r.error, r.message = err, data[6 : 6 + mlen].decode("utf-8", "replace")
+        self._end_chunk(r, done)
+
+    def _end_chunk(self, r: _Req, done: bool) -> None:
+        if not done:
+            return self._expect_header()
+        covered = sum(b - a for a, b in r.covered)
+        if not r.error and r.command == Command.READ and covered != r.length:
+            return self._violation(f"success after {covered} of {r.length} bytes were sent")
+        self._finish(r, r.error, r.message)
+
+    def _finish(self, r: _Req, err: int, message: str) -> None:
+        """The final reply to ``r``: report it (unless already failed) and carry on."""
+        self._expect_header()
+        if err == NbdError.ESHUTDOWN:  # not an answer: resend after the server is back
+            return self._die("the server is shutting down (ESHUTDOWN)")
+        del self._reqs[r.handle]
+        self._inflight -= 1
+        r.sent = False
+        if r.reported:
+            return
+        code = _NBD_ERRNO.get(err, errno.EIO) if err else 0
+        if err:
+            self.stats.errors += 1
+            name = errno.errorcode.get(code, str(code))
+            message = f"the NBD server answered {name}" + (f": {message}" if message else "")
+        else:
+            self.stats.completed += 1
+        self._report(r, code, message)
+        r.payload = r.into = None
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
