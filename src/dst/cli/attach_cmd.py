@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import socket
 from typing import Any
 
@@ -11,11 +13,13 @@ from dst.aio import workers
 from dst.cli.algorithms import client_algorithms
 from dst.cli.options import ATTACH_OPTS, merge
 from dst.cli.runtime import Stopper, run
+from dst.client.nbd_member import NbdDevice
 from dst.client.remote import LinkOptions, RemoteDevice
 from dst.control.ops import NodeOps, metrics_address
 from dst.crypto.keys import load_key_file
 from dst.device import BlockDevice
 from dst.errors import UsageError
+from dst.layers.stack import build_stack
 from dst.proto.client import ClientConfig
 from dst.units import format_size, parse_address
 from dst.uri import MemberUri, parse_member
@@ -39,15 +43,15 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             f"{len(o['uris'])} members need --mirror, --stripe CHUNK or --linear to say how to combine them"
         )
-    if modes:
-        raise UsageError(
-            f"--{modes[0]} is not available in this version of dst attach; attach a single member"
-        )
-    for u in o["uris"]:
-        if u.protocol != "dst":
-            raise UsageError(
-                f"member {u.text}: NBD members are not available in this version; use a dst:// member"
-            )
+    o["mode"] = modes[0] if modes else None
+    if len({u.text for u in o["uris"]}) != len(o["uris"]):
+        raise UsageError("the same member is named twice; give each member once")
+    if o["mode"] != "mirror":
+        for opt in ("bitmap", "resync_rate"):
+            if o[opt] is not None:
+                raise UsageError(f"--{opt.replace('_', '-')} applies to --mirror only")
+    if o["bitmap"] and not os.path.isdir(os.path.dirname(os.path.abspath(o["bitmap"]))):
+        raise UsageError(f"--bitmap {o['bitmap']}: the directory does not exist; create it first")
     if not o["nbd"] and not o["fuse"]:
         raise UsageError("no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device")
     if o["fuse"]:
@@ -95,11 +99,61 @@ def link_options(o: dict[str, Any]) -> LinkOptions:
     )
 
 
+def member_device(o: dict[str, Any], uri: MemberUri) -> RemoteDevice | NbdDevice:
+    """A DST member or an NBD server as a device (not connected yet)."""
+    if uri.protocol == "nbd":
+        return NbdDevice(
+            uri,
+            link_options(o),
+            read_only=bool(o["read_only"]),
+            resends=o["resends"],
+            resend_timeout=o["resend_timeout"],
+        )
+    return RemoteDevice(uri, client_config(o, uri), link_options(o))
+
+
 async def build_device(o: dict[str, Any]) -> BlockDevice:
-    uri: MemberUri = o["uris"][0]
-    dev = RemoteDevice(uri, client_config(o, uri), link_options(o))
-    await dev.connect()
-    return dev
+    """Connect the members and assemble them.
+
+    A single member, a stripe or a linear device needs every member at start (exit 1
+    otherwise).  A mirror starts when at least one leg is reachable within
+    --connect-timeout and serves degraded until the others come (they keep trying in the
+    background); a leg that refuses us for good (wrong key, unknown export...) is an error.
+    """
+    uris: list[MemberUri] = o["uris"]
+    legs = [member_device(o, u) for u in uris]
+    try:
+        if o["mode"] == "mirror":
+            for leg in legs:
+                leg.launch()
+            results = await asyncio.gather(
+                *(leg.wait_ready(o["connect_timeout"]) for leg in legs), return_exceptions=True
+            )
+            for leg, r in zip(legs, results, strict=True):
+                if isinstance(r, BaseException):
+                    raise r
+                if r is False:
+                    log.warning(
+                        "%s: not reachable within --connect-timeout %g s (%s); the mirror "
+                        "starts without it and resyncs it when it comes",
+                        leg.name,
+                        o["connect_timeout"],
+                        leg.last_error or "no answer",
+                    )
+        else:
+            await asyncio.gather(*(leg.connect() for leg in legs))
+        return await build_stack(
+            o["mode"],
+            list(legs),
+            chunk=o["stripe"],
+            bitmap=o["bitmap"],
+            granularity=o["bitmap_granularity"],
+            resync_rate=o["resync_rate"],
+        )
+    except BaseException:
+        for leg in legs:
+            await leg.aclose()
+        raise
 
 
 def run_attach(ns: argparse.Namespace) -> int:

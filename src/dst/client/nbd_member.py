@@ -121,14 +121,32 @@ class NbdDevice(BlockDevice):
         self.bytes = {"read": 0, "write": 0}
 
     # ---- lifecycle ---------------------------------------------------------------------
-    async def connect(self) -> None:
-        """Connect and handshake, retrying within --connect-timeout; raise DstError if the
-        server refuses the export or cannot be reached."""
+    def launch(self) -> None:
+        """Start connecting in the background and return at once (a mirror leg that may be
+        down at start); ``connect`` waits for the first handshake instead."""
+        if self._task is not None:
+            return
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._lost = asyncio.Event()
         self._kick = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"nbd member {self.uri}")
+        self._ready.add_done_callback(_retrieve)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once connected; False if not within ``timeout``; DstError if refused."""
+        assert self._ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def connect(self) -> None:
+        """Connect and handshake, retrying within --connect-timeout; raise DstError if the
+        server refuses the export or cannot be reached."""
+        self.launch()
+        assert self._ready is not None
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.options.connect_timeout)
         except TimeoutError:
@@ -468,3 +486,9 @@ class NbdDevice(BlockDevice):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a background start's refusal as seen (the state and the log report it)."""
+    if not fut.cancelled():
+        fut.exception()
