@@ -135,19 +135,25 @@ def test_qemu_img_convert_and_compare_both_ways(procs: Procs, sockdir: Path) -> 
     assert back.read_bytes() == src.read_bytes()
 
 
-def test_nbdcopy_both_ways(procs: Procs, sockdir: Path) -> None:
+@pytest.mark.parametrize("checksum", ["crc32c", "sha256", "none"])
+def test_nbdcopy_both_ways(procs: Procs, sockdir: Path, checksum: str) -> None:
+    """nbdcopy uses several connections and 64 requests in flight: replies whose checksums
+    are computed on worker threads must never carry another request's bytes."""
     nbdcopy = need_tool("nbdcopy")
     src = sockdir / "src.img"
     data = os.urandom(6 * MiB) + bytes(2 * MiB)
     src.write_bytes(data)
-    img, uri = start_pair(procs, sockdir, size="8M")
+    img, uri = start_pair(
+        procs, sockdir, "--checksum", checksum, size="8M", attach_args=("--checksum", checksum)
+    )
     run([nbdcopy, str(src), uri])
     qemu_io(uri, "flush")
     assert img.read_bytes() == data
-    out = sockdir / "out.img"
-    out.write_bytes(b"")
-    run([nbdcopy, uri, str(out)])
-    assert out.read_bytes() == data
+    for i in range(4):
+        out = sockdir / f"out{i}.img"
+        out.write_bytes(b"")
+        run([nbdcopy, uri, str(out)])
+        assert out.read_bytes() == data, f"read-back {i} differs"
 
 
 def test_two_nbd_clients_write_different_regions_at_once(procs: Procs, sockdir: Path) -> None:

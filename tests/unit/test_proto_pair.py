@@ -309,3 +309,43 @@ def test_offloaded_jobs_keep_frame_order(cipher: str, checksum: str) -> None:
     assert [bytes(b) for b in bufs] == blocks
     if cipher != "none" or checksum not in ("none", "crc32c"):
         assert p.jobs_run > 0
+
+
+def test_reply_buffers_are_released_only_after_their_frame_is_handed_over() -> None:
+    """A read buffer may be reused only once its whole frame (data and the trailer computed
+    by a job) left the core: released earlier, another read could overwrite data that is
+    still to be sent, and its checksum would be computed over the wrong bytes."""
+    from dst.proto.events import Request
+
+    p = Pair(
+        client_config=ClientConfig(checksums=("sha256",), offload=True),
+        server_config=ServerConfig(checksums=("sha256",), offload=True),
+        export=FakeExport(size=4 << 20),
+        auto_reply=False,
+    )
+    p.connect()
+    bufs = [bytearray(512 << 10) for _ in range(2)]
+    for i in range(2):
+        p.client.submit(Command.READ, i << 20, 512 << 10, 0, p.now, into=memoryview(bufs[i]))
+    p.run()
+    a, b = p.held
+    assert isinstance(a, Request) and isinstance(b, Request)
+    srv = p.server
+    assert srv is not None
+    released: list[str] = []
+    data = [bytearray(b"A" * (512 << 10)), bytearray(b"B" * (512 << 10))]
+    srv.reply(a, 0, memoryview(data[0]), lambda: released.append("a"))
+    srv.reply(b, 0, memoryview(data[1]), lambda: released.append("b"))
+    jobs = srv.take_jobs()
+    assert len(jobs) == 2
+    first = srv.data_to_send()
+    assert sum(len(x) for x in first) == 24 + (512 << 10)  # A's header and data, no trailer yet
+    assert srv.take_handed() == []
+    jobs[1].run()
+    srv.job_done(jobs[1])
+    assert srv.data_to_send() == [] and srv.take_handed() == []  # B waits behind A's trailer
+    jobs[0].run()
+    srv.job_done(jobs[0])
+    rest = srv.data_to_send()
+    assert len(rest) == 4  # A's trailer, B's header, data and trailer
+    assert [f() for f in srv.take_handed()] == [None, None] and released == ["a", "b"]

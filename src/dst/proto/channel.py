@@ -33,6 +33,15 @@ def _joined(parts: list[Buf]) -> bytes:
     return b"".join(parts)
 
 
+class _AfterHandOver:
+    """A marker in the send queue: call ``fn`` once the bytes before it left the core."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+
 class Channel:
     """Owns the receive path (socket bytes -> frame chunks) and the send queue."""
 
@@ -44,7 +53,8 @@ class Channel:
         self._max_record = max_record
         self._rec_len = 0
         self._rec_aad = b""
-        self._out: deque[Buf | Job] = deque()
+        self._out: deque[Buf | Job | _AfterHandOver] = deque()
+        self._handed: list[Callable[[], None]] = []
         self._opening: deque[Job] = deque()
         self.offload = False
         self.jobs: list[Job] = []
@@ -77,7 +87,15 @@ class Channel:
         else:
             self.frames.feed(data)
 
+    def discard_output(self) -> None:
+        """The connection is gone: queued frames will never be sent, their buffers are free."""
+        for item in self._out:
+            if isinstance(item, _AfterHandOver):
+                self._handed.append(item.fn)
+        self._out.clear()
+
     def stop(self) -> None:
+        """Stop receiving (after a protocol error); what is queued may still be sent."""
         self.frames.stop()
         if self._records is not None:
             self._records.stop()
@@ -143,8 +161,29 @@ class Channel:
             self.frames.feed(job.result)
 
     # ---- send ----------------------------------------------------------
-    def send(self, parts: list[Buf], checksum: Checksum | None = None) -> None:
-        """Queue one frame (its parts in order), with its checksum trailer if given."""
+    def send(
+        self,
+        parts: list[Buf],
+        checksum: Checksum | None = None,
+        on_handed: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue one frame (its parts in order), with its checksum trailer if given.
+
+        ``on_handed`` is called (via :meth:`take_handed`) once the whole frame was handed
+        to the shell: only then may the buffers it references be reused, since a job may
+        still read them and the queue may still hold them behind an earlier job.
+        """
+        self._send(parts, checksum)
+        if on_handed is not None:
+            self._out.append(_AfterHandOver(on_handed))
+
+    def take_handed(self) -> list[Callable[[], None]]:
+        """Callbacks of frames handed over by the last ``data_to_send``: run them once the
+        shell's socket has sent those bytes."""
+        done, self._handed = self._handed, []
+        return done
+
+    def _send(self, parts: list[Buf], checksum: Checksum | None) -> None:
         size = sum(len(p) for p in parts)
         big = self.offload and size > 4096
         sealer = self._sealer
@@ -181,6 +220,10 @@ class Channel:
         q = self._out
         while q:
             head = q[0]
+            if isinstance(head, _AfterHandOver):
+                q.popleft()
+                self._handed.append(head.fn)
+                continue
             if isinstance(head, Job):
                 if not head.done:
                     break

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -143,6 +143,7 @@ class ServerCore:
     def connection_lost(self) -> None:
         self.state = SState.CLOSED
         self._channel.stop()
+        self._channel.discard_output()
         if self._payload is not None:
             self._payload.release()
             self._payload = None
@@ -432,6 +433,9 @@ class ServerCore:
     def take_jobs(self) -> list[Job]:
         return self._channel.take_jobs()
 
+    def take_handed(self) -> list[Callable[[], None]]:
+        return self._channel.take_handed()
+
     def _request_verified(
         self, req: tuple[int, int, int, int, int, int], payload: PooledBuffer | None, ok: bool
     ) -> None:
@@ -502,22 +506,40 @@ class ServerCore:
         self._send_reply(command, status, txn, self._req[3] if attempt is None else attempt, None)
 
     # ---- replies -------------------------------------------------------------------
-    def reply(self, req: Request, status: int, data: memoryview | None = None) -> None:
-        """Ack a request (``data`` for a successful READ)."""
+    def reply(
+        self,
+        req: Request,
+        status: int,
+        data: memoryview | None = None,
+        on_handed: Callable[[], None] | None = None,
+    ) -> None:
+        """Ack a request (``data`` for a successful READ).  ``on_handed`` (e.g. the release
+        of the data's buffer) runs via ``take_handed`` once the reply left the core, or at
+        once if it never will."""
         self.in_flight -= 1
         if self._dead or self.state != SState.READY:
+            if on_handed is not None:
+                on_handed()
             return
-        self._send_reply(req.command, status, req.txn, req.attempt, data if status == 0 else None)
+        self._send_reply(
+            req.command, status, req.txn, req.attempt, data if status == 0 else None, on_handed
+        )
 
     def _send_reply(
-        self, command: int, status: int, txn: int, attempt: int, data: memoryview | None
+        self,
+        command: int,
+        status: int,
+        txn: int,
+        attempt: int,
+        data: memoryview | None,
+        on_handed: Callable[[], None] | None = None,
     ) -> None:
         n = len(data) if data is not None else 0
         head = ReplyHeader(command, status, txn, attempt, n).pack()
         parts: list[Buf] = [head]
         if data is not None and n:
             parts.append(data)
-        self._channel.send(parts, self._checksum if self._digest else None)
+        self._channel.send(parts, self._checksum if self._digest else None, on_handed)
 
     def reply_disconnect(self, txn: int) -> None:
         if not self._dead:

@@ -98,6 +98,8 @@ class Connection:
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.core.connection_lost()
+        for release in self.core.take_handed():
+            release()
         if self._timer is not None:
             self._timer.cancel()
         if not self._authenticated:
@@ -137,6 +139,8 @@ class Connection:
         out = self.core.data_to_send()
         if out:
             self.stream.write(out)
+        for release in self.core.take_handed():
+            self.stream.after_sent(release)
 
     def _pump(self) -> None:
         """Handle every event the core produced, then send what it wants sent."""
@@ -377,13 +381,8 @@ class Connection:
                 flags=int(req.flags),
                 status=int(status),
             )
-        self.core.reply(req, status, data)
-        self._pump_after_reply(buf)
-
-    def _pump_after_reply(self, buf: PooledBuffer | None) -> None:
+        self.core.reply(req, status, data, buf.release if buf is not None else None)
         self._pump()
-        if buf is not None:
-            self.stream.after_sent(buf.release)
 
     async def _disconnect(self) -> None:
         others = [t for t in self.tasks if t is not asyncio.current_task()]
