@@ -15,7 +15,7 @@ from dst import trace
 from dst.aio import workers
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
 from dst.aio.stream import SocketStream
-from dst.buffers import BufferPool, PooledBuffer
+from dst.buffers import BufferPool
 from dst.device import BlockDevice, Capabilities, IoFlags
 from dst.errors import IoError
 from dst.proto.events import (
