@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -72,6 +72,8 @@ EXPORT_OPS = {
     "zeroes": "zero",
 }
 MAX_REQUEST_HEAD = 8192
+# the classic text format, which every scraper accepts; our names need nothing newer
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class BucketLatency(Latency):
@@ -150,9 +152,13 @@ def _num(v: Any) -> float:
 def attach_metrics(st: dict[str, Any]) -> Iterator[Metric]:
     """Families for a client node, labelled by member URI."""
     requests = _counter("dst_requests_total", "Requests submitted to a member.", ["member", "op"])
-    nbytes = _counter("dst_bytes_total", "Bytes read from or written to a member.", ["member", "op"])
+    nbytes = _counter(
+        "dst_bytes_total", "Bytes read from or written to a member.", ["member", "op"]
+    )
     simple = {
-        "resends": _counter("dst_resends_total", "Transaction attempts after the first.", ["member"]),
+        "resends": _counter(
+            "dst_resends_total", "Transaction attempts after the first.", ["member"]
+        ),
         "reconnects": _counter(
             "dst_reconnects_total", "Connections re-established to a member.", ["member"]
         ),
@@ -202,8 +208,8 @@ def attach_metrics(st: dict[str, Any]) -> Iterator[Metric]:
         generation.add_metric([uri], _num(m.get("generation")))
         rs = m.get("resync")
         if isinstance(rs, dict):
-            resync_done.add_metric([uri], _num(rs.get("done")))
-            resync_total.add_metric([uri], _num(rs.get("total")))
+            resync_done.add_metric([uri], _num(rs.get("bytes_done")))
+            resync_total.add_metric([uri], _num(rs.get("bytes_total")))
         for op, lat in (m.get("latency") or {}).items():
             buckets = lat.get("buckets") if isinstance(lat, dict) else None
             if not isinstance(buckets, list):
@@ -215,12 +221,31 @@ def attach_metrics(st: dict[str, Any]) -> Iterator[Metric]:
     yield nbytes
     yield from simple.values()
     yield from (in_flight, connected, state, generation, resync_done, resync_total, duration)
+    dirty = _gauge("dst_member_dirty_bytes", "Bytes a mirror leg must resync.", ["member"])
+    for m in st.get("members", []):
+        if "dirty_bytes" in m:
+            dirty.add_metric([str(m.get("uri"))], _num(m.get("dirty_bytes")))
+    yield dirty
     dev = st.get("device") or {}
     size = _gauge("dst_device_size_bytes", "Size of the assembled device.", [])
     size.add_metric([], _num(dev.get("size")))
     yield size
+    dstate = _gauge("dst_device_state", "1 for the device's current state.", ["state"])
+    for s in STATES:
+        dstate.add_metric([s], 1.0 if dev.get("state") == s else 0.0)
+    yield dstate
+    for key, name, doc in (
+        ("degrades", "dst_mirror_degrades_total", "Times a mirror leg was degraded."),
+        ("repairs", "dst_mirror_repairs_total", "Read errors fixed by rewriting from another leg."),
+    ):
+        if key in dev:
+            fam = _counter(name, doc, [])
+            fam.add_metric([], _num(dev.get(key)))
+            yield fam
     fconn = _gauge("dst_frontend_connections", "Open front-end connections.", ["frontend"])
-    freq = _counter("dst_frontend_requests_total", "Requests a front end served.", ["frontend", "op"])
+    freq = _counter(
+        "dst_frontend_requests_total", "Requests a front end served.", ["frontend", "op"]
+    )
     for f in st.get("frontends", []):
         kind = str(f.get("kind"))
         fconn.add_metric([kind], _num(f.get("connections_open")))
@@ -264,7 +289,11 @@ def export_metrics(st: dict[str, Any]) -> Iterator[Metric]:
         sessions.add_metric(
             [name],
             float(
-                sum(1 for s in st.get("sessions", []) if s.get("export") == name and s.get("connected"))
+                sum(
+                    1
+                    for s in st.get("sessions", [])
+                    if s.get("export") == name and s.get("connected")
+                )
             ),
         )
     for s in st.get("sessions", []):
@@ -281,14 +310,14 @@ def export_metrics(st: dict[str, Any]) -> Iterator[Metric]:
 def make_registry(status: StatusFn) -> CollectorRegistry:
     """A private registry: the node's families plus the standard process_* ones."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatusCollector(status))  # type: ignore[arg-type]
+    registry.register(StatusCollector(status))
     ProcessCollector(registry=registry)
     return registry
 
 
 def render(status: StatusFn) -> bytes:
     """The Prometheus text exposition of one status document."""
-    return generate_latest(make_registry(status))  # type: ignore[no-any-return]
+    return generate_latest(make_registry(status))
 
 
 class MetricsServer:
@@ -308,7 +337,7 @@ class MetricsServer:
         return f"http://{self.address}/metrics"
 
     async def start(self) -> Address:
-        """Bind and serve; logs ``metrics listening on URL`` with the real port."""
+        """Bind and serve; logs ``serving metrics on URL`` with the real port."""
         sock = bind_listener(self.requested, "serve metrics")
         try:
             self.address = bound_address(sock, self.requested)
@@ -319,7 +348,7 @@ class MetricsServer:
         except BaseException:
             sock.close()
             raise
-        log.info("metrics listening on %s", self.url)
+        log.info("serving metrics on %s", self.url)
         return self.address
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -337,9 +366,7 @@ class MetricsServer:
                 await self._reply(writer, 405, b"only GET\n", extra="Allow: GET, HEAD\r\n")
             elif path in ("/metrics", "/"):
                 body = generate_latest(self.registry)
-                await self._reply(
-                    writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD"
-                )
+                await self._reply(writer, 200, body, CONTENT_TYPE, head_only=method == "HEAD")
             else:
                 await self._reply(writer, 404, b"not found; metrics are at /metrics\n")
         except (

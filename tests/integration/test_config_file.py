@@ -97,11 +97,6 @@ def test_unreadable_files_give_exact_messages(tmp_path: Path) -> None:
     assert error_line(cp.stderr).startswith(f"dst: error: config file {bad} is not valid TOML: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prepare() reports a missing positional or front end without naming the config "
-    "file and key (DESIGN.md section 4 asks for both)",
-)
 @pytest.mark.parametrize(
     ("command", "toml", "key"),
     [

@@ -272,7 +272,9 @@ def test_enospc_from_a_thin_file_reaches_the_writer_and_is_counted(
         (mnt / "filler").write_bytes(b"\xff" * (1900 << 10))  # 93% used before the export starts
         ectl, actl = sockdir / "e.ctl", sockdir / "a.ctl"
         exp, addr = procs.export(f"file:{mnt}/thin.img", "--size", "16M", "--control", str(ectl))
-        exp.wait_for(r"WARNING export 'default': the filesystem under \S+thin.img is 9\d(\.\d)?% full")
+        exp.wait_for(
+            r"WARNING export 'default': the filesystem under \S+thin.img is 9\d(\.\d)?% full"
+        )
         _, uri = procs.attach(member_uri(addr), "--control", str(actl))
         script = (
             "import errno\n"

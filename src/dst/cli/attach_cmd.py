@@ -29,9 +29,11 @@ log = logging.getLogger("dst.attach")
 
 def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     o = merge(ns, ATTACH_OPTS, "members", "members")
+    cfg = f" (or as `members = [...]` in the config file {ns.config})" if ns.config else ""
     if not o["members"]:
         raise UsageError(
-            "no member given: name at least one, e.g. `dst attach dst://node1/default --nbd unix:/run/dst.sock`"
+            "no member given: name at least one, e.g. `dst attach dst://node1/default --nbd "
+            f"unix:/run/dst.sock`{cfg}"
         )
     o["uris"] = [parse_member(m) for m in o["members"]]
     modes = [m for m in ("mirror", "stripe", "linear") if o[m]]
@@ -53,7 +55,12 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     if o["bitmap"] and not os.path.isdir(os.path.dirname(os.path.abspath(o["bitmap"]))):
         raise UsageError(f"--bitmap {o['bitmap']}: the directory does not exist; create it first")
     if not o["nbd"] and not o["fuse"]:
-        raise UsageError("no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device")
+        where = (
+            f' (or nbd = "ADDR" / fuse = "DIR" in the config file {ns.config})' if ns.config else ""
+        )
+        raise UsageError(
+            f"no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device{where}"
+        )
     if o["fuse"]:
         from dst.frontends.fuse import check_mountpoint
 
@@ -156,6 +163,13 @@ async def build_device(o: dict[str, Any]) -> BlockDevice:
         raise
 
 
+async def _open_member(o: dict[str, Any], text: str) -> BlockDevice:
+    """A new leg for `dst ctl add`: any member URI, connected with this node's options."""
+    dev = member_device(o, parse_member(text))
+    await dev.connect()
+    return dev
+
+
 def run_attach(ns: argparse.Namespace) -> int:
     o = prepare(ns)
     return run(lambda: _serve(o))
@@ -169,7 +183,7 @@ async def _serve(o: dict[str, Any]) -> int:
     dev: BlockDevice | None = None
     front: NbdFrontend | None = None
     fuse: FuseFrontend | None = None
-    ops = NodeOps.for_attach(o)
+    ops = NodeOps.for_attach(o, make_member=lambda uri: _open_member(o, uri))
     try:
         await ops.start()
         dev = await build_device(o)

@@ -45,30 +45,73 @@ Options whose value starts with '-' need '=': --dst-export-arg=--checksum=none
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="dst bench", epilog=EPILOG,
-               formatter_class=argparse.RawDescriptionHelpFormatter,
-               description="Run the same fio jobs against dst, nbdkit and qemu-nbd on this "
-                           "machine and print MB/s, IOPS, p99 latency and server CPU side by "
-                           "side.")
-    p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_RUNTIME_S:g} s per job on a {QUICK_SIZE} file (a smoke run)")
-    p.add_argument("--runtime", metavar="S", type=float, default=None,
-                   help=f"seconds per job (default {DEFAULT_RUNTIME_S:g})")
-    p.add_argument("--size", metavar="SIZE", default=None,
-                   help=f"size of the backing file (default {DEFAULT_SIZE})")
-    p.add_argument("--targets", metavar="LIST", action="append", default=None,
-                   help=f"comma-separated subset of {','.join(KINDS)}")
-    p.add_argument("--jobs", metavar="LIST", action="append", default=None,
-                   help=f"comma-separated subset of {','.join(JOB_NAMES)}")
-    p.add_argument("--variant", metavar="dst:KEY=VALUE,...", action="append", default=[],
-                   help="add a dst column with extra options (repeat for more)")
-    p.add_argument("--dst-export-arg", metavar="ARG", action="append", default=[],
-                   help="extra argument for every dst export (repeat for more)")
-    p.add_argument("--dst-attach-arg", metavar="ARG", action="append", default=[],
-                   help="extra argument for every dst attach (repeat for more)")
+    p = Parser(
+        prog="dst bench",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the same fio jobs against dst, nbdkit and qemu-nbd on this "
+        "machine and print MB/s, IOPS, p99 latency and server CPU side by "
+        "side.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_RUNTIME_S:g} s per job on a {QUICK_SIZE} file (a smoke run)",
+    )
+    p.add_argument(
+        "--runtime",
+        metavar="S",
+        type=float,
+        default=None,
+        help=f"seconds per job (default {DEFAULT_RUNTIME_S:g})",
+    )
+    p.add_argument(
+        "--size",
+        metavar="SIZE",
+        default=None,
+        help=f"size of the backing file (default {DEFAULT_SIZE})",
+    )
+    p.add_argument(
+        "--targets",
+        metavar="LIST",
+        action="append",
+        default=None,
+        help=f"comma-separated subset of {','.join(KINDS)}",
+    )
+    p.add_argument(
+        "--jobs",
+        metavar="LIST",
+        action="append",
+        default=None,
+        help=f"comma-separated subset of {','.join(JOB_NAMES)}",
+    )
+    p.add_argument(
+        "--variant",
+        metavar="dst:KEY=VALUE,...",
+        action="append",
+        default=[],
+        help="add a dst column with extra options (repeat for more)",
+    )
+    p.add_argument(
+        "--dst-export-arg",
+        metavar="ARG",
+        action="append",
+        default=[],
+        help="extra argument for every dst export (repeat for more)",
+    )
+    p.add_argument(
+        "--dst-attach-arg",
+        metavar="ARG",
+        action="append",
+        default=[],
+        help="extra argument for every dst attach (repeat for more)",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="also write the raw numbers")
-    p.add_argument("--markdown", action="store_true",
-                   help="print the table as Markdown instead of a terminal table")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the table as Markdown instead of a terminal table",
+    )
     p.add_argument("--fio", metavar="PATH", default="fio", help="the fio to run (default fio)")
     return p
 
@@ -89,7 +132,7 @@ def _targets(ns: object, exp: tuple[str, ...], att: tuple[str, ...]) -> tuple[Ta
             if why:
                 print(f"dst bench: skipping {k}: {why}", file=sys.stderr)
     specs: list[TargetSpec] = []
-    for kind in dict.fromkeys(chosen):
+    for kind in sorted(set(chosen), key=KINDS.index):  # peers first, in a fixed order
         if kind == "dst":
             specs.append(TargetSpec("dst", "dst", exp, att))
         else:
@@ -110,8 +153,11 @@ def parse_config(args: list[str]) -> tuple[BenchConfig, Path | None, bool]:
     if args[:1] == ["--"]:
         args = args[1:]
     ns = build_parser().parse_args(args)
-    runtime = ns.runtime if ns.runtime is not None else (
-        QUICK_RUNTIME_S if ns.quick else DEFAULT_RUNTIME_S)
+    runtime = (
+        ns.runtime
+        if ns.runtime is not None
+        else (QUICK_RUNTIME_S if ns.quick else DEFAULT_RUNTIME_S)
+    )
     if not 0 < runtime <= 3600:
         raise UsageError(f"--runtime {runtime:g}: give seconds per job, more than 0, e.g. 5")
     size = parse_size(ns.size or (QUICK_SIZE if ns.quick else DEFAULT_SIZE), "--size")
@@ -147,8 +193,10 @@ def run_bench(args: list[str]) -> int:
     try:
         report = run_suite(cfg, _progress)
     except KeyboardInterrupt:
-        print("dst bench: interrupted; every server was stopped and the temporary files removed",
-              file=sys.stderr)
+        print(
+            "dst bench: interrupted; every server was stopped and the temporary files removed",
+            file=sys.stderr,
+        )
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -22,9 +23,13 @@ CTL_COMMANDS = "set KEY=VALUE, verify [--rate RATE] [--repair], detach URI or ad
 
 
 def run_control(ns: argparse.Namespace) -> int:
-    if ns.command == "status":
-        return run_status(ns.control, bool(ns.json), ns.watch)
-    return run_ctl(ns.control, list(ns.words))
+    try:
+        if ns.command == "status":
+            return run_status(ns.control, bool(ns.json), ns.watch)
+        return run_ctl(ns.control, list(ns.words))
+    except BrokenPipeError:  # `dst status | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # ---- dst status -------------------------------------------------------------------------
@@ -42,11 +47,16 @@ def show(st: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return
-    from rich.console import Console
-
     from dst.control.render import render
 
-    Console().print(render(st))
+    _console().print(render(st))
+
+
+def _console() -> Any:
+    """A terminal's own width; a pipe or file gets wide lines rather than folded cells."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _watch(path: str, as_json: bool, every: float) -> int:
@@ -59,12 +69,11 @@ def _watch(path: str, as_json: bool, every: float) -> int:
                 st, code = _poll(client)
                 print(json.dumps(st, sort_keys=True), flush=True)
                 time.sleep(every)
-        from rich.console import Console
         from rich.live import Live
 
         from dst.control.render import render
 
-        with Live(console=Console(), auto_refresh=False, screen=False) as live:
+        with Live(console=_console(), auto_refresh=False, screen=False) as live:
             while True:
                 st, code = _poll(client)
                 live.update(render(st) if "error" not in st else _error_view(st), refresh=True)
@@ -114,7 +123,9 @@ def run_ctl(path: str, words: list[str]) -> int:
         return 0
     if cmd in ("detach", "add"):
         if len(rest) != 1:
-            raise UsageError(f"`dst ctl {cmd}` takes one member URI, e.g. dst://node2:10810/default")
+            raise UsageError(
+                f"`dst ctl {cmd}` takes one member URI, e.g. dst://node2:10810/default"
+            )
         from dst.uri import parse_member
 
         parse_member(rest[0])

@@ -22,11 +22,12 @@ from dst.units import parse_address
 log = logging.getLogger("dst.export")
 
 
-def parse_export_specs(items: list[str]) -> list[tuple[str, str]]:
+def parse_export_specs(items: list[str], config: str | None = None) -> list[tuple[str, str]]:
     if not items:
+        where = f" (or as `exports = [...]` in the config file {config})" if config else ""
         raise UsageError(
             "no export given: name at least one BACKEND, e.g. `dst export --listen :10810 "
-            "file:/srv/disk.img --size 10G`"
+            f"file:/srv/disk.img --size 10G`{where}"
         )
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -48,7 +49,7 @@ def parse_export_specs(items: list[str]) -> list[tuple[str, str]]:
 def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     o = merge(ns, EXPORT_OPTS, "exports", "exports")
     o["listen_addr"] = parse_address(o["listen"], what="--listen address")
-    o["specs"] = parse_export_specs(o["exports"])
+    o["specs"] = parse_export_specs(o["exports"], ns.config)
     key = load_key_file(o["key_file"]) if o["key_file"] else None
     keys = load_keys_file(o["keys"]) if o["keys"] else None
     if key is not None and keys is not None:

@@ -60,7 +60,7 @@ def build_parser() -> Parser:
 
     c = sub.add_parser("ctl", help="change a running node")
     c.add_argument("--control", required=True, metavar="SOCK")
-    c.add_argument("words", nargs="+", metavar="COMMAND")
+    c.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND")
 
     b = sub.add_parser("bench", help="benchmark dst side by side with nbdkit and qemu-nbd")
     b.add_argument("args", nargs=argparse.REMAINDER)

@@ -9,15 +9,18 @@ scrape can never disagree.  The shapes are documented in docs/operations.md.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from dst.control.server import Handler, RequestError
 from dst.device import BlockDevice
 from dst.errors import UsageError
-from dst.units import format_size, parse_duration, parse_rate
+from dst.units import parse_duration, parse_rate
+
+log = logging.getLogger("dst.control")
 
 STATES = ("connecting", "connected", "reconnecting", "degraded", "resyncing", "failed")
 FS_WARN_PERCENT = 90.0
@@ -80,15 +83,20 @@ def parse_knob(key: str, value: Any) -> float | int:
 
 
 def children(dev: object) -> list[BlockDevice]:
-    """The devices a layer is built on (none for a leaf such as a remote member)."""
+    """The devices a layer is built on (none for a leaf such as a remote member).
+
+    Layers keep them as ``members`` (stripe, linear) or as ``legs`` whose ``dev``
+    is the device (mirror); either is accepted.
+    """
     for attr in _CHILD_ATTRS:
         kids = getattr(dev, attr, None)
         if isinstance(kids, dict):
             kids = list(kids.values())
-        if isinstance(kids, (list, tuple)) and kids and all(
-            isinstance(k, BlockDevice) for k in kids
-        ):
-            return list(kids)
+        if not isinstance(kids, (list, tuple)) or not kids:
+            continue
+        devs = [k if isinstance(k, BlockDevice) else getattr(k, "dev", None) for k in kids]
+        if all(isinstance(d, BlockDevice) for d in devs):
+            return devs  # type: ignore[return-value]
     return []
 
 
@@ -127,8 +135,13 @@ def _result(value: Any) -> dict[str, Any]:
 class AttachControl:
     """Status and live changes of a client node (`dst attach`)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        make_member: Callable[[str], Awaitable[BlockDevice]] | None = None,
+    ) -> None:
         self.device: BlockDevice | None = None
+        self.make_member = make_member
         self.frontends: list[Any] = []
         self.settings = json_safe(settings)
         self.started = time.time()
@@ -174,7 +187,7 @@ class AttachControl:
     def _frontend(front: Any) -> dict[str, Any]:
         kind = getattr(front, "kind", None) or type(front).__name__.removesuffix("Frontend").lower()
         d: dict[str, Any] = {"kind": kind}
-        uri = getattr(front, "uri", None)
+        uri = getattr(front, "uri", None) or getattr(front, "path", None)
         if uri is not None:
             d["uri"] = uri
         stats = getattr(front, "statistics", None)
@@ -241,8 +254,22 @@ class AttachControl:
         return _result(await _maybe_await(fn(self._uri(req))))
 
     async def _add(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Connect the new leg (refused or unreachable: an error, nothing changes), give it
+        the live knobs, then hand it to the mirror, which resyncs it fully."""
         fn = self._mirror_method("add", "add")
-        return _result(await _maybe_await(fn(self._uri(req))))
+        if self.make_member is None:
+            raise RequestError("this client node cannot open new members")
+        member = await self.make_member(self._uri(req))
+        try:
+            for key in LINK_KNOBS:
+                value = self.settings.get(key.replace("-", "_"))
+                set_knob = getattr(member, "set_knob", None)
+                if value is not None and callable(set_knob):
+                    set_knob(key, value)
+            return _result(await _maybe_await(fn(member)))
+        except BaseException:
+            await member.aclose()
+            raise
 
     @staticmethod
     def _uri(req: dict[str, Any]) -> str:
@@ -258,6 +285,7 @@ class ExportControl:
     def __init__(self, node: Any, settings: dict[str, Any]) -> None:
         self.node = node
         self.settings = json_safe(settings)
+        self._full: set[str] = set()  # exports whose filesystem was last seen >= 90% used
 
     def status(self) -> dict[str, Any]:
         st: dict[str, Any] = json_safe(self.node.status())
@@ -267,24 +295,34 @@ class ExportControl:
         for e in st.get("exports", []):
             backend = e.get("statistics", {}).get("backend", {})
             if "fs_size_bytes" in backend:
-                fs = {
+                e["filesystem"] = {
                     "path": backend.get("path"),
                     "size": backend.get("fs_size_bytes"),
                     "free": backend.get("fs_free_bytes"),
                     "used_percent": backend.get("fs_used_percent"),
                     "allocated": backend.get("allocated_bytes"),
                 }
-                e["filesystem"] = fs
-                used = fs["used_percent"] or 0.0
-                if used >= FS_WARN_PERCENT:
-                    warnings.append(
-                        f"export {e.get('name')!r}: the filesystem under {fs['path']} is "
-                        f"{used:g}% full ({format_size(int(fs['free'] or 0))} free); a sparse "
-                        "file export fails writes with ENOSPC when it fills: free space or "
-                        "grow the filesystem"
-                    )
+                warning = space_warning(e)
+                if warning:
+                    warnings.append(warning)
         st["warnings"] = warnings
         return st
+
+    def check_space(self) -> None:
+        """Log once when a file export's filesystem reaches 90% used, and when it drops back."""
+        for e in self.status().get("exports", []):
+            name, warning = str(e.get("name")), space_warning(e)
+            if warning and name not in self._full:
+                self._full.add(name)
+                log.warning("%s", warning)
+            elif not warning and name in self._full and "filesystem" in e:
+                self._full.discard(name)
+                log.info(
+                    "export %r: the filesystem under %s is below %g%% used again",
+                    name,
+                    e["filesystem"].get("path"),
+                    FS_WARN_PERCENT,
+                )
 
     def handlers(self) -> dict[str, Handler]:
         async def status(req: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +337,30 @@ class ExportControl:
         return {"status": status, **dict.fromkeys(("set", "verify", "detach", "add"), not_here)}
 
 
+def human_bytes(n: Any) -> str:
+    """1536 -> ``1.5 KiB``: sizes as a person reads them."""
+    if not isinstance(n, (int, float)):
+        return "-"
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{v:.1f} TiB"
+
+
+def space_warning(export: dict[str, Any]) -> str | None:
+    """The warning for a file export whose filesystem is 90% used or more."""
+    fs = export.get("filesystem")
+    if not isinstance(fs, dict) or (fs.get("used_percent") or 0.0) < FS_WARN_PERCENT:
+        return None
+    return (
+        f"export {export.get('name')!r}: the filesystem under {fs.get('path')} is "
+        f"{fs['used_percent']:g}% full ({human_bytes(fs.get('free'))} free); a sparse file "
+        "export fails writes with ENOSPC when it fills: free space or grow the filesystem"
+    )
+
+
 def unhealthy(status: dict[str, Any]) -> list[str]:
     """Why a status document is not healthy (empty when it is)."""
     out = [
@@ -311,4 +373,8 @@ def unhealthy(status: dict[str, Any]) -> list[str]:
 
 def settings_of(o: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     """The options a node runs with, for its status (never key material)."""
-    return {k: o.get(k) for k in keys if k not in ("key", "keys_map")}
+    out = {k: o.get(k) for k in keys if k not in ("key", "keys_map")}
+    for flag in ("read_only", "shared"):
+        if flag in out:
+            out[flag] = bool(out[flag])
+    return out

@@ -15,6 +15,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from dst.control.handlers import human_bytes
+
 STATE_STYLE = {
     "connected": "green",
     "connecting": "yellow",
@@ -23,17 +25,6 @@ STATE_STYLE = {
     "degraded": "yellow",
     "failed": "bold red",
 }
-
-
-def human_bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "-"
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} TiB"
 
 
 def human_seconds(s: Any) -> str:
@@ -58,26 +49,22 @@ def _state(state: Any) -> Text:
     return Text(s, style=STATE_STYLE.get(s, "magenta"))
 
 
-def _latency(member: dict[str, Any], key: str) -> str:
-    lat = member.get("latency") or {}
-    parts = [
-        f"{op} {human_seconds(v.get(key))}"
-        for op, v in sorted(lat.items())
-        if isinstance(v, dict) and v.get(key) is not None
-    ]
-    return "\n".join(parts) or "-"
+_COUNTS = ("in_flight", "completed", "resends", "failed", "checksum_errors")
 
 
 def _resync(rs: Any) -> RenderableType:
-    """A progress bar with percent and time left, from ``{"done", "total", "rate"|"eta"}``."""
-    if not isinstance(rs, dict) or not rs.get("total"):
+    """A progress bar with percent and time left, from the mirror's resync progress
+    (``bytes_done``, ``bytes_total``, ``rate`` in bytes/s, ``eta`` in seconds)."""
+    if not isinstance(rs, dict) or not rs.get("bytes_total"):
         return Text("-")
-    done, total = float(rs.get("done") or 0), float(rs["total"])
+    done, total = float(rs.get("bytes_done") or 0), float(rs["bytes_total"])
     eta = rs.get("eta")
     rate = rs.get("rate")
     if eta is None and isinstance(rate, (int, float)) and rate > 0:
         eta = (total - done) / rate
     tail = f" {100 * done / total:.0f}%"
+    if isinstance(rate, (int, float)) and rate > 0:
+        tail += f" {human_bytes(rate)}/s"
     if isinstance(eta, (int, float)):
         tail += f" {human_seconds(eta)} left"
     t = Table.grid()
@@ -85,13 +72,34 @@ def _resync(rs: Any) -> RenderableType:
     return t
 
 
+def _table(title: str, spec: str) -> Table:
+    """A table from ``"name|name>|name!"``: ``>`` right-aligned numbers, ``!`` never wrapped.
+
+    Other columns fold (URIs, paths), so nothing is cut off at any terminal width.
+    """
+    t = Table(title=title, title_justify="left")
+    for col in spec.split("|"):
+        name = col.rstrip(">!")
+        t.add_column(
+            name,
+            justify="right" if col.endswith(">") else "left",
+            overflow="fold",
+            no_wrap=col.endswith((">", "!")),
+        )
+    return t
+
+
+def _uptime(st: dict[str, Any]) -> str:
+    since = st.get("since")
+    return human_seconds(time.time() - since) if isinstance(since, (int, float)) else "?"
+
+
 def render_attach(st: dict[str, Any]) -> RenderableType:
     dev = st.get("device") or {}
     cfg = st.get("settings") or {}
-    up = human_seconds(time.time() - st["since"]) if isinstance(st.get("since"), float) else "?"
     head = Text.assemble(
         ("client node", "bold"),
-        f" (pid {st.get('pid')}, up {up}): ",
+        f" (pid {st.get('pid')}, up {_uptime(st)}): ",
         f"{dev.get('layout', 'single')} device of {human_bytes(dev.get('size'))}",
         ", read-only" if dev.get("read_only") else "",
         ", state ",
@@ -108,33 +116,45 @@ def render_attach(st: dict[str, Any]) -> RenderableType:
         grid = Table.grid()
         grid.add_row(Text("device resync "), _resync(dev["resync"]))
         parts.append(grid)
-    t = Table(title="members", title_justify="left", expand=False)
-    for col in ("member", "state", "gen", "in flight", "completed", "resent", "failed"):
-        t.add_column(col, justify="left" if col in ("member", "state") else "right")
-    for col in ("csum err", "read", "written", "p50", "p99", "resync"):
-        t.add_column(col, justify="right" if col not in ("resync",) else "left")
-    for m in st.get("members", []):
-        t.add_row(
+    members = st.get("members", [])
+    resyncing = any(isinstance(m.get("resync"), dict) for m in members)
+    who = _table("members", "#!|member|state!|gen>" + ("|resync!" if resyncing else ""))
+    counts = _table(
+        "requests",
+        "#!|in flight>|completed>|resent>|failed>|csum err>|read>|written>",
+    )
+    lat = _table("latency", "#!|op!|requests>|p50>|p99>")
+    for i, m in enumerate(members, 1):
+        row: list[RenderableType] = [
+            str(i),
             str(m.get("uri")),
             _state(m.get("state")),
             str(m.get("generation", "-")),
-            str(m.get("in_flight", "-")),
-            str(m.get("completed", "-")),
-            str(m.get("resends", "-")),
-            str(m.get("failed", "-")),
-            str(m.get("checksum_errors", "-")),
+        ]
+        if resyncing:
+            row.append(_resync(m.get("resync")))
+        who.add_row(*row)
+        counts.add_row(
+            str(i),
+            *(str(m.get(k, "-")) for k in _COUNTS),
             human_bytes(m.get("bytes_read")),
             human_bytes(m.get("bytes_written")),
-            _latency(m, "p50"),
-            _latency(m, "p99"),
-            _resync(m.get("resync")),
         )
-    parts.append(t)
+        for op, v in sorted((m.get("latency") or {}).items()):
+            if isinstance(v, dict):
+                lat.add_row(
+                    str(i),
+                    op,
+                    str(v.get("count", "-")),
+                    human_seconds(v.get("p50")),
+                    human_seconds(v.get("p99")),
+                )
+    parts += [who, counts]
+    if lat.row_count:
+        parts.append(lat)
     fronts = st.get("frontends") or []
     if fronts:
-        f = Table(title="front ends", title_justify="left")
-        for col in ("front end", "address", "connections", "requests", "read", "written", "errors"):
-            f.add_column(col, justify="left" if col in ("front end", "address") else "right")
+        f = _table("front ends", "kind!|address|connections>|requests>|read>|written>|errors>")
         for fe in fronts:
             reqs = fe.get("requests") or {}
             f.add_row(
@@ -147,62 +167,68 @@ def render_attach(st: dict[str, Any]) -> RenderableType:
                 str(fe.get("errors", "-")),
             )
         parts.append(f)
-    for m in st.get("members", []):
+    for i, m in enumerate(members, 1):
         if m.get("state") != "connected" and m.get("last_error"):
-            parts.append(Text(f"{m.get('uri')}: {m.get('last_error')}", style="yellow"))
+            parts.append(Text(f"member {i}: {m.get('last_error')}", style="yellow"))
     return Group(*parts)
 
 
 def render_export(st: dict[str, Any]) -> RenderableType:
-    up = human_seconds(time.time() - st["since"]) if isinstance(st.get("since"), float) else "?"
     head = Text.assemble(
         ("export node", "bold"),
-        f" (pid {st.get('pid')}, up {up}) listening on {st.get('address')}: ",
+        f" (pid {st.get('pid')}, up {_uptime(st)}) listening on {st.get('address')}: ",
         f"{st.get('connections', 0)} connection(s), ",
         (f"{st.get('enospc', 0)} ENOSPC", "red" if st.get("enospc") else ""),
     )
-    t = Table(title="exports", title_justify="left")
-    for col in ("name", "backend", "size", "identity", "mode", "allocated", "fs free", "fs used"):
-        t.add_column(col, justify="right" if col in ("size", "allocated", "fs free", "fs used") else "left")
+    exports = _table("exports", "name!|backend|size>|mode!|identity")
+    space = _table("space", "name!|allocated>|fs size>|fs free>|fs used>")
     for e in st.get("exports", []):
-        fs = e.get("filesystem") or {}
-        used = fs.get("used_percent")
-        used_text = (
-            Text(f"{used:g}%", style="bold red" if used >= 90 else "")
-            if isinstance(used, (int, float))
-            else Text("-")
-        )
         mode = "read-only" if e.get("read_only") else "read-write"
         if e.get("shared"):
             mode += ", shared"
-        t.add_row(
+        exports.add_row(
             str(e.get("name")),
             str(e.get("backend")),
             human_bytes(e.get("size")),
-            str(e.get("identity")),
             mode,
-            human_bytes(fs.get("allocated")) if fs else "-",
-            human_bytes(fs.get("free")) if fs else "-",
-            used_text,
+            str(e.get("identity")),
         )
-    s = Table(title="sessions", title_justify="left")
-    for col in ("client", "export", "address", "since", "gen", "state", "requests", "read", "written"):
-        s.add_column(col, justify="right" if col in ("gen", "requests", "read", "written") else "left")
+        fs = e.get("filesystem")
+        if isinstance(fs, dict):
+            used = fs.get("used_percent")
+            space.add_row(
+                str(e.get("name")),
+                human_bytes(fs.get("allocated")),
+                human_bytes(fs.get("size")),
+                human_bytes(fs.get("free")),
+                Text(f"{used:g}%", style="bold red" if used >= 90 else "")
+                if isinstance(used, (int, float))
+                else Text("-"),
+            )
+    sessions = _table("sessions", "#!|client|export|address|since!|gen>|state!")
+    served = _table("requests served", "#!|requests>|read>|written>")
     now = time.time()
-    for ses in st.get("sessions", []):
+    for i, ses in enumerate(st.get("sessions", []), 1):
         since = ses.get("since")
-        s.add_row(
+        sessions.add_row(
+            str(i),
             str(ses.get("client_id")),
             str(ses.get("export")),
             str(ses.get("address") or "-"),
             f"{human_seconds(now - since)} ago" if isinstance(since, (int, float)) else "-",
             str(ses.get("generation", "-")),
             _state("connected" if ses.get("connected") else "disconnected"),
+        )
+        served.add_row(
+            str(i),
             str(ses.get("requests", 0)),
             human_bytes(ses.get("bytes_read")),
             human_bytes(ses.get("bytes_written")),
         )
-    parts: list[RenderableType] = [head, t, s]
+    parts: list[RenderableType] = [head, exports]
+    if space.row_count:
+        parts.append(space)
+    parts += [sessions, served]
     parts += [Text(f"warning: {w}", style="bold yellow") for w in st.get("warnings", [])]
     return Group(*parts)
 

@@ -18,6 +18,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from dst import trace
 from dst.aio.listen import bind_listener
 from dst.errors import DstError
 from dst.units import Address
@@ -67,7 +68,7 @@ class ControlServer:
             sock.close()
             self._unlink()
             raise
-        log.info("control socket listening on unix:%s", self.path)
+        log.info("control socket ready at unix:%s", self.path)
 
     async def _help(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"commands": sorted(self.handlers)}
@@ -128,6 +129,8 @@ class ControlServer:
             out.update(ok=False, error=f"internal error in {name!r}: {type(exc).__name__}: {exc}")
         else:
             out.update(ok=True, result=result)
+        if trace.on.control:
+            trace.emit("control", "request", cmd=name, ok=out["ok"], error=out.get("error"))
         return out
 
     def _unlink(self) -> None:
