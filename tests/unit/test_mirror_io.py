@@ -319,3 +319,16 @@ def test_the_same_store_twice_is_refused() -> None:
         await m.aclose()
 
     asyncio.run(main())
+
+
+def test_a_preflush_read_flushes_every_leg() -> None:
+    async def main() -> None:
+        legs = fault_legs(3)
+        m = await started(legs)
+        await m.write(0, b"p" * 10)
+        assert await m.read(0, 10, IoFlags.PREFLUSH) == b"p" * 10
+        assert [x.applied["flush"] for x in legs] == [1, 1, 1]
+        assert sum(x.applied["read"] for x in legs) == 1
+        await m.aclose()
+
+    asyncio.run(main())

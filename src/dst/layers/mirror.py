@@ -1,0 +1,705 @@
+"""``mirror``: RAID1 over N legs with a dirty bitmap, an activity log and background resync.
+
+Rules (docs/mirror.md says why):
+- A write goes to every leg that is in sync or resyncing, in parallel, and is acked
+  when all of them answered.  A leg degrades only when a request to it *failed* (an
+  error reply, or a transaction that failed after all its resends); a short outage
+  just delays its writes.  The write succeeds if an in-sync leg took it.  When every
+  in-sync leg failed it, the error goes to the caller and the first of them stays in
+  sync (the last in-sync leg is never degraded), so the legs never disagree silently.
+- While a leg is degraded, the regions written are marked in its bitmap, durably,
+  before the write is acked.  While legs are in sync, the extents being written are
+  recorded in the activity log before the writes are issued.
+- Reads go to the in-sync leg with the fewest reads in flight.  A read that fails on
+  a leg is served from another; if the failing leg answered with an error (it is
+  connected) the region is rewritten on it from the good copy, as md does for bad
+  sectors, and if that rewrite fails too the leg degrades; if the leg's link failed,
+  it degrades at once (a rewrite would only wait out another transaction budget).
+- Writes and resync/verify steps take byte-range locks, so overlapping writes are
+  applied in the same order on every leg and a resync copy never overwrites new data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from dst import trace
+from dst.device import BlockDevice, Buffer, Capabilities, IoCounters, IoFlags, check_range
+from dst.errors import DstError, IoError, UsageError
+from dst.layers.bitmap import MAX_LEGS, ActivityLog, Record
+from dst.layers.linear import as_bytes_view, merge_capabilities
+from dst.layers.resync import (
+    DEGRADED,
+    IN_SYNC,
+    RESYNCING,
+    Foreground,
+    Leg,
+    LegView,
+    RangeLocks,
+    RateLimiter,
+    Resync,
+    VerifyState,
+    plan_start,
+    refusal_of,
+    usable_size,
+)
+from dst.units import format_size
+
+log = logging.getLogger("dst.mirror")
+T = TypeVar("T")
+LegOp = Callable[[BlockDevice, int, int], Awaitable[None]]
+
+DEFAULT_GRANULARITY = 64 << 10
+
+AL_EXTENT = 4 << 20
+AL_LIMIT = 512
+SPLIT_EXTENTS = 64  # trims and zeroes are done this many activity-log extents at a time
+
+
+def event(what: str, **fields: Any) -> None:
+    if trace.on.mirror:
+        trace.emit("mirror", what, **fields)
+
+
+class MirrorCore(BlockDevice):
+    """RAID1 over arbitrary block devices (remote members in production): start-up, leg
+    states, the data path and shutdown.  :class:`dst.layers.stack.MirrorDevice` adds
+    control (verify, detach, add, resync rate) and status."""
+
+    kind = "mirror"
+
+    def __init__(
+        self,
+        legs: Sequence[BlockDevice],
+        *,
+        bitmap: str | None = None,
+        granularity: int = DEFAULT_GRANULARITY,
+        resync_rate: int | None = None,
+        al_extent: int = AL_EXTENT,
+        al_limit: int = AL_LIMIT,
+        assume_clean: bool = False,
+        start_timeout: float = 0.0,
+        name: str = "mirror",
+    ) -> None:
+        if not 1 <= len(legs) <= MAX_LEGS:
+            raise UsageError(f"a mirror needs 1 to {MAX_LEGS} legs, not {len(legs)}")
+        if granularity < 512 or granularity & (granularity - 1):
+            raise UsageError(
+                f"invalid bitmap granularity {granularity}: give a power of two of at least 512, "
+                "e.g. 64K"
+            )
+        if al_extent & (al_extent - 1):
+            raise UsageError(f"invalid activity-log extent {al_extent}: give a power of two")
+        self.name = name
+        self.bitmap_path = bitmap
+        self.granularity = granularity
+        self.al_extent = max(al_extent, granularity)
+        self.al_limit = al_limit
+        self.assume_clean = assume_clean
+        self.start_timeout = start_timeout
+        self.legs = [Leg(d, -1, DEGRADED) for d in legs]
+        for leg in self.legs:
+            leg.idle.set()
+        self.size = 0
+        self.capabilities = Capabilities()
+        self.state = "connecting"
+        self.record = Record(None, 0, granularity, self.al_extent)
+        self.al = ActivityLog(self.record, al_limit)
+        self.locks = RangeLocks()
+        self.limiter = RateLimiter(resync_rate)
+        self.verify_state: VerifyState | None = None
+        self.retry_min = 5.0
+        self.retry_max = 300.0
+        self.counters = IoCounters()
+        self.repairs = 0
+        self.degrades = 0
+        self.foreground = Foreground()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unflushed: set[int] = set()
+        self._rr = 0
+        self._started = False
+        self._closed = False
+
+    # ---- start-up -----------------------------------------------------------------------
+    @staticmethod
+    def _reachable(dev: BlockDevice) -> bool:
+        return dev.state == "connected" and dev.size > 0
+
+    async def start(self) -> None:
+        """Decide from the bitmap which legs are current, then serve (degraded if need be)."""
+        if self._started:
+            return
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline and any(
+            leg.dev.state in ("connecting", "reconnecting") for leg in self.legs
+        ):
+            await asyncio.sleep(0.05)
+        up = [leg for leg in self.legs if self._reachable(leg.dev)]
+        if not up:
+            states = ", ".join(f"{leg.name} {leg.dev.state}" for leg in self.legs)
+            raise DstError(f"no leg of the mirror is reachable ({states}); start at least one")
+        self.size = usable_size(self.name, [leg.dev for leg in up])
+        self.capabilities = merge_capabilities([leg.dev.capabilities for leg in up])
+        rec, why = Record.open(self.bitmap_path, self.size, self.granularity, self.al_extent)
+        try:
+            views = [LegView(x.name, x.dev.identity, self._reachable(x.dev)) for x in self.legs]
+            plans, _ = plan_start(
+                rec,
+                why,
+                views,
+                assume_clean=self.assume_clean,
+                read_only=self.capabilities.read_only,
+            )
+            if self.capabilities.read_only:
+                await rec.abandon()  # a read-only mirror changes nothing, the record included
+            else:
+                await rec.sync()
+        except BaseException:
+            await rec.abandon()
+            raise
+        self.record = rec
+        self.al = ActivityLog(rec, self.al_limit)
+        self.identity = rec.mirror_id if self.bitmap_path else None
+        for leg, plan in zip(self.legs, plans, strict=True):
+            leg.slot = plan.slot
+            leg.status = IN_SYNC if plan.in_sync else DEGRADED
+            leg.reason = plan.reason
+            leg.check_identity = plan.check_identity
+            leg.dev.subscribe(self._leg_state)
+        self._started = True
+        self._update_state()
+        log.info(
+            "%s: %d legs, %s in sync, %s (%d bytes), bitmap %s, granularity %s",
+            self.name,
+            len(self.legs),
+            ", ".join(x.name for x in self.in_sync_legs()),
+            format_size(self.size),
+            self.size,
+            self.bitmap_path or "in memory only",
+            format_size(self.granularity),
+        )
+        for leg in self.legs:
+            if leg.status == DEGRADED:
+                self._try_resync(leg)
+
+    # ---- leg states ----------------------------------------------------------------------
+    def in_sync_legs(self) -> list[Leg]:
+        return [x for x in self.legs if x.status == IN_SYNC]
+
+    def _update_state(self) -> None:
+        if not self._started:
+            return
+        self.set_state(self._sync_name() if self._sync_name() != "in-sync" else "connected")
+
+    def _sync_name(self) -> str:
+        statuses = [x.status for x in self.legs]
+        if IN_SYNC not in statuses:
+            return "failed"
+        if RESYNCING in statuses:
+            return "resyncing"
+        if DEGRADED in statuses:
+            return "degraded"
+        return "in-sync"
+
+    def _leg_state(self, dev: BlockDevice, state: str) -> None:
+        leg = next((x for x in self.legs if x.dev is dev), None)
+        if leg is None or self._closed:
+            return
+        if state == "connected" and leg.status == DEGRADED:
+            leg.retry_delay = 0.0
+            self._try_resync(leg)
+        elif (
+            state == "failed"
+            and leg.status != DEGRADED
+            and self.degrade(leg, f"{leg.name} failed (refused on reconnect)")
+        ):
+            self._spawn(self._sync_quietly())
+        self._update_state()
+
+    def degrade(self, leg: Leg, why: str) -> bool:
+        """Stop sending writes to ``leg``; record that it is behind.  The caller makes the
+        record durable before acking anything that depends on it.  The last in-sync leg
+        is never degraded: its errors go to the caller instead."""
+        if leg.status == DEGRADED or leg.removed:
+            return leg.status == DEGRADED
+        if leg.status == IN_SYNC:
+            if not [x for x in self.legs if x is not leg and x.status == IN_SYNC]:
+                log.error("%s: %s; it is the last in-sync leg, so it stays in use", leg.name, why)
+                return False
+            rec = self.record
+            rec.generation += 1
+            for x in self.legs:
+                if x.status == IN_SYNC and x is not leg:
+                    slot = rec.slots[x.slot]
+                    if slot is not None:
+                        slot.generation = rec.generation
+            rec.mark_meta()
+        leg.status = DEGRADED
+        leg.reason = why
+        self.degrades += 1
+        r = leg.resync
+        if r is not None and r.task is not None and r.task is not asyncio.current_task():
+            r.task.cancel()
+        others = ", ".join(x.name for x in self.in_sync_legs())
+        log.warning(
+            "%s: degraded: %s; writes go on to %s and the regions they change are recorded "
+            "for its resync",
+            leg.name,
+            why,
+            others,
+        )
+        event("degraded", leg=leg.name, why=why)
+        self._schedule_retry(leg)
+        self._update_state()
+        return True
+
+    def _schedule_retry(self, leg: Leg) -> None:
+        """A degraded leg that is still connected (it answered with errors) is retried with
+        back-off; one whose link is down is retried when it reports ``connected``."""
+        if self._closed or leg.removed or leg.dev.state != "connected":
+            return
+        if leg.retry is not None:
+            leg.retry.cancel()
+        leg.retry_delay = min(self.retry_max, max(self.retry_min, leg.retry_delay * 2))
+        leg.retry = asyncio.get_running_loop().call_later(leg.retry_delay, self._retry_now, leg)
+
+    def _retry_now(self, leg: Leg) -> None:
+        leg.retry = None
+        self._try_resync(leg)
+
+    def _try_resync(self, leg: Leg) -> None:
+        if self._closed or not self._started or leg.removed or leg.status != DEGRADED:
+            return
+        if leg.resync is not None or self.capabilities.read_only:
+            return
+        if not self._reachable(leg.dev) or not self.in_sync_legs():
+            return
+        refusal = refusal_of(leg.dev, self.capabilities, self.size)
+        if refusal != leg.refused:
+            leg.refused = refusal
+            if refusal:
+                log.error("%s: cannot rejoin the mirror: %s", leg.name, refusal)
+        if refusal:
+            self._update_state()
+            return
+        if leg.retry is not None:
+            leg.retry.cancel()
+            leg.retry = None
+        rec = self.record
+        slot = rec.slots[leg.slot]
+        bm = rec.bitmaps[leg.slot]
+        assert slot is not None and bm is not None
+        why = leg.reason or "it was degraded"
+        cur, known = leg.dev.identity, slot.identity
+        if leg.check_identity or (cur is not None and known is not None and cur != known):
+            leg.check_identity = False
+            if cur is None or known is None or cur != known:
+                reason = (
+                    f"its identity changed from {known} to {cur}: a blank or replaced store"
+                    if cur is not None and known is not None
+                    else "its identity is unknown, so nothing proves it holds what the bitmap records"
+                )
+                log.warning("%s: full resync: %s", leg.name, reason)
+                bm.fill()
+                slot.full, slot.generation, slot.identity = True, 0, cur
+                rec.mark_meta()
+                why = f"full resync: {reason}"
+        leg.status = RESYNCING
+        r = Resync(self, leg, why)
+        leg.resync = r
+        r.task = self._spawn(self._resync_task(leg, r))
+        event("resync-start", leg=leg.name, why=why, bytes=r.progress.total)
+        self._update_state()
+
+    async def _resync_task(self, leg: Leg, r: Resync) -> bool:
+        done = False
+        try:
+            await self.record.sync()  # a full-resync mark must be durable before the copy
+            done = await r.run() and await self._resync_finished(leg, r)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            r.error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: resync failed", leg.name)
+        finally:
+            if leg.resync is r:
+                leg.resync = None
+            if leg.status == RESYNCING:
+                leg.status = DEGRADED
+            if not done and not self._closed and not leg.removed:
+                log.warning(
+                    "%s: resync stopped at %s: %s",
+                    leg.name,
+                    r.progress.line(),
+                    r.error or leg.reason,
+                )
+                if leg.status == DEGRADED and r.error:
+                    self._schedule_retry(leg)
+            self._update_state()
+        return done
+
+    async def _resync_finished(self, leg: Leg, r: Resync) -> bool:
+        rec = self.record
+        bm = rec.bitmaps[leg.slot]
+        slot = rec.slots[leg.slot]
+        if leg.status != RESYNCING or bm is None or slot is None or bm.next_set(0) is not None:
+            return False
+        leg.status = IN_SYNC
+        leg.reason = ""
+        leg.retry_delay = 0.0
+        slot.generation, slot.full = rec.generation, False
+        if leg.dev.identity is not None:
+            slot.identity = leg.dev.identity
+        rec.mark_meta()
+        self._update_state()
+        p = r.progress.as_dict()
+        log.info(
+            "%s: resync finished: %s copied in %.1f s; in sync",
+            leg.name,
+            format_size(p["bytes_done"]),
+            p["seconds"],
+        )
+        event("resync-done", leg=leg.name, bytes=p["bytes_done"], seconds=p["seconds"])
+        try:
+            await rec.sync(force=True)
+        except IoError as e:
+            log.error("%s: %s", self.name, e)
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _sync_quietly(self) -> None:
+        try:
+            await self.record.sync()
+        except IoError as e:
+            log.error("%s: %s", self.name, e)
+
+    # ---- helpers for the data path ---------------------------------------------------------
+    def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
+        try:
+            if self._closed or not self._started:
+                raise IoError(errno.EIO, f"{self.name}: {op} on a mirror that is not running")
+            if change and self.capabilities.read_only:
+                raise IoError(errno.EPERM, f"{self.name} is read-only: {op} refused")
+            check_range(self.size, offset, length, self.capabilities.max_request if limit else None)
+        except IoError:
+            self.counters.errors += 1
+            raise
+
+    async def _on_leg(self, leg: Leg, aw: Awaitable[None]) -> None:
+        leg.inflight += 1
+        leg.idle.clear()
+        try:
+            await aw
+        finally:
+            leg.inflight -= 1
+            if leg.inflight == 0:
+                leg.idle.set()
+
+    async def _to_end(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a change to the end even if the caller is cancelled: stopping half-way would
+        leave the legs different (and the caller's buffer is in use until then)."""
+        task = self._spawn(coro)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            while not task.done():
+                try:
+                    await asyncio.wait([task])
+                except asyncio.CancelledError:
+                    continue
+            if not task.cancelled():
+                task.exception()
+            raise
+
+    def _errors(self, op: str, results: list[tuple[Leg, BaseException]]) -> str:
+        return "; ".join(f"{leg.name}: {e}" for leg, e in results) or op
+
+    # ---- changes: write, trim, zeroes ------------------------------------------------------
+    async def _change(self, op: str, offset: int, length: int, fn: LegOp) -> None:
+        self.foreground.begin()
+        try:
+            async with self.locks.lock(offset, offset + length):
+                await self.al.begin(offset, length)
+                try:
+                    targets = [x for x in self.legs if x.status != DEGRADED]
+                    skipped = [x for x in self.legs if x.status == DEGRADED]
+                    if not targets:
+                        raise IoError(errno.EIO, f"{self.name}: no in-sync leg to {op} to")
+                    results = await asyncio.gather(
+                        *(self._on_leg(x, fn(x.dev, offset, length)) for x in targets),
+                        return_exceptions=True,
+                    )
+                    err = await self._settle(
+                        op, targets, results, skipped, [(offset, length)], diverge=True
+                    )
+                    if err is None:
+                        self._unflushed.update(self.al.extents(offset, length))
+                finally:
+                    self.al.end(offset, length)
+            if err is not None:
+                raise err
+        finally:
+            self.foreground.end()
+
+    async def _settle(
+        self,
+        op: str,
+        targets: list[Leg],
+        results: list[BaseException | None],
+        skipped: list[Leg],
+        ranges: list[tuple[int, int]],
+        *,
+        diverge: bool,
+    ) -> IoError | None:
+        """Degrade the legs that failed, mark what they (or skipped legs) missed, make that
+        durable, and say whether the caller sees an error."""
+        rec = self.record
+        for leg in skipped:
+            if not leg.removed:
+                for o, n in ranges:
+                    rec.mark(leg.slot, o, n)
+        bad: list[tuple[Leg, BaseException]] = []
+        for leg, r in zip(targets, results, strict=True):
+            if r is None:
+                continue
+            if not isinstance(r, OSError):
+                raise r  # cancelled, or a bug: not a leg failure
+            bad.append((leg, r))
+        error: IoError | None = None
+        if bad:
+            took = [x for x, r in zip(targets, results, strict=True) if r is None]
+            keep: Leg | None = None
+            if not [x for x in took if x.status == IN_SYNC]:
+                keep = next((x for x, _ in bad if x.status == IN_SYNC and not x.removed), None)
+                first = next((e for x, e in bad if x is keep), bad[0][1])
+                error = IoError(
+                    getattr(first, "errno", None) or errno.EIO,
+                    f"{self.name}: {op} failed on every in-sync leg: {self._errors(op, bad)}",
+                )
+                if keep is not None and diverge:
+                    # Resyncing legs took data the kept leg has not: degrade them (marking
+                    # alone could be undone by their resync clearing a region it copied).
+                    for x in took:
+                        if not x.removed and self.degrade(x, f"it took a {op} the others failed"):
+                            for o, n in ranges:
+                                rec.mark(x.slot, o, n)
+            for leg, e in bad:
+                if leg is keep or leg.removed:
+                    continue
+                if self.degrade(leg, f"{op} failed: {e}"):
+                    for o, n in ranges:
+                        rec.mark(leg.slot, o, n)
+        if rec.pending:
+            await rec.sync()
+        return error
+
+    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
+        view = as_bytes_view(data)
+        n = len(view)
+        self._check("write", offset, n, change=True, limit=True)
+        if n == 0:
+            if flags & (IoFlags.FUA | IoFlags.PREFLUSH):
+                await self.flush()
+            return
+        await self._to_end(
+            self._change("write", offset, n, lambda d, o, _: d.write(o, view, flags))
+        )
+        self.counters.writes += 1
+        self.counters.bytes_written += n
+
+    async def _ranged(self, op: str, offset: int, length: int, fn: LegOp) -> None:
+        """Big trims and zeroes go a few extents at a time, so the activity log stays small."""
+        step = self.al_extent * SPLIT_EXTENTS
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(step - pos % step, end - pos)
+            await self._to_end(self._change(op, pos, n, fn))
+            pos += n
+
+    async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        self._check("trim", offset, length, change=True, limit=False)
+        if not self.capabilities.can_trim:
+            raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
+        await self._ranged("trim", offset, length, lambda d, o, n: d.trim(o, n, flags))
+        self.counters.trims += 1
+
+    async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        self._check("write_zeroes", offset, length, change=True, limit=False)
+        await self._ranged("zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags))
+        self.counters.zeroes += 1
+
+    async def flush(self) -> None:
+        """Flush every leg that gets writes; a leg whose flush failed may have lost writes
+        since its last flush, so those extents are marked for its resync."""
+        self._check("flush", 0, 0, change=False, limit=False)
+        self.foreground.begin()
+        try:
+            done, self._unflushed = self._unflushed, set()
+            targets = [x for x in self.legs if x.status != DEGRADED]
+            results = await asyncio.gather(
+                *(self._on_leg(x, x.dev.flush()) for x in targets), return_exceptions=True
+            )
+            ext = self.al_extent
+            err = await self._settle(
+                "flush", targets, results, [], [(e * ext, ext) for e in done], diverge=False
+            )
+            if err is not None:
+                self._unflushed |= done
+                self.counters.errors += 1
+                raise err
+            self.counters.flushes += 1
+        finally:
+            self.foreground.end()
+
+    # ---- reads -------------------------------------------------------------------------------
+    def _pick_reader(self, skip: set[Leg]) -> Leg | None:
+        cands = [x for x in self.legs if x.status == IN_SYNC and x not in skip]
+        if not cands:
+            return None
+        self._rr += 1
+        n = len(cands)
+        return min(
+            enumerate(cands),
+            key=lambda p: (p[1].dev.state != "connected", p[1].reading, (p[0] - self._rr) % n),
+        )[1]
+
+    async def _read(
+        self, offset: int, view: memoryview, flags: IoFlags, *, skip: Leg | None, held: bool
+    ) -> None:
+        tried: set[Leg] = {skip} if skip is not None else set()
+        failures: list[tuple[Leg, BaseException]] = []
+        while True:
+            leg = self._pick_reader(tried)
+            if leg is None:
+                first = failures[0][1] if failures else None
+                raise IoError(
+                    getattr(first, "errno", None) or errno.EIO,
+                    f"{self.name}: read at {offset}+{len(view)} failed on every in-sync leg: "
+                    f"{self._errors('no in-sync leg', failures)}",
+                )
+            tried.add(leg)
+            leg.reading += 1
+            try:
+                await self._on_leg(leg, leg.dev.read_into(offset, view, flags))
+            except OSError as e:
+                failures.append((leg, e))
+                continue
+            finally:
+                leg.reading -= 1
+            break
+        for bad, why in failures:
+            await self._read_failed(bad, why, offset, view, leg, held)
+
+    async def _read_failed(
+        self, bad: Leg, err: BaseException, offset: int, view: memoryview, good: Leg, held: bool
+    ) -> None:
+        """Rewrite the region on a leg that answered with an error; degrade one whose link
+        failed, or whose rewrite failed too."""
+        if bad.removed or bad.status != IN_SYNC:
+            return
+        n = len(view)
+        if bad.dev.state != "connected":
+            if self.degrade(
+                bad, f"a read at {offset}+{n} failed while it was {bad.dev.state}: {err}"
+            ):
+                await self.record.sync()
+            return
+        log.warning(
+            "%s: read error at %d+%d (%s); rewriting the region from %s",
+            bad.name,
+            offset,
+            n,
+            err,
+            good.name,
+        )
+        self.repairs += 1
+        if held:  # the caller holds the range lock, so the good copy is still current
+            await self._rewrite(bad, offset, bytes(view))
+            return
+        async with self.locks.lock(offset, offset + n):
+            if bad.status != IN_SYNC or good.status != IN_SYNC:
+                return
+            data = bytearray(n)
+            try:
+                await self._on_leg(good, good.dev.read_into(offset, memoryview(data)))
+            except OSError as e:
+                log.warning("%s: cannot re-read %d+%d for the rewrite: %s", good.name, offset, n, e)
+                return
+            await self._rewrite(bad, offset, data)
+
+    async def _rewrite(self, bad: Leg, offset: int, data: bytes | bytearray) -> None:
+        try:
+            await self._on_leg(bad, bad.dev.write(offset, data))
+        except OSError as e:
+            if self.degrade(bad, f"rewriting a region that failed to read failed too: {e}"):
+                self.record.mark(bad.slot, offset, len(data))
+                await self.record.sync()
+
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        view = as_bytes_view(buf)
+        self._check("read", offset, len(view), change=False, limit=True)
+        if flags & IoFlags.PREFLUSH:  # every leg's earlier writes, not just the reader's
+            await self.flush()
+            flags &= ~IoFlags.PREFLUSH
+        self.foreground.begin()
+        try:
+            await self._read(offset, view, flags, skip=None, held=False)
+        except IoError:
+            self.counters.errors += 1
+            raise
+        finally:
+            self.foreground.end()
+        self.counters.reads += 1
+        self.counters.bytes_read += len(view)
+
+    async def read_source(self, offset: int, view: memoryview, target: Leg) -> None:
+        """A resync read: from any in-sync leg but the target; the caller holds the lock."""
+        await self._read(offset, view, IoFlags.NONE, skip=target, held=True)
+
+    # ---- shutdown ------------------------------------------------------------------------------
+    async def _stop_tasks(self, everything: bool) -> None:
+        for leg in self.legs:
+            if leg.retry is not None:
+                leg.retry.cancel()
+                leg.retry = None
+            if leg.resync is not None and leg.resync.task is not None:
+                leg.resync.task.cancel()
+        if everything:
+            for t in self._tasks:
+                t.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Finish in-flight requests, record a clean stop (empty activity log), close legs."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_tasks(everything=False)
+        try:
+            await self.record.close()
+        except (DstError, OSError) as e:
+            log.error("%s: could not record a clean stop: %s", self.name, e)
+        results = await asyncio.gather(*(x.dev.aclose() for x in self.legs), return_exceptions=True)
+        for leg, r in zip(self.legs, results, strict=True):
+            if isinstance(r, Exception):
+                log.warning("%s: closing it failed: %s", leg.name, r)
+
+    async def abandon(self) -> None:
+        """Stop at once, as a crash of the client node would: nothing more reaches the legs
+        or the bitmap file, which is left as it stands.  The legs stay open."""
+        self._closed = True
+        await self._stop_tasks(everything=True)
+        await self.record.abandon()
