@@ -146,6 +146,33 @@ class Procs:
             p.stop()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found by walking /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (fio forks job processes)."""
+    for p in [*descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def nbdsh() -> list[str]:
     """nbdsh under Debian's own python3, which has libnbd's module (the venv's does not)."""
     need_tool("nbdsh")

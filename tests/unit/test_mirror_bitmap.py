@@ -473,3 +473,29 @@ def test_bitmap_pages_are_laid_out_per_slot(tmp_path: Path) -> None:
         assert os.path.getsize(tmp_path / "bm") == BITMAP_BASE + 8 * stride
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
+def test_sync_does_not_spin_on_a_finished_writer_whose_callback_is_pending(tmp_path: Path) -> None:
+    """A write task can be finished while its done-callback has not run yet; a second
+    ``sync`` then must start a new write instead of awaiting the finished one forever
+    (awaiting a finished task does not yield, so the loop would never run the callback)."""
+
+    async def main() -> None:
+        rec, _ = Record.open(str(tmp_path / "bm"), MIB, G, EXT)
+        await rec.sync(force=True)
+
+        async def finished_write() -> None:
+            return None
+
+        task = asyncio.get_running_loop().create_task(finished_write())
+        await asyncio.sleep(0)
+        assert task.done()
+        rec._writer = task
+        task.add_done_callback(rec._writer_done)  # scheduled, not yet run
+        rec.version = rec.durable + 1
+        await rec.sync()  # in this same step: before the fix it never returned
+        assert not rec.pending
+        await rec.close()
+
+    asyncio.run(main())

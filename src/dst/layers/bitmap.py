@@ -440,6 +440,13 @@ class Record:
             self.version += 1
         target = self.version
         while self.durable < target:
+            w = self._writer
+            if w is not None and w.done():
+                # Finished, but its done-callback has not run yet: awaiting a finished task
+                # does not yield, so waiting on it again would spin forever.
+                self._writer = None
+                w.result()  # its error is ours too
+                continue
             if self._writer is None:
                 self._writer = asyncio.get_running_loop().create_task(self._write_once())
                 self._writer.add_done_callback(self._writer_done)

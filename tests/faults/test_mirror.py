@@ -1,0 +1,243 @@
+"""Network RAID on real processes: mirror legs that die, come back, are replaced; stripe and
+linear over three export nodes (one of them an nbdkit server)."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.test_resilience import fio_result, fio_writer
+from tests.procs import Proc, Procs, kill_tree, member_uri, need_tool, run
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+SIZE = "128M"
+SHORT_BUDGET = (
+    "--resends",
+    "1",
+    "--resend-timeout",
+    "1",
+    "--reconnect-min",
+    "0.05",
+    "--reconnect-max",
+    "0.3",
+)
+
+
+def qemu_io(uri: str, *cmds: str) -> None:
+    exe = need_tool("qemu-io")
+    args = [exe, "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    cp = run([*args, uri], check=False, timeout=120)
+    assert cp.returncode == 0 and "failed" not in cp.stdout.lower(), cp.stdout + cp.stderr
+
+
+class Mirror:
+    """Two export nodes on files, restartable on the same file and socket."""
+
+    def __init__(self, procs: Procs, tmp: Path) -> None:
+        self.procs = procs
+        self.tmp = tmp
+        self.files = [tmp / "a.img", tmp / "b.img"]
+        self.socks = [f"unix:{tmp}/a.sock", f"unix:{tmp}/b.sock"]
+        self.exports: list[Proc | None] = [None, None]
+        for i in range(2):
+            self.start(i)
+
+    def start(self, i: int) -> None:
+        p, _ = self.procs.export(f"file:{self.files[i]}", "--size", SIZE, listen=self.socks[i])
+        self.exports[i] = p
+
+    def kill(self, i: int) -> None:
+        p = self.exports[i]
+        assert p is not None
+        p.kill()
+
+    @property
+    def members(self) -> list[str]:
+        return [member_uri(s) for s in self.socks]
+
+    def attach(self, *args: str, bitmap: Path | None = None) -> tuple[Proc, str]:
+        extra = ["--bitmap", str(bitmap)] if bitmap is not None else []
+        p, uri = self.procs.attach(*self.members, "--mirror", *extra, *args)
+        return p, uri
+
+    def identical(self) -> bool:
+        return filecmp.cmp(self.files[0], self.files[1], shallow=False)
+
+
+def wait_in_sync(att: Proc, count: int = 1, timeout: float = 60) -> list[int]:
+    """Wait for ``count`` finished resyncs; returns the bytes each copied."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.findall(r"resync finished: (\S+) (\S+) copied", att.output)
+        if len(found) >= count:
+            return [_bytes(n, u) for n, u in found]
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} finished resync(s):\n{att.output}")
+
+
+def _bytes(number: str, unit: str) -> int:
+    factor = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
+    return int(float(number) * factor)
+
+
+def test_leg_down_past_the_budget_degrades_then_resyncs_only_dirty(
+    procs: Procs, sockdir: Path
+) -> None:
+    m = Mirror(procs, sockdir)
+    att, uri = m.attach(*SHORT_BUDGET, bitmap=sockdir / "bm")
+    wait_in_sync(att)  # the first start copies leg a to leg b (a new bitmap proves nothing)
+    fio = subprocess.Popen(
+        fio_writer(uri, size="16M", rate="6m"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    m.kill(1)
+    time.sleep(4.0)  # longer than the 2 s budget: leg b degrades, writes go on to leg a
+    att.wait_for(r"b\.sock: degraded", timeout=5)
+    m.start(1)
+    job = fio_result(fio)
+    assert job["write"]["io_bytes"] >= 16 * MiB  # type: ignore[index]
+    copied = wait_in_sync(att, 2)[1]
+    assert 0 < copied <= 16 * MiB, (
+        f"resync copied {copied} bytes; only the 16 MiB region was written"
+    )
+    qemu_io(uri, "flush")
+    assert m.identical()
+
+
+def test_short_outage_of_a_leg_needs_no_resync(procs: Procs, sockdir: Path) -> None:
+    m = Mirror(procs, sockdir)
+    att, uri = m.attach(
+        "--resends",
+        "5",
+        "--resend-timeout",
+        "2",
+        "--reconnect-min",
+        "0.05",
+        "--reconnect-max",
+        "0.3",
+    )
+    wait_in_sync(att)
+    fio = subprocess.Popen(
+        fio_writer(uri, size="8M", rate="4m"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    m.kill(1)
+    time.sleep(0.8)
+    m.start(1)
+    fio_result(fio)
+    qemu_io(uri, "flush")
+    assert "degraded" not in att.output
+    assert att.output.count("resync started") == 1  # only the first start's
+    assert m.identical()
+
+
+def test_client_node_killed_with_a_leg_down_resumes_from_the_bitmap(
+    procs: Procs, sockdir: Path
+) -> None:
+    m = Mirror(procs, sockdir)
+    bm = sockdir / "bm"
+    att, uri = m.attach(*SHORT_BUDGET, bitmap=bm)
+    wait_in_sync(att)
+    m.kill(1)
+    qemu_io(uri, "write -P 0x51 1M 2M", "write -P 0x52 9M 1M", "flush")
+    att.wait_for(r"b\.sock: degraded")
+    att.kill()  # the client node dies with leg b stale
+    m.start(1)
+    att2, uri2 = m.attach(*SHORT_BUDGET, bitmap=bm)
+    copied = wait_in_sync(att2)[0]
+    assert "only its dirty regions are resynced" in att2.output
+    # the dirty 64 KiB regions, plus the 4 MiB activity-log extents still open at the crash
+    assert copied <= 12 * MiB, copied
+    qemu_io(uri2, "flush")
+    assert m.identical()
+
+
+def test_client_node_killed_mid_write_with_both_legs_up(procs: Procs, sockdir: Path) -> None:
+    m = Mirror(procs, sockdir)
+    bm = sockdir / "bm"
+    att, uri = m.attach(bitmap=bm)
+    wait_in_sync(att)
+    fio = subprocess.Popen(
+        fio_writer(uri, size="32M", rate="20m"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    att.kill()  # writes in flight on both legs: the activity log knows where
+    kill_tree(fio.pid)  # fio and its job process: their NBD server is gone
+    fio.communicate(timeout=30)
+    att2, uri2 = m.attach(bitmap=bm)
+    att2.wait_for(r"activity log", timeout=10)
+    wait_in_sync(att2)
+    qemu_io(uri2, "flush")
+    assert m.identical()
+
+
+def test_blank_replacement_leg_is_fully_synced(procs: Procs, sockdir: Path) -> None:
+    m = Mirror(procs, sockdir)
+    bm = sockdir / "bm"
+    att, uri = m.attach(bitmap=bm)
+    wait_in_sync(att)
+    qemu_io(uri, "write -P 0x61 0 4M", "flush")
+    assert att.stop() == 0
+    m.kill(1)
+    # a new, blank backing store of the same size where leg b was
+    for p in sockdir.glob("b.img*"):
+        p.unlink()
+    m.start(1)
+    att2, uri2 = m.attach(bitmap=bm)
+    att2.wait_for(r"b\.sock: full resync: .*identity", timeout=10)
+    copied = wait_in_sync(att2)[0]
+    assert copied == 128 * MiB
+    qemu_io(uri2, "flush")
+    assert m.identical()
+
+
+@pytest.mark.parametrize("mode", [("--stripe", "64K"), ("--linear",)])
+def test_stripe_and_linear_over_three_nodes_with_an_nbdkit_member(
+    procs: Procs, sockdir: Path, mode: tuple[str, ...]
+) -> None:
+    nbdkit = need_tool("nbdkit")
+    qemu_img = need_tool("qemu-img")
+    members = []
+    for name in ("a", "b"):
+        _, addr = procs.export(f"file:{sockdir}/{name}.img", "--size", "32M")
+        members.append(member_uri(addr))
+    nbd_sock = sockdir / "kit.sock"
+    kit = procs.start([nbdkit, "-f", "-U", str(nbd_sock), "memory", "32M"])
+    deadline = time.monotonic() + 10
+    while not nbd_sock.exists():
+        assert time.monotonic() < deadline and kit.popen.poll() is None, kit.output
+        time.sleep(0.05)
+    members.append(f"nbd+unix:///?socket={nbd_sock}")
+    att, uri = procs.attach(*members, *mode)
+    ref = sockdir / "ref.img"
+    ref.write_bytes(os.urandom(40 * MiB) + bytes(56 * MiB))
+    run([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(ref), uri])
+    run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(ref), uri])
+    fio = subprocess.Popen(
+        fio_writer(uri, size="96M", rate="0", bs="16k"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    job = fio_result(fio)
+    assert job["write"]["io_bytes"] >= 96 * MiB  # type: ignore[index]
+    assert "96 MiB" in att.output or "100663296" in att.output
