@@ -457,6 +457,9 @@ class ExportNode:
             await conn.closed.wait()
             if conn.tasks:
                 await asyncio.gather(*list(conn.tasks), return_exceptions=True)
+        except asyncio.CancelledError:
+            conn.stream.close()  # the node is stopping: never leave a connection serving
+            raise
         finally:
             self.connections.discard(conn)
             s = conn.session
@@ -471,12 +474,13 @@ class ExportNode:
 
     async def aclose(self) -> None:
         """Stop accepting, finish in-flight requests, flush and close every export."""
+        conns = list(self.connections)  # before the accept loop forgets them
         if self._serve_task is not None:
             self._serve_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._serve_task
             self._serve_task = None
-        for c in list(self.connections):
+        for c in conns:
             await c.aclose()
         for e in self.exports.values():
             with contextlib.suppress(Exception):
