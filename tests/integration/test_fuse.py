@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import hashlib
 import os
 import random
@@ -511,3 +512,47 @@ def test_unmounting_from_outside_stops_a_fuse_only_attach(
     run([need_tool("fusermount3"), "-u", str(sockdir / "mnt")])
     assert att.wait(20) == 0, att.output
     assert "unmounted from outside" in att.output
+
+
+def test_ext4_200_files_through_a_mirror_of_two_export_nodes(
+    procs: Procs, host: Host, sockdir: Path
+) -> None:
+    """The same filesystem check with the FUSE file over a mirror: both legs end identical."""
+    need_tool("mkfs.ext4")
+    need_tool("e2fsck")
+    legs = []
+    for name in ("a", "b"):
+        _, addr = procs.export(
+            f"file:{sockdir / name}.img", "--size", "256M", listen=f"unix:{sockdir / name}.sock"
+        )
+        legs.append(member_uri(addr))
+    mnt = sockdir / "mnt"
+    mnt.mkdir()
+    host.fuse_dirs.append(mnt)
+    att = procs.dst(
+        "attach",
+        *legs,
+        "--mirror",
+        "--bitmap",
+        str(sockdir / "bm"),
+        "--client-id",
+        CLIENT,
+        "--fuse",
+        str(mnt),
+    )
+    att.wait_for(r"serving FUSE on " + re.escape(str(mnt / "disk")))
+    att.wait_for(r"resync finished", timeout=60)
+    loop = host.losetup(mnt / "disk", True)
+    run(["mkfs.ext4", "-q", "-F", loop])
+    fs = sockdir / "fs"
+    host.mount(loop, fs)
+    sums = write_files(fs, 200, seed=7)
+    run(["sync", "-f", str(fs)])
+    host.umount(fs)
+    cp = run(["e2fsck", "-fn", loop], check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    host.mount(loop, fs)
+    check_files(fs, sums)
+    host.umount(fs)
+    host.detach(loop)
+    assert filecmp.cmp(sockdir / "a.img", sockdir / "b.img", shallow=False)
