@@ -418,8 +418,9 @@ class RemoteDevice(BlockDevice):
         n = len(buf)
         self._check(offset, n, False)
         step = self.capabilities.max_request
+        pre = flags & IoFlags.PREFLUSH  # a barrier before the read; FUA means nothing here
         if n <= step:
-            await self._txn(Command.READ, offset, n, IoFlags.NONE, into=buf)
+            await self._txn(Command.READ, offset, n, pre, into=buf)
         else:
             await asyncio.gather(
                 *(
@@ -427,7 +428,7 @@ class RemoteDevice(BlockDevice):
                         Command.READ,
                         offset + p,
                         min(step, n - p),
-                        IoFlags.NONE,
+                        pre,
                         into=buf[p : p + step],
                     )
                     for p in range(0, n, step)
