@@ -105,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["bench"]:
+        # the benchmark parses its own options (argparse's REMAINDER would drop leading ones)
+        from dst.cli.bench_cmd import run_bench
+
+        return run_bench(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
