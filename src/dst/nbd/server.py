@@ -86,13 +86,14 @@ class NbdServerConnection:
         self._out: list[bytes | memoryview] = [
             wire.greeting(HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES)
         ]
-        self._stage = bytearray(STAGE_SIZE)
+        self._stage = bytearray(STAGE_SIZE)  # never resized: views of it stay valid
+        self._stage_view = memoryview(self._stage)
         self._start = 0
         self._end = 0
         self._header = wire.CLIENT_FLAGS.size  # size of the next fixed-size message
         self._body: PooledBuffer | None = None  # option data or WRITE payload being filled
         self._body_filled = 0
-        self._body_option = 0  # the option whose data is in _body (0: a WRITE payload)
+        self._body_option = 0  # the option whose data is in _body (when not a WRITE payload)
         self._body_request: tuple[int, IoFlags, int] | None = None  # handle, flags, offset
         self._direct = False  # the last get_buffer() handed out the body itself
         self._discard = 0  # bytes still to skip (an unwanted payload or option data)
@@ -135,7 +136,7 @@ class NbdServerConnection:
             n = self._end - self._start
             self._stage[:n] = self._stage[self._start : self._end]
             self._start, self._end = 0, n
-        return memoryview(self._stage)[self._end :]
+        return self._stage_view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
@@ -175,7 +176,7 @@ class NbdServerConnection:
         return self._events.popleft() if self._events else None
 
     def _process(self) -> None:
-        stage = self._stage
+        stage = self._stage_view
         while not self._recv_closed:
             avail = self._end - self._start
             body = self._body
@@ -201,7 +202,7 @@ class NbdServerConnection:
             need = self._header
             if avail < need:
                 return
-            header = bytes(stage[self._start : self._start + need])
+            header = self._stage_view[self._start : self._start + need]
             self._start += need
             if self.export is not None:
                 self._on_request(header)
@@ -241,7 +242,7 @@ class NbdServerConnection:
         self._events.append(ProtocolViolation(message))
 
     # ---- handshake -------------------------------------------------------
-    def _on_client_flags(self, header: bytes) -> None:
+    def _on_client_flags(self, header: memoryview) -> None:
         (flags,) = wire.CLIENT_FLAGS.unpack(header)
         known = int(ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES)
         if flags & ~known:
@@ -250,7 +251,7 @@ class NbdServerConnection:
         self._nego.no_zeroes = bool(flags & ClientFlags.NO_ZEROES)
         self._header = wire.OPTION_HEADER.size
 
-    def _on_option_header(self, header: bytes) -> None:
+    def _on_option_header(self, header: memoryview) -> None:
         magic, option, length = wire.OPTION_HEADER.unpack(header)
         if magic != IHAVEOPT:
             self._violation(f"bad option magic 0x{magic:016x} (expected IHAVEOPT)")
@@ -281,7 +282,7 @@ class NbdServerConnection:
             self._events.append(ExportChosen(outcome.chosen, self.export, self.structured))
 
     # ---- transmission ----------------------------------------------------
-    def _on_request(self, header: bytes) -> None:
+    def _on_request(self, header: memoryview) -> None:
         magic, cflags, ctype, handle, offset, length = wire.REQUEST.unpack(header)
         if magic != REQUEST_MAGIC:
             self._violation(f"bad request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x})")
