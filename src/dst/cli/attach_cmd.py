@@ -62,7 +62,7 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
             f"no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device{where}"
         )
     if o["fuse"]:
-        from dst.frontends.fuse import check_mountpoint
+        from dst.frontends.mounts import check_mountpoint
 
         o["fuse"] = check_mountpoint(o["fuse"])
     o["nbd_addr"] = (
