@@ -1,8 +1,7 @@
 """A remote member: a BlockDevice backed by one export node over the DST node protocol.
 
-The asyncio shell around :class:`dst.proto.client.ClientCore`: it connects,
-reconnects with back-off, feeds the core, keeps one timer armed and resolves a
-future per transaction.  I/O issued while disconnected simply waits inside its
+:class:`dst.proto.client.ClientCore` in the shared link shell (``client/link.py``:
+connect, reconnect with back-off, one timer), resolving a future per transaction.  I/O issued while disconnected simply waits inside its
 transaction budget; the caller sees latency, not errors.
 """
 
@@ -13,16 +12,14 @@ import contextlib
 import errno
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from dst import trace
 from dst.aio import workers
-from dst.aio.listen import connect
-from dst.aio.stream import SocketStream
 from dst.buffers import BufferPool
 from dst.client.latency import Latency
-from dst.device import BlockDevice, Buffer, Capabilities, IoFlags, check_range
+from dst.client.link import LinkedDevice, LinkOptions
+from dst.device import Buffer, Capabilities, IoFlags, check_range
 from dst.errors import DstError, IoError
 from dst.proto.client import ClientConfig, ClientCore, State
 from dst.proto.events import (
@@ -39,6 +36,8 @@ from dst.uri import MemberUri
 
 log = logging.getLogger("dst.member")
 
+__all__ = ["LinkOptions", "RemoteDevice"]
+
 OPS = {
     Command.READ: "read",
     Command.WRITE: "write",
@@ -49,15 +48,10 @@ OPS = {
 }
 
 
-@dataclass
-class LinkOptions:
-    connect_timeout: float = 10.0
-    reconnect_min: float = 0.1
-    reconnect_max: float = 5.0
-
-
-class RemoteDevice(BlockDevice):
+class RemoteDevice(LinkedDevice):
     """One export on one export node, as a block device."""
+
+    what = "export"
 
     def __init__(
         self,
@@ -66,200 +60,54 @@ class RemoteDevice(BlockDevice):
         options: LinkOptions | None = None,
         pool: BufferPool | None = None,
     ) -> None:
-        self.uri = uri
-        self.name = uri.text
-        self.options = options or LinkOptions()
+        super().__init__(uri, options)
         self.pool = pool or BufferPool()
-        self.core = ClientCore(config, self.pool)
-        self.state = "connecting"
-        self.size = 0
-        self.capabilities = Capabilities()
-        self.last_error = ""
-        self.reconnects = 0
+        self.core: ClientCore = ClientCore(config, self.pool)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
-        self._stream: SocketStream | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._lost: asyncio.Event | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._kick: asyncio.Event | None = None
         self.latency = {op: Latency() for op in OPS.values()}
         self.counts = {op: 0 for op in OPS.values()}
         self.bytes = {"read": 0, "write": 0}
 
-    # ---- lifecycle -----------------------------------------------------------------
-    def launch(self) -> None:
-        """Start connecting in the background and return at once (a mirror leg that may be
-        down at start); ``connect`` waits for the first handshake instead."""
-        if self._task is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self._lost = asyncio.Event()
-        self._kick = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"link {self.uri}")
-        self._ready.add_done_callback(_retrieve)
+    @property
+    def _ever_connected(self) -> bool:
+        return self.core.first_welcome is not None
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """True once connected; False if not within ``timeout``; DstError if refused."""
-        assert self._ready is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def connect(self) -> None:
-        """Connect and handshake, retrying within --connect-timeout; raise DstError if refused
-        or unreachable."""
-        self.launch()
-        assert self._ready is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready), self.options.connect_timeout)
-        except TimeoutError:
-            why = self.last_error or "no answer"
-            await self.aclose()
-            raise DstError(
-                f"cannot reach {self.uri} within --connect-timeout "
-                f"{self.options.connect_timeout:g} s: {why}; check that the export node is "
-                "running and the address is right"
-            ) from None
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def _run(self) -> None:
-        delay = self.options.reconnect_min
-        addr = self.uri.address
-        while not self._closing:
-            try:
-                sock = await connect(addr, self.options.connect_timeout)
-            except (OSError, TimeoutError) as exc:
-                self.last_error = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-                if trace.on.proto:
-                    trace.emit("proto", "connect-failed", member=self.name, error=self.last_error)
-                await self._sleep(delay)
-                delay = min(delay * 2, self.options.reconnect_max)
-                continue
-            assert self._lost is not None
-            self._lost.clear()
-            self._stream = SocketStream(sock, self)
-            self.core.connection_made(time.monotonic())
-            self._stream.start()
-            self._pump()
-            await self._lost.wait()
-            self._stream = None
-            self.core.connection_lost(time.monotonic())
-            self._pump()
-            if self._closing or self.state == "failed":
-                break
-            if self.core.first_welcome is not None and self.state != "failed":
-                if self.state == "connected":
-                    log.warning("%s: connection lost; reconnecting", self.name)
-                self.set_state("reconnecting")
-            if self.core.welcome is not None and self.core.generation > 0 and self._was_ready:
-                delay = self.options.reconnect_min
-            self._was_ready = False
-            await self._sleep(delay)
-            delay = min(delay * 2, self.options.reconnect_max)
-
-    _was_ready = False
-
-    async def _sleep(self, delay: float) -> None:
-        assert self._kick is not None
-        self._kick.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kick.wait(), delay)
-
-    # Receiver protocol for SocketStream
-    def get_buffer(self) -> memoryview:
-        return self.core.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.core.buffer_updated(nbytes, time.monotonic())
-        self._pump()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if exc is not None:
-            self.last_error = str(exc)
-        if self._lost is not None:
-            self._lost.set()
-
-    # ---- the pump ------------------------------------------------------------------
-    def _pump(self) -> None:
-        core = self.core
-        while (ev := core.next_event()) is not None:
-            if isinstance(ev, Completed):
-                self._complete(ev)
-            elif isinstance(ev, Ready):
-                self._on_ready(ev)
-            elif isinstance(ev, Resent):
-                if trace.on.txn:
-                    trace.emit(
-                        "txn",
-                        "resend",
-                        member=self.name,
-                        txn=ev.txn,
-                        attempt=ev.attempt,
-                        why=ev.why,
-                    )
-            elif isinstance(ev, ChecksumMismatch):
-                log.warning(
-                    "%s: checksum mismatch (%s) in transaction %d; resent",
-                    self.name,
-                    ev.where,
-                    ev.txn,
+    # ---- events of the core -----------------------------------------------------------
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, Completed):
+            self._complete(ev)
+        elif isinstance(ev, Ready):
+            self._on_ready(ev)
+        elif isinstance(ev, Resent):
+            if trace.on.txn:
+                trace.emit(
+                    "txn", "resend", member=self.name, txn=ev.txn, attempt=ev.attempt, why=ev.why
                 )
-            elif isinstance(ev, ConnectionDead):
-                self.last_error = ev.reason
-                if ev.reason != "disconnected":
-                    log.warning("%s: closing the connection: %s", self.name, ev.reason)
-                if trace.on.proto:
-                    trace.emit("proto", "connection-dead", member=self.name, reason=ev.reason)
-                self._close_stream()
-            elif isinstance(ev, Refused):
-                self._on_refused(ev)
-        jobs = core.take_jobs()
+        elif isinstance(ev, ChecksumMismatch):
+            log.warning(
+                "%s: checksum mismatch (%s) in transaction %d; resent", self.name, ev.where, ev.txn
+            )
+        elif isinstance(ev, ConnectionDead):
+            self.last_error = ev.reason
+            if ev.reason != "disconnected":
+                log.warning("%s: closing the connection: %s", self.name, ev.reason)
+            if trace.on.proto:
+                trace.emit("proto", "connection-dead", member=self.name, reason=ev.reason)
+            self._close_stream()
+        elif isinstance(ev, Refused):
+            self._on_refused(ev)
+
+    def _after_events(self) -> None:
+        jobs = self.core.take_jobs()
         if jobs:
             workers.run_jobs(jobs, self._job_done)
-        stream = self._stream
-        if stream is not None:
-            out = core.data_to_send()
-            if out:
-                stream.write(out)
-        self._arm_timer()
 
     def _job_done(self, job: Job) -> None:
         self.core.job_done(job, time.monotonic())
         self._pump()
 
-    def _close_stream(self) -> None:
-        if self._stream is not None:
-            out = self.core.data_to_send()
-            if out:
-                self._stream.write(out)
-            self._stream.close()
-
-    def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        when = self.core.get_timer()
-        if when is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(
-                loop.time() + max(0.0, when - time.monotonic()), self._on_timer
-            )
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.core.handle_timer(time.monotonic())
-        self._pump()
-
     def _on_ready(self, ev: Ready) -> None:
         w = ev.welcome
-        self._was_ready = True
         self.size = w.size
         self.capabilities = Capabilities(
             read_only=w.read_only,
@@ -303,17 +151,16 @@ class RemoteDevice(BlockDevice):
                 cipher=w.cipher,
                 checksum=w.checksum,
             )
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
+        self._ready_now()
 
     def _on_refused(self, ev: Refused) -> None:
         who = "the export node refused" if ev.by_peer else "refused the export node"
         msg = f"{self.uri}: {who}: {ev.message}"
         self.last_error = ev.message
-        if self._ready is not None and not self._ready.done():
+        if not self._ever_connected:
             if ev.permanent:
                 self.set_state("failed")
-                self._ready.set_exception(DstError(msg))
+                self._refused_at_start(DstError(msg))
             else:
                 log.warning("%s; retrying", msg)
             self._close_stream()
@@ -535,26 +382,9 @@ class RemoteDevice(BlockDevice):
                 await asyncio.wait_for(self._lost.wait(), 2.0)
         self.core.shutdown()
         self._pump_completions()
-        if self._stream is not None:
-            self._stream.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._kick is not None:
-            self._kick.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._stop_link()
 
     def _pump_completions(self) -> None:
         while (ev := self.core.next_event()) is not None:
             if isinstance(ev, Completed):
                 self._complete(ev)
-
-
-def _retrieve(fut: asyncio.Future[None]) -> None:
-    """Mark a background start's refusal as seen (the state and the log report it)."""
-    if not fut.cancelled():
-        fut.exception()

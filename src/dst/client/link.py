@@ -1,0 +1,252 @@
+"""The asyncio shell shared by every network member: connect, reconnect, pump, timer.
+
+A member (a DST export or an NBD server) is a sans-IO client core that lives for the
+whole session, plus this shell: it connects with back-off, feeds the core from a
+``SocketStream``, writes what the core wants written, keeps one timer armed at the
+core's deadline, and lets the subclass handle the core's events.  The first
+handshake can be awaited (``connect``) or left to happen in the background
+(``launch``, for a mirror leg that may be down when the client node starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dst import trace
+from dst.aio.listen import connect
+from dst.aio.stream import SocketStream
+from dst.device import BlockDevice, Capabilities
+from dst.errors import DstError
+from dst.uri import MemberUri
+
+log = logging.getLogger("dst.member")
+
+
+@dataclass
+class LinkOptions:
+    connect_timeout: float = 10.0
+    reconnect_min: float = 0.1
+    reconnect_max: float = 5.0
+
+
+class LinkCore(Protocol):
+    """What the shell needs of a client core (DST or NBD)."""
+
+    def connection_made(self, now: float) -> None: ...
+    def connection_lost(self, now: float) -> None: ...
+    def get_buffer(self) -> memoryview: ...
+    def buffer_updated(self, nbytes: int, now: float) -> None: ...
+    def data_to_send(self) -> list[Any]: ...
+    def next_event(self) -> Any: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+
+
+class LinkedDevice(BlockDevice):
+    """A BlockDevice whose data lives behind one stream connection, kept up by this shell."""
+
+    core: LinkCore
+    what = "member"  # for messages: "cannot reach <what> <uri>"
+
+    def __init__(self, uri: MemberUri, options: LinkOptions | None) -> None:
+        self.uri = uri
+        self.name = uri.text
+        self.options = options or LinkOptions()
+        self.state = "connecting"
+        self.size = 0
+        self.capabilities = Capabilities()
+        self.last_error = ""
+        self.reconnects = 0
+        self._stream: SocketStream | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Event | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._kick: asyncio.Event | None = None
+        self._closing = False
+        self._was_ready = False
+
+    # ---- what a subclass provides -------------------------------------------------------
+    @abstractmethod
+    def _on_event(self, ev: Any) -> None:
+        """Handle one event of the core."""
+
+    @property
+    @abstractmethod
+    def _ever_connected(self) -> bool:
+        """True once a first handshake succeeded (later losses are reconnects)."""
+
+    def _after_events(self) -> None:
+        """Hook after the events of one pump (e.g. start offloaded jobs)."""
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def launch(self) -> None:
+        """Start connecting in the background and return at once (a mirror leg that may be
+        down at start); ``connect`` waits for the first handshake instead."""
+        if self._task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._ready.add_done_callback(_retrieve)
+        self._lost = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"{self.what} {self.uri}")
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once connected; False if not within ``timeout``; DstError if refused."""
+        assert self._ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def connect(self) -> None:
+        """Connect and handshake, retrying within --connect-timeout; raise DstError if
+        refused or unreachable."""
+        self.launch()
+        assert self._ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self.options.connect_timeout)
+        except TimeoutError:
+            why = self.last_error or "no answer"
+            await self.aclose()
+            raise DstError(
+                f"cannot reach {self.what} {self.uri} within --connect-timeout "
+                f"{self.options.connect_timeout:g} s: {why}; check that it is running and "
+                "that the address and export name are right"
+            ) from None
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def _ready_now(self) -> None:
+        """The subclass saw a successful handshake."""
+        self._was_ready = True
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    def _refused_at_start(self, exc: BaseException) -> bool:
+        """Fail a pending ``connect``; False if the device was already up."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(exc)
+            return True
+        return False
+
+    async def _run(self) -> None:
+        delay = self.options.reconnect_min
+        while not self._closing and self.state != "failed":
+            try:
+                sock = await connect(self.uri.address, self.options.connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                code = getattr(exc, "errno", None)
+                self.last_error = os.strerror(code) if code else str(exc) or "connect timed out"
+                if trace.on.proto:
+                    trace.emit("proto", "connect-failed", member=self.name, error=self.last_error)
+            else:
+                assert self._lost is not None
+                self._lost.clear()
+                self._stream = SocketStream(sock, self)
+                self.core.connection_made(time.monotonic())
+                self._stream.start()
+                self._pump()
+                await self._lost.wait()
+                self._stream = None
+                self.core.connection_lost(time.monotonic())
+                self._pump()
+                if self._closing or self.state == "failed":
+                    break
+                if self._ever_connected:
+                    if self.state == "connected":
+                        self._log_lost()
+                    self.set_state("reconnecting")
+                if self._was_ready:
+                    delay = self.options.reconnect_min
+                self._was_ready = False
+            await self._sleep(delay)
+            delay = min(delay * 2, self.options.reconnect_max)
+
+    def _log_lost(self) -> None:
+        log.warning("%s: connection lost; reconnecting", self.name)
+
+    async def _sleep(self, delay: float) -> None:
+        assert self._kick is not None
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), delay)
+
+    # ---- Receiver protocol for SocketStream --------------------------------------------
+    def get_buffer(self) -> memoryview:
+        return self.core.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.core.buffer_updated(nbytes, time.monotonic())
+        self._pump()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self.last_error = str(exc)
+        if self._lost is not None:
+            self._lost.set()
+
+    # ---- the pump -----------------------------------------------------------------------
+    def _pump(self) -> None:
+        core = self.core
+        while (ev := core.next_event()) is not None:
+            self._on_event(ev)
+        self._after_events()
+        if self._stream is not None:
+            out = core.data_to_send()
+            if out:
+                self._stream.write(out)
+        self._arm_timer()
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            out = self.core.data_to_send()
+            if out:
+                self._stream.write(out)
+            self._stream.close()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.core.get_timer()
+        if when is not None and not self._closing:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, when - time.monotonic())
+            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(time.monotonic())
+        self._pump()
+
+    async def _stop_link(self) -> None:
+        """Cancel the timer and the connect loop (the subclass closed the session)."""
+        if self._stream is not None:
+            self._stream.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._kick is not None:
+            self._kick.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a background start's refusal as seen (the state and the log report it)."""
+    if not fut.cancelled():
+        fut.exception()
