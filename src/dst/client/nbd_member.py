@@ -1,11 +1,10 @@
 """An NBD member: any NBD server (nbdkit, qemu-nbd, ...) as a BlockDevice.
 
 This is how existing storage joins a mirror or stripe through ``nbd://HOST[:PORT]/NAME``
-and ``nbd+unix:///NAME?socket=PATH`` members. The asyncio shell around
-:class:`dst.nbd.client.NbdClientCore` has the shape of
-:class:`~dst.client.remote.RemoteDevice`: it connects, reconnects with back-off, feeds
-the core from a :class:`SocketStream`, keeps one timer armed and resolves one future
-per request. I/O issued while disconnected waits inside its budget.
+and ``nbd+unix:///NAME?socket=PATH`` members. It is
+:class:`dst.nbd.client.NbdClientCore` in the link shell shared with
+:class:`~dst.client.remote.RemoteDevice` (``client/link.py``: connect, reconnect with
+back-off, one timer), resolving one future per request. I/O issued while disconnected waits inside its budget.
 
 What NBD cannot give, and what this device does instead:
 
@@ -30,16 +29,13 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import time
 import uuid
 from typing import Any
 
-from dst.aio.listen import connect
-from dst.aio.stream import SocketStream
 from dst.client.latency import Latency
-from dst.client.remote import LinkOptions
-from dst.device import MAX_REQUEST, BlockDevice, Buffer, Capabilities, IoFlags, check_range
+from dst.client.link import LinkedDevice, LinkOptions
+from dst.device import MAX_REQUEST, Buffer, Capabilities, IoFlags, check_range
 from dst.errors import DstError, IoError
 from dst.nbd.client import (
     Completed,
@@ -71,12 +67,14 @@ def nbd_identity(uri: MemberUri, size: int) -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{canonical}#size={size}")
 
 
-class NbdDevice(BlockDevice):
+class NbdDevice(LinkedDevice):
     """One export of one NBD server, as a block device.
 
     NBD has no export identity, so ``identity`` is derived from the URI and the size;
     resends after a reconnect are at-least-once (see the module docstring).
     """
+
+    what = "NBD server"
 
     def __init__(
         self,
@@ -88,11 +86,9 @@ class NbdDevice(BlockDevice):
         resend_timeout: float = 5.0,
         queue_depth: int = 128,
     ) -> None:
-        self.uri = uri
-        self.name = uri.text
-        self.options = options or LinkOptions()
+        super().__init__(uri, options)
         self.read_only = read_only
-        self.core = NbdClientCore(
+        self.core: NbdClientCore = NbdClientCore(
             NbdClientConfig(
                 export=uri.export,
                 resends=resends,
@@ -101,162 +97,30 @@ class NbdDevice(BlockDevice):
                 queue_depth=queue_depth,
             )
         )
-        self.state = "connecting"
-        self.size = 0
-        self.capabilities = Capabilities()
-        self.last_error = ""
-        self.reconnects = 0
         self._flags = TF(0)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
-        self._stream: SocketStream | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._lost: asyncio.Event | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._kick: asyncio.Event | None = None
-        self._closing = False
-        self._was_ready = False
         self.latency = {op: Latency() for op in OPS.values()}
         self.counts = {op: 0 for op in OPS.values()}
         self.bytes = {"read": 0, "write": 0}
 
-    # ---- lifecycle ---------------------------------------------------------------------
-    def launch(self) -> None:
-        """Start connecting in the background and return at once (a mirror leg that may be
-        down at start); ``connect`` waits for the first handshake instead."""
-        if self._task is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self._lost = asyncio.Event()
-        self._kick = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"nbd member {self.uri}")
-        self._ready.add_done_callback(_retrieve)
+    @property
+    def _ever_connected(self) -> bool:
+        return self.core.export is not None
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """True once connected; False if not within ``timeout``; DstError if refused."""
-        assert self._ready is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def connect(self) -> None:
-        """Connect and handshake, retrying within --connect-timeout; raise DstError if the
-        server refuses the export or cannot be reached."""
-        self.launch()
-        assert self._ready is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready), self.options.connect_timeout)
-        except TimeoutError:
-            why = self.last_error or "no answer"
-            await self.aclose()
-            raise DstError(
-                f"cannot reach NBD server {self.uri} within --connect-timeout "
-                f"{self.options.connect_timeout:g} s: {why}; check that the server is running "
-                "and the address and export name are right"
-            ) from None
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def _run(self) -> None:
-        delay = self.options.reconnect_min
-        while not self._closing and self.state != "failed":
-            try:
-                sock = await connect(self.uri.address, self.options.connect_timeout)
-            except (OSError, TimeoutError) as exc:
-                code = getattr(exc, "errno", None)
-                self.last_error = os.strerror(code) if code else str(exc) or "connect timed out"
-            else:
-                assert self._lost is not None
-                self._lost.clear()
-                self._stream = SocketStream(sock, self)
-                self.core.connection_made(time.monotonic())
-                self._stream.start()
-                self._pump()
-                await self._lost.wait()
-                self._stream = None
-                self.core.connection_lost(time.monotonic())
-                self._pump()
-                if self._closing or self.state == "failed":
-                    break
-                if self.core.export is not None:
-                    if self.state == "connected":
-                        log.warning("%s: connection lost; reconnecting", self.name)
-                    self.set_state("reconnecting")
-                if self._was_ready:
-                    delay = self.options.reconnect_min
-                self._was_ready = False
-            await self._sleep(delay)
-            delay = min(delay * 2, self.options.reconnect_max)
-
-    async def _sleep(self, delay: float) -> None:
-        assert self._kick is not None
-        self._kick.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kick.wait(), delay)
-
-    # Receiver protocol for SocketStream
-    def get_buffer(self) -> memoryview:
-        return self.core.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.core.buffer_updated(nbytes, time.monotonic())
-        self._pump()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if exc is not None:
-            self.last_error = str(exc)
-        if self._lost is not None:
-            self._lost.set()
-
-    # ---- the pump ----------------------------------------------------------------------
-    def _pump(self) -> None:
-        core = self.core
-        while (ev := core.next_event()) is not None:
-            if isinstance(ev, Completed):
-                self._complete(ev)
-            elif isinstance(ev, Connected):
-                self._on_connected(ev)
-            elif isinstance(ev, ConnectionDead):
-                self.last_error = ev.reason
-                log.warning("%s: closing the connection: %s", self.name, ev.reason)
-                self._close_stream()
-            elif isinstance(ev, ExportRefused):
-                self._on_refused(ev)
-        if self._stream is not None:
-            out = core.data_to_send()
-            if out:
-                self._stream.write(out)
-        self._arm_timer()
-
-    def _close_stream(self) -> None:
-        if self._stream is not None:
-            out = self.core.data_to_send()
-            if out:
-                self._stream.write(out)
-            self._stream.close()
-
-    def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        when = self.core.get_timer()
-        if when is not None and not self._closing:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, when - time.monotonic())
-            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.core.handle_timer(time.monotonic())
-        self._pump()
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, Completed):
+            self._complete(ev)
+        elif isinstance(ev, Connected):
+            self._on_connected(ev)
+        elif isinstance(ev, ConnectionDead):
+            self.last_error = ev.reason
+            log.warning("%s: closing the connection: %s", self.name, ev.reason)
+            self._close_stream()
+        elif isinstance(ev, ExportRefused):
+            self._on_refused(ev)
 
     def _on_connected(self, ev: Connected) -> None:
         x = ev.export
-        self._was_ready = True
         self._flags = x.flags
         ro = self.read_only or bool(x.flags & TF.READ_ONLY)
         step = max(x.min_block, min(x.max_block, MAX_REQUEST) // x.min_block * x.min_block)
@@ -286,16 +150,13 @@ class NbdDevice(BlockDevice):
                 "structured" if x.structured else "simple",
                 self.identity,
             )
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
+        self._ready_now()
 
     def _on_refused(self, ev: ExportRefused) -> None:
         msg = f"{self.uri}: {ev.message}"
         self.last_error = ev.message
         if ev.permanent:
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(DstError(msg))
-            else:
+            if not self._refused_at_start(DstError(msg)):
                 log.error("%s; the member is marked failed", msg)
                 self.core.shutdown(errno.EIO, f"member failed: {ev.message}")
             self.set_state("failed")
@@ -474,21 +335,4 @@ class NbdDevice(BlockDevice):
         while (ev := self.core.next_event()) is not None:
             if isinstance(ev, Completed):
                 self._complete(ev)
-        if self._stream is not None:
-            self._stream.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._kick is not None:
-            self._kick.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-
-def _retrieve(fut: asyncio.Future[None]) -> None:
-    """Mark a background start's refusal as seen (the state and the log report it)."""
-    if not fut.cancelled():
-        fut.exception()
+        await self._stop_link()
