@@ -4,6 +4,7 @@ linear over three export nodes (one of them an nbdkit server)."""
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.test_resilience import fio_result, fio_writer
-from tests.procs import Proc, Procs, kill_tree, member_uri, need_tool, run
+from tests.procs import Proc, Procs, dst_run, kill_tree, member_uri, need_tool, run
 
 pytestmark = pytest.mark.integration
 
@@ -241,3 +242,38 @@ def test_stripe_and_linear_over_three_nodes_with_an_nbdkit_member(
     job = fio_result(fio)
     assert job["write"]["io_bytes"] >= 96 * MiB  # type: ignore[index]
     assert "96 MiB" in att.output or "100663296" in att.output
+
+
+def test_ctl_verify_detach_and_add_on_a_running_mirror(procs: Procs, sockdir: Path) -> None:
+    """`dst ctl` end to end on `dst attach --mirror`: verify finds no difference, a leg is
+    detached and a blank replacement is added and fully synced in the background."""
+    m = Mirror(procs, sockdir)
+    ctl = str(sockdir / "ctl.sock")
+    att, uri = m.attach("--control", ctl, bitmap=sockdir / "bm")
+    wait_in_sync(att)
+    qemu_io(uri, "write -P 0x71 0 8M", "flush")
+    cp = dst_run("ctl", "--control", ctl, "verify")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    report = json.loads(cp.stdout)
+    assert report["differing_bytes"] == 0 and report["bytes_checked"] == 128 * MiB, report
+    with open(m.files[1], "r+b") as f:  # silent damage on leg b, behind the mirror's back
+        f.seek(3 * MiB)
+        f.write(b"rot" * 100)
+    report = json.loads(dst_run("ctl", "--control", ctl, "verify", "--repair").stdout)
+    assert report["differing_bytes"] > 0 and report["regions"][0]["offset"] <= 3 * MiB, report
+    wait_in_sync(att, 2)  # the repair resyncs the marked region
+    assert m.identical()
+    cp = dst_run("ctl", "--control", ctl, "detach", m.members[1])
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    status = json.loads(dst_run("status", "--control", ctl, "--json").stdout)
+    assert [x["uri"] for x in status["members"]] == [m.members[0]]
+    _, fresh = procs.export(
+        f"file:{sockdir}/c.img", "--size", SIZE, listen=f"unix:{sockdir}/c.sock"
+    )
+    cp = dst_run("ctl", "--control", ctl, "add", member_uri(fresh))
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    wait_in_sync(att, 3)
+    status = json.loads(dst_run("status", "--control", ctl, "--json").stdout)
+    assert {x["state"] for x in status["members"]} == {"connected"}, status["members"]
+    qemu_io(uri, "flush")
+    assert filecmp.cmp(m.files[0], sockdir / "c.img", shallow=False)
