@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from dst.buffers import BufferPool, PooledBuffer
 from dst.crypto.aead import Opener, Sealer
 from dst.crypto.checksums import Checksum
 from dst.errors import ProtocolError
@@ -27,6 +28,9 @@ from dst.proto.reader import ChunkReader, take_buffered
 from dst.proto.wire import REC_HEADER
 
 Buf = bytes | bytearray | memoryview
+
+# Sealed record bodies are received into reusable buffers (one event loop per process).
+_RECORDS = BufferPool(max_retained=64 << 20)
 
 
 def _joined(parts: list[Buf]) -> bytes:
@@ -53,6 +57,7 @@ class Channel:
         self._max_record = max_record
         self._rec_len = 0
         self._rec_aad = b""
+        self._rec_buf: PooledBuffer | None = None
         self._out: deque[Buf | Job | _AfterHandOver] = deque()
         self._handed: list[Callable[[], None]] = []
         self._opening: deque[Job] = deque()
@@ -127,19 +132,31 @@ class Channel:
                 )
             self._rec_len = n
             self._rec_aad = bytes(chunk)
-            self._records.expect(n, memoryview(bytearray(n)))
+            self._rec_buf = _RECORDS.get(n)
+            self._records.expect(n, self._rec_buf.view)
             return
         self._rec_len = 0
         self._records.expect(REC_HEADER.size)
-        opener, aad = self._opener, self._rec_aad
+        opener, aad, held = self._opener, self._rec_aad, self._rec_buf
+        self._rec_buf = None
         number = opener.next_counter()
         if self.offload and len(chunk) > opener.cipher.inline_limit:
             body = chunk
+
+            def opened(job: Job) -> None:
+                if held is not None:
+                    held.release()
+                self._opened(job)
+
             self._opening.append(
-                self.new_job(lambda: opener.open_record(number, body, aad), self._opened)
+                self.new_job(lambda: opener.open_record(number, body, aad), opened)
             )
             return
-        plain = opener.open_record(number, chunk, aad)
+        try:
+            plain = opener.open_record(number, chunk, aad)
+        finally:
+            if held is not None:
+                held.release()
         if self._opening:  # keep arrival order behind records still being opened
             job = Job(lambda: plain)
             job.result = plain
