@@ -16,9 +16,15 @@ from tests.procs import dst_run, need_tool
 
 pytestmark = pytest.mark.integration
 
-JOBS = {"seq-read", "seq-write", "rand-read-qd32", "rand-write-qd32", "rand-read-qd1",
-        "rand-write-qd1"}
-NUMBERS = ("mb_s", "iops", "p99_us", "server_cpu_pct", "runtime_s")
+JOBS = {
+    "seq-read",
+    "seq-write",
+    "rand-read-qd32",
+    "rand-write-qd32",
+    "rand-read-qd1",
+    "rand-write-qd1",
+}
+NUMBERS = ("mb_s", "iops", "p99_us", "server_cpu_pct", "server_cpu_us_per_op", "runtime_s")
 
 
 @pytest.mark.timeout(300)
@@ -32,8 +38,9 @@ def test_bench_quick_json(tmp_path: Path) -> None:
 
     doc = json.loads(out.read_text())
     names = [t["name"] for t in doc["targets"]]
-    expected = {"nbdkit", "nbdkit-chain", "dst"} | ({"qemu-nbd"} if shutil.which("qemu-nbd")
-                                                    else set())
+    expected = {"nbdkit", "nbdkit-chain", "dst"} | (
+        {"qemu-nbd"} if shutil.which("qemu-nbd") else set()
+    )
     assert set(names) == expected, names
     assert all(t["error"] is None for t in doc["targets"]), doc["targets"]
 

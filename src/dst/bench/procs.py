@@ -65,7 +65,8 @@ def deferred_signals() -> Iterator[None]:
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, cannot be restored
+                signal.signal(sig, handler)
         if held:
             signal.raise_signal(held[0])
 
@@ -124,15 +125,10 @@ class ServerProcess:
                 f"{self.name} exited with status {self.popen.returncode}: {self.last_words()}"
             )
 
-    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+    def wait_for_line(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
         """Wait until the output has a line matching `pattern` (the readiness contract)."""
         rx = re.compile(pattern)
-        return _poll(
-            lambda: rx.search(self.output()),
-            self,
-            timeout,
-            f"a line matching {pattern!r}",
-        )
+        return _poll(lambda: rx.search(self.output()), self, timeout, what)
 
     def wait_for_socket(self, path: Path, timeout: float) -> None:
         """Wait until a unix socket accepts connections (for servers that print nothing)."""
@@ -145,7 +141,7 @@ class ServerProcess:
                     return None
             return True
 
-        _poll(probe, self, timeout, f"a listening socket {path}")
+        _poll(probe, self, timeout, f"listening on {path}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; always waits, so nothing is left a zombie."""
@@ -184,7 +180,7 @@ def _poll(check: Callable[[], T | None], proc: ServerProcess, timeout: float, wh
             )
         if time.monotonic() > deadline:
             raise StartError(
-                f"{proc.name} showed no {what} within {timeout:g} s: {proc.last_words()}"
+                f"{proc.name} was not {what} within {timeout:g} s: {proc.last_words()}"
             )
         time.sleep(0.02)
 

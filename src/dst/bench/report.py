@@ -30,11 +30,22 @@ class Metric:
     fmt: Callable[[float], str]
 
 
-LEGEND = ("MB/s = 10^6 bytes/s; p99 = 99th percentile completion latency seen by fio; "
-          "server CPU = user+system time of all the target's server processes / job runtime, "
-          "in % of one core")
-RATIO_LEGEND = ("X / chain = X / nbdkit-chain: above 1 is better for MB/s and IOPS, below 1 "
-                "is better for p99 and server CPU")
+LEGEND = (
+    "MB/s = 10^6 bytes/s; p99 = 99th percentile completion latency seen by fio; "
+    "server CPU = user+system time of all the target's server processes / job runtime, "
+    "in % of one core; CPU µs/op = that CPU time per request"
+)
+RATIO_LEGEND = (
+    "X / chain = X / nbdkit-chain: above 1 is better for MB/s and IOPS, below 1 "
+    "is better for p99 and CPU"
+)
+
+
+def cpu_per_op(c: Cell) -> float | None:
+    """Server CPU microseconds per request: the cost that stays put when cores are scarce."""
+    if c.fio is None or c.server_cpu_pct is None or c.fio.iops <= 0:
+        return None
+    return c.server_cpu_pct / 100.0 / c.fio.iops * 1e6
 
 
 def _big(v: float) -> str:
@@ -45,8 +56,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("mb_s", "MB/s", lambda c: c.fio.mb_s if c.fio else None, _big),
     Metric("iops", "IOPS", lambda c: c.fio.iops if c.fio else None, lambda v: f"{v:,.0f}"),
     Metric("p99_us", "p99 µs", lambda c: c.fio.p99_us if c.fio else None, _big),
-    Metric("server_cpu_pct", "server CPU", lambda c: c.server_cpu_pct,
-           lambda v: f"{v:.0f}%"),
+    Metric("server_cpu_pct", "server CPU", lambda c: c.server_cpu_pct, lambda v: f"{v:.0f}%"),
+    Metric("server_cpu_us_per_op", "CPU µs/op", cpu_per_op, _big),
 )
 
 
@@ -89,8 +100,15 @@ def title(report: BenchReport) -> str:
         where = f" on {mach.get('cpus')} CPUs ({mach.get('cpu_model')})"
     size = report.config.size
     size_s = f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
-    return (f"dst bench {meta.get('date', '')}{where}, {report.config.runtime_s:g} s per job, "
-            f"{size_s} file on /dev/shm, fio ioengine=nbd")
+    return (
+        f"dst bench {meta.get('date', '')}{where}, {report.config.runtime_s:g} s per job, "
+        f"{size_s} file on /dev/shm, fio ioengine=nbd"
+    )
+
+
+def legend(report: BenchReport) -> list[str]:
+    """What each column ran, so a variant's name never has to be decoded."""
+    return [f"{t.spec.name}: {t.spec.description}" for t in report.targets]
 
 
 def errors(report: BenchReport) -> list[str]:
@@ -100,8 +118,11 @@ def errors(report: BenchReport) -> list[str]:
         if t.error:
             out.append(f"{t.spec.name}: error: {t.error}")
             continue
-        out.extend(f"{t.spec.name} {c.job.name}: error: {c.error}"
-                   for c in report.cells if c.target == t.spec.name and c.error)
+        out.extend(
+            f"{t.spec.name} {c.job.name}: error: {c.error}"
+            for c in report.cells
+            if c.target == t.spec.name and c.error
+        )
     return out
 
 
@@ -121,16 +142,18 @@ def print_table(report: BenchReport, console: Console) -> None:
                 row.append(f"{r:.2f}" if r is not None else "-")
             rows.append(row)
     # numbers never wrap; long column names (variants) fold instead
-    widths = [max((len(r[k]) for r in rows), default=1) for k in range(2 + len(targets)
-                                                                       + len(ratios))]
+    widths = [
+        max((len(r[k]) for r in rows), default=1) for k in range(2 + len(targets) + len(ratios))
+    ]
     table = Table()
     table.add_column("job", no_wrap=True)
     table.add_column("metric", no_wrap=True)
     for k, name in enumerate(targets, 2):
         table.add_column(name, justify="right", overflow="fold", min_width=widths[k])
     for k, name in enumerate(ratios, 2 + len(targets)):
-        table.add_column(_ratio_header(name), justify="right", style="bold", overflow="fold",
-                         min_width=widths[k])
+        table.add_column(
+            _ratio_header(name), justify="right", style="bold", overflow="fold", min_width=widths[k]
+        )
     for n, row in enumerate(rows):
         cells = [Text(c, style="red") if c == "error" else c for c in row]
         table.add_row(*cells, end_section=(n % len(METRICS) == len(METRICS) - 1))
@@ -139,6 +162,8 @@ def print_table(report: BenchReport, console: Console) -> None:
     console.print(LEGEND, soft_wrap=True)
     if ratios:
         console.print(RATIO_LEGEND, soft_wrap=True)
+    for line in legend(report):
+        console.print(line, soft_wrap=True, markup=False)
     for line in errors(report):
         console.print(Text(line, style="red"), soft_wrap=True)
 
@@ -148,9 +173,12 @@ def markdown(report: BenchReport) -> str:
     targets = [t.spec.name for t in report.targets]
     ratios = ratio_columns(report)
     head = ["job", "metric", *targets, *(_ratio_header(n) for n in ratios)]
-    lines = [f"{title(report)}", "",
-             "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
+    lines = [
+        f"{title(report)}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|",
+    ]
     for job in report.config.jobs:
         for i, m in enumerate(METRICS):
             row = [job.label if i == 0 else "", m.title]
@@ -164,6 +192,7 @@ def markdown(report: BenchReport) -> str:
     lines += ["", LEGEND + "."]
     if ratios:
         lines += ["", RATIO_LEGEND + "."]
+    lines += ["", *(f"- `{t.spec.name}`: {t.spec.description}" for t in report.targets)]
     errs = errors(report)
     if errs:
         lines += ["", *(f"- {e}" for e in errs)]
@@ -179,17 +208,21 @@ def to_json(report: BenchReport) -> dict[str, object]:
     results: list[dict[str, object]] = []
     for c in report.cells:
         f = c.fio
-        results.append({
-            "target": c.target,
-            "job": c.job.name,
-            "mb_s": _num(f.mb_s, 3) if f else None,
-            "iops": _num(f.iops, 1) if f else None,
-            "p99_us": _num(f.p99_us, 3) if f else None,
-            "server_cpu_pct": _num(c.server_cpu_pct, 2),
-            "fio_cpu_pct": _num(f.fio_cpu_pct, 2) if f else None,
-            "runtime_s": _num(f.runtime_s, 3) if f else None,
-            "error": c.error,
-        })
+        results.append(
+            {
+                "target": c.target,
+                "job": c.job.name,
+                "mb_s": _num(f.mb_s, 3) if f else None,
+                "iops": _num(f.iops, 1) if f else None,
+                "p99_us": _num(f.p99_us, 3) if f else None,
+                "server_cpu_pct": _num(c.server_cpu_pct, 2),
+                "server_cpu_pct_by_process": {n: _num(p, 2) for n, p in c.server_cpu_split},
+                "server_cpu_us_per_op": _num(cpu_per_op(c), 2),
+                "fio_cpu_pct": _num(f.fio_cpu_pct, 2) if f else None,
+                "runtime_s": _num(f.runtime_s, 3) if f else None,
+                "error": c.error,
+            }
+        )
     ratios: list[dict[str, object]] = []
     for name in ratio_columns(report):
         for job in report.config.jobs:
@@ -199,12 +232,21 @@ def to_json(report: BenchReport) -> dict[str, object]:
             ratios.append(entry)
     return {
         "meta": report.meta,
-        "jobs": [{"name": j.name, "label": j.label, "rw": j.rw, "bs": j.bs,
-                  "iodepth": j.iodepth} for j in report.config.jobs],
-        "targets": [{"name": t.spec.name, "kind": t.spec.kind,
-                     "description": t.spec.description,
-                     "commands": t.commands, "uri": t.uri, "error": t.error}
-                    for t in report.targets],
+        "jobs": [
+            {"name": j.name, "label": j.label, "rw": j.rw, "bs": j.bs, "iodepth": j.iodepth}
+            for j in report.config.jobs
+        ],
+        "targets": [
+            {
+                "name": t.spec.name,
+                "kind": t.spec.kind,
+                "description": t.spec.description,
+                "commands": t.commands,
+                "uri": t.uri,
+                "error": t.error,
+            }
+            for t in report.targets
+        ],
         "results": results,
         "ratios": ratios,
     }

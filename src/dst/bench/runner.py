@@ -52,6 +52,8 @@ class Cell:
     job: Job
     fio: FioResult | None = None
     server_cpu_pct: float | None = None
+    # the same per server process (name, %), to see which one is the bottleneck
+    server_cpu_split: tuple[tuple[str, float], ...] = ()
     error: str | None = None
 
 
@@ -91,8 +93,9 @@ def check_fio(fio: str) -> str:
         if fio == "fio":
             raise DstError("fio is not installed; install it with: apt-get install fio")
         raise DstError(f"--fio {fio}: no such executable; give the path of a fio binary")
-    cp = subprocess.run([path, "--enghelp=nbd"], capture_output=True, text=True, timeout=30,
-                        check=False)
+    cp = subprocess.run(
+        [path, "--enghelp=nbd"], capture_output=True, text=True, timeout=30, check=False
+    )
     if cp.returncode != 0:
         raise DstError(
             f"{path} has no nbd I/O engine (it was built without libnbd); install Debian's "
@@ -177,9 +180,15 @@ def run_fio(cmd: list[str], timeout: float) -> tuple[int, str]:
     proc: subprocess.Popen[str] | None = None
     try:
         with deferred_signals():
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                    preexec_fn=die_with_parent)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         assert proc is not None
@@ -209,9 +218,9 @@ def run_job(t: RunningTarget, job: Job, cfg: BenchConfig, ws: Workspace, tag: st
         return Cell(name, job, error=str(exc))
     out = ws.dir / f"{tag}-{job.name}.json"
     cmd = fio_command(cfg.fio, job, t.uri, cfg.runtime_s, out)
-    cpu0 = cpu_seconds(t.pids)
+    cpu0 = [cpu_seconds([s.pid]) for s in t.servers]
     status, last = run_fio(cmd, cfg.runtime_s + FIO_GRACE_S)
-    cpu1 = cpu_seconds(t.pids)
+    cpu1 = [cpu_seconds([s.pid]) for s in t.servers]
     text = out.read_text(errors="replace") if out.exists() else ""
     with contextlib.suppress(OSError):
         out.unlink()
@@ -222,16 +231,27 @@ def run_job(t: RunningTarget, job: Job, cfg: BenchConfig, ws: Workspace, tag: st
         res = parse_fio_json(text, job)
     except FioError as exc:
         return Cell(name, job, error=str(exc))
-    cpu = (cpu1 - cpu0) / res.runtime_s * 100.0 if res.runtime_s > 0 else None
-    return Cell(name, job, fio=res, server_cpu_pct=cpu)
+    if res.runtime_s <= 0:
+        return Cell(name, job, fio=res)
+    split = tuple(
+        (s.name, (b - a) / res.runtime_s * 100.0)
+        for s, a, b in zip(t.servers, cpu0, cpu1, strict=True)
+    )
+    return Cell(
+        name, job, fio=res, server_cpu_pct=sum(pct for _, pct in split), server_cpu_split=split
+    )
 
 
 def describe(c: Cell) -> str:
     if c.fio is None:
         return f"error: {c.error}"
     cpu = f"{c.server_cpu_pct:.0f}%" if c.server_cpu_pct is not None else "?"
-    return (f"{c.fio.mb_s:9.1f} MB/s {c.fio.iops:10.0f} IOPS  p99 {c.fio.p99_us:8.0f} us  "
-            f"server CPU {cpu}")
+    if len(c.server_cpu_split) > 1:
+        cpu += " (" + ", ".join(f"{n} {p:.0f}%" for n, p in c.server_cpu_split) + ")"
+    return (
+        f"{c.fio.mb_s:9.1f} MB/s {c.fio.iops:10.0f} IOPS  p99 {c.fio.p99_us:8.0f} us  "
+        f"server CPU {cpu}"
+    )
 
 
 def run_suite(cfg: BenchConfig, progress: Progress) -> BenchReport:
@@ -241,24 +261,29 @@ def run_suite(cfg: BenchConfig, progress: Progress) -> BenchReport:
     """
     fio = check_fio(cfg.fio)
     cfg = BenchConfig(cfg.targets, cfg.jobs, cfg.runtime_s, cfg.size, fio, cfg.ready_timeout)
-    report = BenchReport(cfg, {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": {
-            "fio": tool_version([fio, "--version"]),
-            "nbdkit": tool_version(["nbdkit", "--version"]),
-            "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
-            "python": sys.version.split()[0],
+    report = BenchReport(
+        cfg,
+        {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "versions": {
+                "fio": tool_version([fio, "--version"]),
+                "nbdkit": tool_version(["nbdkit", "--version"]),
+                "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+                "python": sys.version.split()[0],
+            },
+            "runtime_s": cfg.runtime_s,
+            "size_bytes": cfg.size,
+            "backing": "one file on /dev/shm, written once in full before the first target",
         },
-        "runtime_s": cfg.runtime_s,
-        "size_bytes": cfg.size,
-        "backing": "one file on /dev/shm, written once in full before the first target",
-    })
+    )
     load = os.getloadavg()[0]
     report.meta["loadavg_at_start"] = round(load, 2)
     if load > 0.5:
-        progress(f"warning: the machine is busy (load average {load:.2f}); other work "
-                 "competes for the cores and the numbers will be noisy")
+        progress(
+            f"warning: the machine is busy (load average {load:.2f}); other work "
+            "competes for the cores and the numbers will be noisy"
+        )
     root = bench_dir()
     try:
         image = root / "backing.img"
@@ -272,8 +297,9 @@ def run_suite(cfg: BenchConfig, progress: Progress) -> BenchReport:
     return report
 
 
-def _run_target(report: BenchReport, spec: TargetSpec, tag: str, ws: Workspace,
-                progress: Progress) -> None:
+def _run_target(
+    report: BenchReport, spec: TargetSpec, tag: str, ws: Workspace, progress: Progress
+) -> None:
     cfg = report.config
     run = TargetRun(spec)
     report.targets.append(run)

@@ -67,8 +67,9 @@ def missing_tool(kind: str) -> str | None:
     return f"{tool} is not installed; install it with: apt-get install {APT[tool]}"
 
 
-def parse_variant(text: str, export_args: tuple[str, ...] = (),
-                  attach_args: tuple[str, ...] = ()) -> TargetSpec:
+def parse_variant(
+    text: str, export_args: tuple[str, ...] = (), attach_args: tuple[str, ...] = ()
+) -> TargetSpec:
     """``dst:KEY=VALUE[,KEY=VALUE...]`` -> a dst column with those options.
 
     ``KEY=VALUE`` becomes ``--KEY=VALUE`` on both `dst export` and `dst attach`;
@@ -174,8 +175,13 @@ def _server(t: RunningTarget, name: str, args: list[str], ws: Workspace, tag: st
 
 def _start_nbdkit(t: RunningTarget, tag: str, ws: Workspace) -> None:
     sock = ws.dir / f"{tag}-k.sock"
-    s = _server(t, "nbdkit", ["nbdkit", "-f", "-U", str(sock), "--exit-with-parent", "file",
-                              str(ws.image)], ws, tag)
+    s = _server(
+        t,
+        "nbdkit",
+        ["nbdkit", "-f", "-U", str(sock), "--exit-with-parent", "file", str(ws.image)],
+        ws,
+        tag,
+    )
     s.wait_for_socket(sock, ws.ready_timeout)
     t.uri = f"nbd+unix:///?socket={sock}"
 
@@ -183,11 +189,21 @@ def _start_nbdkit(t: RunningTarget, tag: str, ws: Workspace) -> None:
 def _start_chain(t: RunningTarget, tag: str, ws: Workspace) -> None:
     back = ws.dir / f"{tag}-k1.sock"
     front = ws.dir / f"{tag}-k2.sock"
-    b = _server(t, "nbdkit file", ["nbdkit", "-f", "-U", str(back), "--exit-with-parent",
-                                   "file", str(ws.image)], ws, tag)
+    b = _server(
+        t,
+        "nbdkit file",
+        ["nbdkit", "-f", "-U", str(back), "--exit-with-parent", "file", str(ws.image)],
+        ws,
+        tag,
+    )
     b.wait_for_socket(back, ws.ready_timeout)
-    f = _server(t, "nbdkit nbd", ["nbdkit", "-f", "-U", str(front), "--exit-with-parent",
-                                  "nbd", f"socket={back}"], ws, tag)
+    f = _server(
+        t,
+        "nbdkit nbd",
+        ["nbdkit", "-f", "-U", str(front), "--exit-with-parent", "nbd", f"socket={back}"],
+        ws,
+        tag,
+    )
     f.wait_for_socket(front, ws.ready_timeout)
     t.uri = f"nbd+unix:///?socket={front}"
 
@@ -196,8 +212,13 @@ def _start_qemu_nbd(t: RunningTarget, tag: str, ws: Workspace) -> None:
     sock = ws.dir / f"{tag}-q.sock"
     # --persistent: fio opens one connection per job; --shared: the readiness probe's
     # connection must not hold the only client slot
-    s = _server(t, "qemu-nbd", ["qemu-nbd", "-f", "raw", "-k", str(sock), "--persistent",
-                                "--shared=8", str(ws.image)], ws, tag)
+    s = _server(
+        t,
+        "qemu-nbd",
+        ["qemu-nbd", "-f", "raw", "-k", str(sock), "--persistent", "--shared=8", str(ws.image)],
+        ws,
+        tag,
+    )
     s.wait_for_socket(sock, ws.ready_timeout)
     t.uri = f"nbd+unix:///?socket={sock}"
 
@@ -212,15 +233,40 @@ def _start_dst(t: RunningTarget, tag: str, ws: Workspace) -> None:
         att_extra.append(f"--key-file={key}")
     esock = ws.dir / f"{tag}-e.sock"
     nsock = ws.dir / f"{tag}-n.sock"
-    e = _server(t, "dst export", [*DST, "export", "--listen", f"unix:{esock}",
-                                  f"file:{ws.image}", "--size", str(ws.size), *exp_extra],
-                ws, tag)
-    m = e.wait_for_line(r"listening on (\S+)", ws.ready_timeout)
+    e = _server(
+        t,
+        "dst export",
+        [
+            *DST,
+            "export",
+            "--listen",
+            f"unix:{esock}",
+            f"file:{ws.image}",
+            "--size",
+            str(ws.size),
+            *exp_extra,
+        ],
+        ws,
+        tag,
+    )
+    m = e.wait_for_line(r"listening on (\S+)", ws.ready_timeout, "listening")
     addr = m.group(1)
-    path = addr[len("unix:"):] if addr.startswith("unix:") else str(esock)
-    a = _server(t, "dst attach", [*DST, "attach", f"dst+unix:///default?socket={path}",
-                                  "--nbd", f"unix:{nsock}", *att_extra], ws, tag)
-    m = a.wait_for_line(r"serving NBD on (\S+)", ws.ready_timeout)
+    path = addr[len("unix:") :] if addr.startswith("unix:") else str(esock)
+    a = _server(
+        t,
+        "dst attach",
+        [
+            *DST,
+            "attach",
+            f"dst+unix:///default?socket={path}",
+            "--nbd",
+            f"unix:{nsock}",
+            *att_extra,
+        ],
+        ws,
+        tag,
+    )
+    m = a.wait_for_line(r"serving NBD on (\S+)", ws.ready_timeout, "serving NBD")
     uri = m.group(1).rstrip(".,;")
     t.uri = uri if uri.startswith("nbd") else f"nbd+unix:///?socket={nsock}"
 
@@ -228,8 +274,9 @@ def _start_dst(t: RunningTarget, tag: str, ws: Workspace) -> None:
 def make_key(path: Path) -> None:
     """A key file for a cipher variant, made the way an operator would: `dst keygen`."""
     with deferred_signals():  # a few milliseconds; never leave it half-made
-        cp = subprocess.run([*DST, "keygen", str(path)], capture_output=True, text=True,
-                            timeout=60, check=False)
+        cp = subprocess.run(
+            [*DST, "keygen", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
     if cp.returncode != 0:
         last = (cp.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise StartError(f"dst keygen exited with status {cp.returncode}: {last}")
