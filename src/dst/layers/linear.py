@@ -12,6 +12,7 @@ import asyncio
 import bisect
 import errno
 import logging
+from abc import abstractmethod
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -121,8 +122,9 @@ class Composite(BlockDevice):
         self._layout()
         self.set_state(combined_state(self.members))
 
+    @abstractmethod
     def _layout(self) -> None:
-        raise NotImplementedError
+        """Compute the size and where each member's bytes are (stripe or concatenation)."""
 
     def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
         try:

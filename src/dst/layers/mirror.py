@@ -28,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from dst import trace
 from dst.device import BlockDevice, Buffer, Capabilities, IoCounters, IoFlags, check_range
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.bitmap import MAX_LEGS, ActivityLog, Record
@@ -44,6 +43,7 @@ from dst.layers.resync import (
     RateLimiter,
     Resync,
     VerifyState,
+    event,
     plan_start,
     refusal_of,
     usable_size,
@@ -59,11 +59,6 @@ DEFAULT_GRANULARITY = 64 << 10
 AL_EXTENT = 4 << 20
 AL_LIMIT = 512
 SPLIT_EXTENTS = 64  # trims and zeroes are done this many activity-log extents at a time
-
-
-def event(what: str, **fields: Any) -> None:
-    if trace.on.mirror:
-        trace.emit("mirror", what, **fields)
 
 
 class MirrorCore(BlockDevice):

@@ -20,12 +20,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dst import trace
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError, IoError
 from dst.layers.bitmap import MAX_LEGS, Bitmap, Record, Slot
 from dst.units import format_size
 
 log = logging.getLogger("dst.mirror")
+
+
+def event(what: str, **fields: Any) -> None:
+    """A ``--debug=mirror`` JSON line (cheap when off)."""
+    if trace.on.mirror:
+        trace.emit("mirror", what, **fields)
+
 
 IN_SYNC, DEGRADED, RESYNCING = "in-sync", "degraded", "resyncing"
 BATCH = 1 << 20  # bytes copied per step (whole regions, so at least one)

@@ -17,7 +17,7 @@ from dst.device import BlockDevice
 from dst.errors import DstError, UsageError
 from dst.layers.bitmap import MAX_LEGS, Bitmap
 from dst.layers.linear import LinearDevice, member_summary
-from dst.layers.mirror import DEFAULT_GRANULARITY, MirrorCore, event
+from dst.layers.mirror import DEFAULT_GRANULARITY, MirrorCore
 from dst.layers.resync import (
     DEGRADED,
     IN_SYNC,
@@ -25,6 +25,7 @@ from dst.layers.resync import (
     Leg,
     Progress,
     dirty_bytes,
+    event,
     log,
     refusal_of,
 )

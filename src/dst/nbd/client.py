@@ -28,6 +28,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dst.nbd import wire
+from dst.nbd.client_events import (
+    Completed as Completed,
+)
+from dst.nbd.client_events import (
+    Connected as Connected,
+)
+from dst.nbd.client_events import (
+    ConnectionDead as ConnectionDead,
+)
+from dst.nbd.client_events import (
+    ExportRefused as ExportRefused,
+)
+from dst.nbd.client_events import (
+    NbdClientConfig as NbdClientConfig,
+)
+from dst.nbd.client_events import (
+    ServerExport as ServerExport,
+)
+from dst.nbd.client_events import (
+    ServerViolation as ServerViolation,
+)
 from dst.nbd.constants import (
     IHAVEOPT,
     NBDMAGIC,
@@ -63,70 +84,6 @@ _HOLE = struct.Struct(">QI")
 _ZEROES = bytes(1 << 20)
 _COMMANDS = (Command.READ, Command.WRITE, Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES)
 _NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
-
-
-@dataclass
-class NbdClientConfig:
-    """The export to ask for and the (live-tunable) resend knobs."""
-
-    export: str = ""
-    structured: bool = True
-    resends: int = 10
-    resend_timeout: float = 5.0
-    handshake_timeout: float = 10.0
-    queue_depth: int = 128
-
-
-@dataclass(frozen=True)
-class ServerExport:
-    """The export as the server described it."""
-
-    size: int
-    flags: TransmissionFlags
-    structured: bool
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = 32 << 20
-
-
-@dataclass(frozen=True)
-class Connected(Event):
-    """The handshake ended; requests flow (``generation`` counts connections)."""
-
-    export: ServerExport
-    generation: int
-    reconnect: bool
-
-
-@dataclass(frozen=True)
-class Completed(Event):
-    """A request ended: ``error`` is 0 or an errno value."""
-
-    handle: int
-    error: int
-    message: str = ""
-    attempts: int = 1
-    timed_out: bool = False
-
-
-@dataclass(frozen=True)
-class ConnectionDead(Event):
-    """Close this connection; unanswered requests are resent after the next handshake."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class ServerViolation(ConnectionDead):
-    """The server broke the protocol (bad magic, unknown handle, data beyond the request)."""
-
-
-@dataclass(frozen=True)
-class ExportRefused(Event):
-    """The server refused the export, or a different export answers now; close."""
-
-    message: str
-    permanent: bool
 
 
 @dataclass(eq=False, slots=True)
