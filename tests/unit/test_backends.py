@@ -649,3 +649,28 @@ def test_device_statistics_and_read_only(tmp_path: Path) -> None:
             assert await ro.read(0, 3) == b"xxx"
 
     asyncio.run(main())
+
+
+def test_write_taken_partly_by_the_page_cache_is_finished_on_the_pool(tmp_path: Path) -> None:
+    """RWF_NOWAIT may take only part of a write; the rest goes to the pool, never blocks the
+    loop, and the file holds the whole write."""
+    b = open_backend(f"file:{tmp_path / 'd.img'}", size=1 << 20)
+    taken: list[int] = []
+    real = b.try_pwrite_nowait
+
+    def half(buf: memoryview, offset: int) -> int:
+        n = real(buf[: len(buf) // 2], offset)
+        taken.append(n)
+        return n
+
+    b.try_pwrite_nowait = half  # type: ignore[method-assign]
+    data = bytes(range(256)) * 256
+
+    async def main() -> None:
+        dev = BackendDevice(b)
+        await dev.write(4096, data)
+        assert await dev.read(4096, len(data)) == data
+        await dev.aclose()
+
+    asyncio.run(main())
+    assert taken and taken[0] in (0, len(data) // 2)

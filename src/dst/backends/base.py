@@ -14,6 +14,7 @@ import fcntl
 import os
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from dst.errors import StorageError, UsageError
@@ -48,9 +49,10 @@ class Backend(ABC):
         """Serve a read without blocking if possible; False: run ``pread_into`` on the pool."""
         return False
 
-    def try_pwrite_nowait(self, buf: memoryview, offset: int) -> bool:
-        """Take a write without blocking if possible; False: run ``pwrite`` on the pool."""
-        return False
+    def try_pwrite_nowait(self, buf: memoryview, offset: int) -> int:
+        """Write what can be written without blocking; the caller writes the rest (from the
+        returned count on) with ``pwrite`` on the pool."""
+        return 0
 
     @abstractmethod
     def pread_into(self, buf: memoryview, offset: int) -> None:
@@ -210,49 +212,41 @@ class FdBackend(Backend):
                 "stop the other export node or use another file"
             ) from None
 
+    def _nowait(
+        self, call: Callable[..., int], buf: memoryview, offset: int, kind: str
+    ) -> int | None:
+        """Bytes moved by one RWF_NOWAIT ``preadv``/``pwritev``, or None when the kernel
+        would block or cannot do it (then it is not tried again for that ``kind``)."""
+        flag = f"_nowait_{kind}"
+        if not getattr(self, flag):
+            return None
+        try:
+            return call(self._fd, [buf], offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in UNSUPPORTED:
+                setattr(self, flag, False)
+                return None
+            raise
+
     def try_pread_nowait(self, buf: memoryview, offset: int) -> bool:
         """Read only if the data is in the page cache (RWF_NOWAIT); False means "use the pool".
 
         A cached 4 KiB read costs a few microseconds inline but tens when handed to a
         worker thread, so the event loop tries this first and never blocks on a disk.
         """
-        if not self._nowait_read:
-            return False
-        try:
-            got = os.preadv(self._fd, [buf], offset, RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno in UNSUPPORTED:
-                self._nowait_read = False
-                return False
-            raise
+        got = self._nowait(os.preadv, buf, offset, "read")
         if got == len(buf):
             return True
         if got == 0 and offset >= self._file_size():
             fill_zeroes(buf)
             return True
-        return False
+        return False  # not cached (or only partly): the pool reads it all
 
-    def try_pwrite_nowait(self, buf: memoryview, offset: int) -> bool:
-        """Write only if it cannot block (RWF_NOWAIT); False means "use the pool"."""
-        if not self._nowait_write:
-            return False
-        try:
-            done = os.pwritev(self._fd, [buf], offset, RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno in UNSUPPORTED:
-                self._nowait_write = False
-                return False
-            raise
-        if done == len(buf):
-            return True
-        if done > 0:  # partly written: finish the rest the blocking way
-            self.pwrite(buf[done:], offset + done)
-            return True
-        return False
+    def try_pwrite_nowait(self, buf: memoryview, offset: int) -> int:
+        """Write into the page cache without blocking (RWF_NOWAIT); returns the bytes taken."""
+        return self._nowait(os.pwritev, buf, offset, "write") or 0
 
     def _file_size(self) -> int:
         return os.fstat(self._fd).st_size

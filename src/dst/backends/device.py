@@ -112,30 +112,28 @@ class BackendDevice(BlockDevice):
             self.counters.errors += 1
             raise
         except OSError as e:
-            self.counters.errors += 1
-            err = e.errno or errno.EIO
-            raise IoError(
-                err,
-                f"{self.name}: {op} of {length} bytes at offset {offset} failed: {e.strerror or e}",
-            ) from e
+            raise self._failed(op, offset, length, e) from e
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    def _fast(self, op: str, offset: int, length: int, fn: Callable[[], bool]) -> bool:
-        """Try a non-blocking call inline on the loop; map its errors like ``_call``."""
-        if self._closed or length > FAST_PATH_MAX:
-            return False
+    def _failed(self, op: str, offset: int, length: int, e: OSError) -> IoError:
+        """A backend's OSError as the IoError callers see, counted."""
+        self.counters.errors += 1
+        return IoError(
+            e.errno or errno.EIO,
+            f"{self.name}: {op} of {length} bytes at offset {offset} failed: {e.strerror or e}",
+        )
+
+    def _fast(self, op: str, offset: int, length: int, fn: Callable[[], T]) -> T | None:
+        """Try a non-blocking call inline on the loop (None: not tried); errors as ``_call``."""
+        if self._closed or length > FAST_PATH_MAX or self._executor is None:
+            return None
         try:
             return fn()
         except OSError as e:
-            self.counters.errors += 1
-            err = e.errno or errno.EIO
-            raise IoError(
-                err,
-                f"{self.name}: {op} of {length} bytes at offset {offset} failed: {e.strerror or e}",
-            ) from e
+            raise self._failed(op, offset, length, e) from e
 
     def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
         """Refuse what the backend must never see: writes to read-only stores, bad ranges."""
@@ -171,7 +169,7 @@ class BackendDevice(BlockDevice):
         view = _as_bytes_view(buf)
         self._check("read", offset, len(view), change=False, limit=True)
         backend = self.backend
-        if not (flags & IoFlags.PREFLUSH) and self._executor is not None and self._fast(
+        if not (flags & IoFlags.PREFLUSH) and self._fast(
             "read", offset, len(view), lambda: backend.try_pread_nowait(view, offset)
         ):
             pass  # served from the page cache without a trip to the pool
@@ -186,15 +184,21 @@ class BackendDevice(BlockDevice):
         self._check("write", offset, len(view), change=True, limit=True)
         backend = self.backend
         native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
-        if not (flags & (IoFlags.PREFLUSH | IoFlags.FUA)) and self._executor is not None and (
-            self._fast("write", offset, len(view), lambda: backend.try_pwrite_nowait(view, offset))
-        ):
-            pass  # the page cache took it without blocking
-        else:
-            run = self._wrap(
-                flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua
+        done = 0
+        if not (flags & (IoFlags.PREFLUSH | IoFlags.FUA)):
+            # the page cache takes what it can without blocking; the pool writes the rest
+            done = (
+                self._fast(
+                    "write", offset, len(view), lambda: backend.try_pwrite_nowait(view, offset)
+                )
+                or 0
             )
-            await self._call("write", offset, len(view), run)
+        if done < len(view) or not view:
+            rest, at = view[done:], offset + done
+            run = self._wrap(
+                flags, lambda: backend.pwrite(rest, at, native_fua), not backend.can_fua
+            )
+            await self._call("write", at, len(rest), run)
         self.counters.writes += 1
         self.counters.bytes_written += len(view)
 
