@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from dst import trace
 from dst.aio.listen import connect
 from dst.aio.stream import SocketStream
+from dst.client.latency import Latency
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError
 from dst.uri import MemberUri
@@ -48,12 +49,18 @@ class LinkCore(Protocol):
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
 
+    generation: int
+
+    @property
+    def in_flight(self) -> int: ...
+
 
 class LinkedDevice(BlockDevice):
     """A BlockDevice whose data lives behind one stream connection, kept up by this shell."""
 
     core: LinkCore
     what = "member"  # for messages: "cannot reach <what> <uri>"
+    op_names: tuple[str, ...] = ("read", "write", "flush", "trim", "zero")
 
     def __init__(self, uri: MemberUri, options: LinkOptions | None) -> None:
         self.uri = uri
@@ -72,6 +79,9 @@ class LinkedDevice(BlockDevice):
         self._kick: asyncio.Event | None = None
         self._closing = False
         self._was_ready = False
+        self.latency = {op: Latency() for op in self.op_names}
+        self.counts = dict.fromkeys(self.op_names, 0)
+        self.bytes = {"read": 0, "write": 0}
 
     # ---- what a subclass provides -------------------------------------------------------
     @abstractmethod
@@ -85,6 +95,23 @@ class LinkedDevice(BlockDevice):
 
     def _after_events(self) -> None:
         """Hook after the events of one pump (e.g. start offloaded jobs)."""
+
+    def _link_statistics(self) -> dict[str, Any]:
+        """What every member reports; a subclass adds its protocol's own counters."""
+        return {
+            "uri": self.uri.text,
+            "state": self.state,
+            "generation": self.core.generation,
+            "identity": str(self.identity or ""),
+            "size": self.size,
+            "in_flight": self.core.in_flight,
+            "reconnects": self.reconnects,
+            "requests": dict(self.counts),
+            "bytes_read": self.bytes["read"],
+            "bytes_written": self.bytes["write"],
+            "latency": {op: lat.summary() for op, lat in self.latency.items() if lat.count},
+            "last_error": self.last_error,
+        }
 
     # ---- lifecycle ----------------------------------------------------------------------
     def launch(self) -> None:

@@ -33,7 +33,6 @@ import time
 import uuid
 from typing import Any
 
-from dst.client.latency import Latency
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import MAX_REQUEST, Buffer, Capabilities, IoFlags, check_range
 from dst.errors import DstError, IoError
@@ -75,6 +74,7 @@ class NbdDevice(LinkedDevice):
     """
 
     what = "NBD server"
+    op_names = tuple(OPS.values())
 
     def __init__(
         self,
@@ -99,9 +99,6 @@ class NbdDevice(LinkedDevice):
         )
         self._flags = TF(0)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
-        self.latency = {op: Latency() for op in OPS.values()}
-        self.counts = {op: 0 for op in OPS.values()}
-        self.bytes = {"read": 0, "write": 0}
 
     @property
     def _ever_connected(self) -> bool:
@@ -296,14 +293,9 @@ class NbdDevice(LinkedDevice):
         st = self.core.stats
         x = self.core.export
         return {
-            "uri": self.uri.text,
+            **self._link_statistics(),
             "protocol": "nbd",
-            "state": self.state,
-            "generation": self.core.generation,
-            "identity": str(self.identity or ""),
-            "size": self.size,
             "structured_replies": x.structured if x else None,
-            "in_flight": self.core.in_flight,
             "submitted": st.submitted,
             "completed": st.completed,
             "resends": st.resends,
@@ -311,13 +303,7 @@ class NbdDevice(LinkedDevice):
             "failed": st.failed,
             "errors": st.errors,
             "protocol_errors": st.violations,
-            "reconnects": self.reconnects,
             "connections": st.connections,
-            "requests": dict(self.counts),
-            "bytes_read": self.bytes["read"],
-            "bytes_written": self.bytes["write"],
-            "latency": {op: lat.summary() for op, lat in self.latency.items() if lat.count},
-            "last_error": self.last_error,
         }
 
     async def aclose(self) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 from dst import trace
 from dst.aio import workers
 from dst.buffers import BufferPool
-from dst.client.latency import Latency
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import Buffer, Capabilities, IoFlags, check_range
 from dst.errors import DstError, IoError
@@ -52,6 +51,7 @@ class RemoteDevice(LinkedDevice):
     """One export on one export node, as a block device."""
 
     what = "export"
+    op_names = tuple(OPS.values())
 
     def __init__(
         self,
@@ -64,9 +64,6 @@ class RemoteDevice(LinkedDevice):
         self.pool = pool or BufferPool()
         self.core: ClientCore = ClientCore(config, self.pool)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
-        self.latency = {op: Latency() for op in OPS.values()}
-        self.counts = {op: 0 for op in OPS.values()}
-        self.bytes = {"read": 0, "write": 0}
 
     @property
     def _ever_connected(self) -> bool:
@@ -345,12 +342,7 @@ class RemoteDevice(LinkedDevice):
         st = self.core.stats
         w = self.core.welcome
         return {
-            "uri": self.uri.text,
-            "state": self.state,
-            "generation": self.core.generation,
-            "identity": str(getattr(self, "identity", "")),
-            "size": self.size,
-            "in_flight": self.core.in_flight,
+            **self._link_statistics(),
             "completed": st.completed,
             "submitted": st.submitted,
             "resends": st.resends,
@@ -358,16 +350,10 @@ class RemoteDevice(LinkedDevice):
             "failed": st.failed,
             "errors": st.errors,
             "checksum_errors": st.checksum_errors,
-            "reconnects": self.reconnects,
             "connections": st.connections,
             "pings": st.pings,
-            "requests": dict(self.counts),
-            "bytes_read": self.bytes["read"],
-            "bytes_written": self.bytes["write"],
-            "latency": {op: lat.summary() for op, lat in self.latency.items() if lat.count},
             "cipher": w.cipher if w else None,
             "checksum": w.checksum if w else None,
-            "last_error": self.last_error,
         }
 
     async def aclose(self) -> None:
