@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from dst.backends import open_device
 from dst.device import BlockDevice
 from dst.layers.faults import FaultDevice
+from dst.layers.stack import MirrorDevice
 
 
 class FlatModel:
@@ -95,3 +97,22 @@ async def contents(dev: BlockDevice, size: int | None = None) -> bytes:
     """Everything a device (or a fault layer's inner device, bypassing faults) holds."""
     inner = dev.inner if isinstance(dev, FaultDevice) else dev
     return await inner.read(0, size if size is not None else inner.size)
+
+
+async def started(legs: list[FaultDevice] | list[BlockDevice], **kw: Any) -> MirrorDevice:
+    """A started mirror over ``legs`` with small regions and quick retries, for unit tests."""
+    kw.setdefault("granularity", 4096)
+    kw.setdefault("assume_clean", True)
+    m = MirrorDevice(list(legs), **kw)
+    m.retry_min = 0.05
+    await m.start()
+    return m
+
+
+def member(m: MirrorDevice, name: str) -> dict[str, Any]:
+    """The status entry of one leg."""
+    return next(x for x in m.statistics()["members"] if x["uri"] == name)
+
+
+async def in_sync(m: MirrorDevice, timeout: float = 10.0) -> None:
+    await until(lambda: m.statistics()["sync"] == "in-sync", timeout, "the mirror to be in sync")

@@ -19,7 +19,7 @@ from dst.device import BlockDevice
 from dst.errors import DstError
 from dst.layers import FaultDevice, MirrorDevice
 from dst.layers.bitmap import BITMAP_BASE, BLOCK, ActivityLog, Bitmap, Record
-from tests.model import contents, until
+from tests.model import contents, in_sync, until
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -193,10 +193,6 @@ async def open_mirror(inners: Sequence[BlockDevice], path: Path, **kw: Any) -> M
     m.retry_min = 0.05
     await m.start()
     return m
-
-
-async def in_sync(m: MirrorDevice) -> None:
-    await until(lambda: m.statistics()["sync"] == "in-sync", 10.0, "the mirror to be in sync")
 
 
 def dirty(m: MirrorDevice, name: str) -> int:

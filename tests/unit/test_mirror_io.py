@@ -6,7 +6,6 @@ import asyncio
 import errno
 import logging
 import random
-from typing import Any
 
 import pytest
 
@@ -14,22 +13,9 @@ from dst.backends import open_device
 from dst.device import BlockDevice, IoFlags
 from dst.errors import IoError
 from dst.layers import FaultDevice, MirrorDevice
-from tests.model import contents, fault_legs, until
+from tests.model import contents, fault_legs, member, started, until
 
 KIB = 1 << 10
-
-
-async def started(legs: list[FaultDevice] | list[BlockDevice], **kw: Any) -> MirrorDevice:
-    kw.setdefault("granularity", 4096)
-    kw.setdefault("assume_clean", True)
-    m = MirrorDevice(list(legs), **kw)
-    m.retry_min = 0.05
-    await m.start()
-    return m
-
-
-def member(m: MirrorDevice, name: str) -> dict[str, Any]:
-    return next(x for x in m.statistics()["members"] if x["uri"] == name)
 
 
 def test_writes_go_to_every_leg_in_parallel() -> None:

@@ -6,35 +6,17 @@ import asyncio
 import errno
 import logging
 import random
-from typing import Any
 
 import pytest
 
 from dst.backends import open_device
 from dst.errors import DstError, IoError
-from dst.layers import FaultDevice, MirrorDevice
+from dst.layers import FaultDevice
 from dst.layers import resync as resync_mod
-from tests.model import FlatModel, contents, fault_legs, until
+from tests.model import FlatModel, contents, fault_legs, in_sync, member, started, until
 
 KIB = 1 << 10
 MIB = 1 << 20
-
-
-async def started(legs: list[FaultDevice], **kw: Any) -> MirrorDevice:
-    kw.setdefault("granularity", 4096)
-    kw.setdefault("assume_clean", True)
-    m = MirrorDevice(list(legs), **kw)
-    m.retry_min = 0.05
-    await m.start()
-    return m
-
-
-def member(m: MirrorDevice, name: str) -> dict[str, Any]:
-    return next(x for x in m.statistics()["members"] if x["uri"] == name)
-
-
-async def in_sync(m: MirrorDevice, timeout: float = 10.0) -> None:
-    await until(lambda: m.statistics()["sync"] == "in-sync", timeout, "the mirror to be in sync")
 
 
 async def identical(legs: list[FaultDevice]) -> bool:
