@@ -202,14 +202,14 @@ class Channel:
 
     def _send(self, parts: list[Buf], checksum: Checksum | None) -> None:
         size = sum(len(p) for p in parts)
-        big = self.offload and size > 4096
+        off = self.offload  # above an algorithm's inline limit, its work is a Job
         sealer = self._sealer
         digest_size = checksum.digest_size if checksum is not None else 0
         if sealer is None:
             self._out.extend(parts)
             if digest_size:
                 assert checksum is not None
-                if big and size > checksum.inline_limit:
+                if off and size > checksum.inline_limit:
                     self._out.append(self.new_job(lambda: checksum.compute(*parts)))
                 else:
                     self._out.append(checksum.compute(*parts))
@@ -223,7 +223,7 @@ class Channel:
             return sealer.seal_record(number, _joined(plain), aad)
 
         self._out.append(aad)
-        if big and (
+        if off and (
             size > sealer.cipher.inline_limit
             or (checksum is not None and size > checksum.inline_limit)
         ):
