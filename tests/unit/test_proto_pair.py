@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 import pytest
 
@@ -20,7 +21,7 @@ from dst.proto.wire import REP_HEADER, Command, Refusal, ReplyHeader, Status
 from tests.pair import IDENTITY, FakeExport, Pair
 
 
-def completed(events: list[object]) -> dict[int, Completed]:
+def completed(events: Sequence[object]) -> dict[int, Completed]:
     return {e.txn: e for e in events if isinstance(e, Completed)}
 
 
@@ -349,3 +350,51 @@ def test_reply_buffers_are_released_only_after_their_frame_is_handed_over() -> N
     rest = srv.data_to_send()
     assert len(rest) == 4  # A's trailer, B's header, data and trailer
     assert [f() for f in srv.take_handed()] == [None, None] and released == ["a", "b"]
+
+
+def records(stream: bytes) -> list[int]:
+    """The sealed lengths of the records in ``stream`` (u32 length, then that many bytes)."""
+    out, pos = [], 0
+    while pos < len(stream):
+        n = int.from_bytes(stream[pos : pos + 4], "little")
+        out.append(n)
+        pos += 4 + n
+    assert pos == len(stream)
+    return out
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "chacha20-poly1305"])
+def test_large_payloads_travel_in_records_of_their_own_opened_in_place(cipher: str) -> None:
+    """A 256 KiB READ reply is a small header record and a payload record; the client
+    opens the payload record straight into the reader's buffer (no copy), and a tampered
+    payload record completes nothing: the read is resent on the next connection."""
+    key = bytes(range(32))
+    p = ready_pair(
+        client_config=ClientConfig(key=key, checksums=("none",)),
+        server_config=ServerConfig(key=key, ciphers=(cipher,), checksums=("none",)),
+        export=FakeExport(size=1 << 20),
+    )
+    p.export.data[: 256 << 10] = bytes(range(256)) * 1024
+    buf = bytearray(256 << 10)
+    r = p.client.submit(Command.READ, 0, len(buf), 0, p.now, into=memoryview(buf))
+    assert p.server is not None
+    p.run(deliver=False)
+    p.server.receive_data(bytes(p.c2s))
+    p.c2s.clear()
+    p._server_events()
+    reply = bytearray(b"".join(bytes(b) for b in p.server.data_to_send()))
+    assert records(bytes(reply)) == [REP_HEADER.size + 16, (256 << 10) + 16]
+    reply[4 + REP_HEADER.size + 16 + 4 + 1000] ^= 0x20  # one payload ciphertext bit
+    p.client.receive_data(bytes(reply), p.now)
+    evs = []
+    while (ev := p.client.next_event()) is not None:
+        evs.append(ev)
+    assert r not in completed(evs)
+    dead = [e for e in evs if isinstance(e, ConnectionDead)]
+    assert dead and "AEAD tag check failed" in dead[0].reason
+    p.disconnect()
+    p.connect()
+    p.run()
+    done = completed(p.take_events())
+    assert done[r].status == 0 and bytes(buf) == bytes(p.export.data[: 256 << 10])
+    assert p.client._channel.frames.direct_bytes >= 256 << 10  # opened where it belongs

@@ -100,7 +100,9 @@ def bound_address(sock: socket.socket, requested: Address) -> Address:
     return Address(host=host, port=port)
 
 
-async def serve(sock: socket.socket, on_client: Callable[[socket.socket], Coroutine[Any, Any, None]]) -> None:
+async def serve(
+    sock: socket.socket, on_client: Callable[[socket.socket], Coroutine[Any, Any, None]]
+) -> None:
     """Accept forever; each client runs as its own task; cancelled by the owner."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()

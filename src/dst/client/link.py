@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +46,7 @@ class LinkCore(Protocol):
     def get_buffer(self) -> memoryview: ...
     def buffer_updated(self, nbytes: int, now: float) -> None: ...
     def data_to_send(self) -> list[Any]: ...
+    def take_handed(self) -> list[Callable[[], None]]: ...
     def next_event(self) -> Any: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
@@ -229,17 +231,25 @@ class LinkedDevice(BlockDevice):
         while (ev := core.next_event()) is not None:
             self._on_event(ev)
         self._after_events()
-        if self._stream is not None:
-            out = core.data_to_send()
-            if out:
-                self._stream.write(out)
+        self._send()
         self._arm_timer()
+
+    def _send(self) -> None:
+        """Hand what the core queued to the socket; buffers go back once it was sent."""
+        stream = self._stream
+        if stream is not None:
+            out = self.core.data_to_send()
+            if out:
+                stream.write(out)
+        for release in self.core.take_handed():
+            if stream is not None:
+                stream.after_sent(release)
+            else:
+                release()
 
     def _close_stream(self) -> None:
         if self._stream is not None:
-            out = self.core.data_to_send()
-            if out:
-                self._stream.write(out)
+            self._send()
             self._stream.close()
 
     def _arm_timer(self) -> None:

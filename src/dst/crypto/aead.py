@@ -43,6 +43,8 @@ S2C_LABEL: Final = b"dst v1 s2c"
 class _Aead(Protocol):
     def encrypt(self, nonce: Buf, data: Buf, associated_data: Buf | None) -> bytes: ...
     def decrypt(self, nonce: Buf, data: Buf, associated_data: Buf | None) -> bytes: ...
+    def encrypt_into(self, nonce: Buf, data: Buf, associated_data: Buf | None, buf: Buf) -> int: ...
+    def decrypt_into(self, nonce: Buf, data: Buf, associated_data: Buf | None, buf: Buf) -> int: ...
 
 
 class _Factory(Protocol):
@@ -60,6 +62,14 @@ class _Identity:
 
     def decrypt(self, nonce: Buf, data: Buf, associated_data: Buf | None) -> bytes:
         return bytes(data)
+
+    def encrypt_into(self, nonce: Buf, data: Buf, associated_data: Buf | None, buf: Buf) -> int:
+        n = len(data)
+        memoryview(buf).cast("B")[:n] = memoryview(data).cast("B")
+        return n
+
+    def decrypt_into(self, nonce: Buf, data: Buf, associated_data: Buf | None, buf: Buf) -> int:
+        return self.encrypt_into(nonce, data, associated_data, buf)
 
 
 def _aes_gcm(key: Buf) -> _Aead:
@@ -187,6 +197,16 @@ class Sealer(_Direction):
         """Seal record number ``counter`` (from ``next_counter``); safe in a worker thread."""
         return self._aead.encrypt(NONCE.pack(counter), plaintext, aad)
 
+    def seal_into(self, counter: int, plaintext: Buf, aad: bytes, out: memoryview) -> None:
+        """Like :meth:`seal_record`, writing ``ciphertext || tag`` into ``out``.
+
+        ``out`` is exactly ``len(plaintext) + tag_size`` bytes and must not overlap
+        ``plaintext``.  The channel seals large payloads into pooled buffers this
+        way: a fresh megabyte per record cost more than the cipher (allocation,
+        zero-fill, page faults; docs/benchmarks.md, "Channel encryption").
+        """
+        self._aead.encrypt_into(NONCE.pack(counter), plaintext, aad, out)
+
 
 class Opener(_Direction):
     """Opens the records of one direction in the order they were sealed."""
@@ -208,19 +228,39 @@ class Opener(_Direction):
     def open_record(self, counter: int, ciphertext_and_tag: Buf, aad: bytes) -> bytes:
         """Open record number ``counter`` (from ``next_counter``); safe in a worker thread."""
         size = len(ciphertext_and_tag)
+        self._check_size(counter, size)
+        try:
+            return self._aead.decrypt(NONCE.pack(counter), ciphertext_and_tag, aad)
+        except InvalidTag:
+            raise self._tag_failed(counter, size) from None
+
+    def open_into(self, counter: int, ciphertext_and_tag: Buf, aad: bytes, out: memoryview) -> None:
+        """Like :meth:`open_record`, writing the plaintext into ``out``.
+
+        ``out`` is exactly ``len(ciphertext_and_tag) - tag_size`` bytes and must not
+        overlap the input.  When the tag does not check, ``out`` holds garbage that
+        nobody may read: the caller drops the connection without using it.
+        """
+        size = len(ciphertext_and_tag)
+        self._check_size(counter, size)
+        try:
+            self._aead.decrypt_into(NONCE.pack(counter), ciphertext_and_tag, aad, out)
+        except InvalidTag:
+            raise self._tag_failed(counter, size) from None
+
+    def _check_size(self, counter: int, size: int) -> None:
         if size < self.cipher.tag_size:
             raise ProtocolError(
                 f"AEAD tag check failed: record {counter} is {size} bytes, shorter than the "
                 f"{self.cipher.tag_size}-byte tag; the frame was tampered with, replayed "
                 "or reordered"
             )
-        try:
-            return self._aead.decrypt(NONCE.pack(counter), ciphertext_and_tag, aad)
-        except InvalidTag:
-            raise ProtocolError(
-                f"AEAD tag check failed: record {counter} ({size} bytes, {self.cipher.name}) "
-                "does not authenticate; the frame was tampered with, replayed or reordered"
-            ) from None
+
+    def _tag_failed(self, counter: int, size: int) -> ProtocolError:
+        return ProtocolError(
+            f"AEAD tag check failed: record {counter} ({size} bytes, {self.cipher.name}) "
+            "does not authenticate; the frame was tampered with, replayed or reordered"
+        )
 
 
 def derive_session_keys(

@@ -271,6 +271,10 @@ class NbdClientCore:
         out, self._out = self._out, []
         return out
 
+    def take_handed(self) -> list[Callable[[], None]]:
+        """No send buffer of this core outlives ``data_to_send``'s caller: nothing to run."""
+        return []
+
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 

@@ -1,11 +1,18 @@
 """The per-connection byte channel under both cores: plain frames, or AEAD records.
 
 Before and during the handshake, frames travel as they are.  Once both sides
-agreed on a cipher, every frame is sealed as one record:
+agreed on a cipher, the frame stream is carried in sealed records:
 ``u32 sealed_length | ciphertext+tag``; the length bytes are the AEAD's
 associated data, nonces are per-direction counters, so tampering, replay,
 reordering and truncation all fail the tag check.  The frame layer above never
 knows which mode it is in.
+
+A large payload is a record of its own (the frame's header and trailer go in
+small records beside it).  That keeps encryption as cheap as the cipher: the
+sender seals straight from the payload's buffer into a pooled record buffer,
+and the receiver, whose frame parser already knows where that payload belongs
+once the header record was opened, decrypts straight into its destination.
+Nothing of a record is acted on before its tag checked.
 
 The channel also appends each frame's checksum trailer.  With ``offload`` on,
 large records are sealed/opened and large trailers computed as :class:`Job` s that
@@ -29,12 +36,11 @@ from dst.proto.wire import REC_HEADER
 
 Buf = bytes | bytearray | memoryview
 
-# Sealed record bodies are received into reusable buffers (one event loop per process).
-_RECORDS = BufferPool(max_retained=64 << 20)
-
-
-def _joined(parts: list[Buf]) -> bytes:
-    return b"".join(parts)
+# Sealed records and their plaintexts live in reusable buffers (one event loop per
+# process): a fresh megabyte per record cost more than sealing it (docs/benchmarks.md).
+_RECORDS = BufferPool(max_retained=128 << 20)
+#: Records at least this large use pooled buffers; smaller ones are cheap fresh bytes.
+POOLED_MIN = 64 << 10
 
 
 class _AfterHandOver:
@@ -44,6 +50,39 @@ class _AfterHandOver:
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
+
+
+class _Trailer:
+    """A frame's checksum trailer, computed when its record is sealed (maybe off the loop)."""
+
+    __slots__ = ("checksum", "parts", "size")
+
+    def __init__(self, checksum: Checksum, parts: list[Buf]) -> None:
+        self.checksum = checksum
+        self.parts = parts
+        self.size = sum(len(p) for p in parts)  # bytes it covers
+
+    def __len__(self) -> int:
+        return self.checksum.digest_size
+
+    def compute(self) -> bytes:
+        return self.checksum.compute(*self.parts)
+
+
+class _Opening:
+    """A received record on its way to the frame parser (in arrival order)."""
+
+    __slots__ = ("direct", "job", "plain")
+
+    def __init__(self, plain: PooledBuffer | None, direct: int) -> None:
+        self.plain = plain  # the plaintext's pooled buffer, if it has one
+        self.direct = direct  # > 0: the plaintext was written in place, this many bytes
+        self.job: Job | None = None
+
+    def release(self) -> None:
+        if self.plain is not None:
+            self.plain.release()
+            self.plain = None
 
 
 class Channel:
@@ -60,7 +99,8 @@ class Channel:
         self._rec_buf: PooledBuffer | None = None
         self._out: deque[Buf | Job | _AfterHandOver] = deque()
         self._handed: list[Callable[[], None]] = []
-        self._opening: deque[Job] = deque()
+        self._opening: deque[_Opening] = deque()
+        self._stopped = False
         self.offload = False
         self.jobs: list[Job] = []
 
@@ -104,6 +144,10 @@ class Channel:
         self.frames.stop()
         if self._records is not None:
             self._records.stop()
+        self._stopped = True
+        for rec in self._opening:
+            if rec.job is None or rec.job.done:
+                rec.release()  # a running job's buffer goes back when the job ends
         self._opening.clear()
 
     @property
@@ -140,42 +184,82 @@ class Channel:
         opener, aad, held = self._opener, self._rec_aad, self._rec_buf
         self._rec_buf = None
         number = opener.next_counter()
+        size = len(chunk) - opener.cipher.tag_size
+        target: memoryview | None = None
+        plain: PooledBuffer | None = None
+        if size >= POOLED_MIN:
+            # A payload record: decrypt where the frame parser wants it, when it wants
+            # all of it there and nothing is waiting ahead of it; else into a pooled buffer.
+            if not self._opening:
+                direct = self.frames.direct_target()
+                if direct is not None and len(direct) >= size:
+                    target = direct[:size]
+            if target is None:
+                plain = _RECORDS.get(size)
+        rec = _Opening(plain, size if target is not None else 0)
+
+        def open_record() -> Buf:
+            if target is not None:
+                opener.open_into(number, chunk, aad, target)
+                return b""
+            if plain is None:
+                return opener.open_record(number, chunk, aad)
+            opener.open_into(number, chunk, aad, plain.view)
+            return plain.view
+
         if self.offload and len(chunk) > opener.cipher.inline_limit:
-            body = chunk
 
             def opened(job: Job) -> None:
                 if held is not None:
                     held.release()
-                self._opened(job)
+                if self._stopped:  # dropped from the queue by stop(): nobody feeds it
+                    rec.release()
+                    return
+                self._opened()
 
-            self._opening.append(
-                self.new_job(lambda: opener.open_record(number, body, aad), opened)
-            )
+            rec.job = self.new_job(open_record, opened)
+            self._opening.append(rec)
             return
         try:
-            plain = opener.open_record(number, chunk, aad)
+            result = open_record()
+        except BaseException:
+            rec.release()
+            raise
         finally:
             if held is not None:
                 held.release()
         if self._opening:  # keep arrival order behind records still being opened
-            job = Job(lambda: plain)
-            job.result = plain
-            job.done = True
-            self._opening.append(job)
-            self._opened(None)
+            rec.job = Job(lambda: result)
+            rec.job.result = result
+            rec.job.done = True
+            self._opening.append(rec)
+            self._opened()
         else:
-            self.frames.feed(plain)
+            self._deliver(rec, result)
 
-    def _opened(self, _job: Job | None) -> None:
+    def _deliver(self, rec: _Opening, data: Buf) -> None:
+        """Hand an opened record's plaintext to the frame parser."""
+        try:
+            if rec.direct:
+                self.frames.buffer_updated(rec.direct)  # already in place
+            else:
+                self.frames.feed(data)  # copies: the frame parser hands out its own views
+        finally:
+            rec.release()
+
+    def _opened(self) -> None:
         q = self._opening
-        while q and q[0].done:
-            job = q.popleft()
+        while q and q[0].job is not None and q[0].job.done:
+            rec = q.popleft()
+            job = rec.job
+            assert job is not None
             if job.error is not None:
+                rec.release()
                 self.stop()
                 if isinstance(job.error, ProtocolError):
                     raise job.error
                 raise ProtocolError(f"cannot open a record: {job.error}")
-            self.frames.feed(job.result)
+            self._deliver(rec, job.result)
 
     # ---- send ----------------------------------------------------------
     def send(
@@ -214,22 +298,63 @@ class Channel:
                 else:
                     self._out.append(checksum.compute(*parts))
             return
-        sealed_len = size + digest_size + sealer.cipher.tag_size
+        pieces: list[Buf | _Trailer] = list(parts)
+        if digest_size and checksum is not None:
+            pieces.append(_Trailer(checksum, parts))
+        small: list[Buf | _Trailer] = []
+        for piece in pieces:
+            if not isinstance(piece, _Trailer) and len(piece) >= POOLED_MIN:
+                if small:
+                    self._seal_small(sealer, small)
+                    small = []
+                self._seal_large(sealer, piece)
+            else:
+                small.append(piece)
+        if small:
+            self._seal_small(sealer, small)
+
+    def _seal_small(self, sealer: Sealer, parts: list[Buf | _Trailer]) -> None:
+        """Small parts (headers, trailers, small payloads) share one record."""
+        size = sum(len(p) for p in parts)
+        sealed_len = size + sealer.cipher.tag_size
         aad = REC_HEADER.pack(sealed_len)
         number = sealer.next_counter()
+        trailer = next((p for p in parts if isinstance(p, _Trailer)), None)
 
-        def seal() -> bytes:
-            plain = [*parts, checksum.compute(*parts)] if digest_size and checksum else parts
-            return sealer.seal_record(number, _joined(plain), aad)
+        def seal() -> Buf:
+            plain = [p.compute() if isinstance(p, _Trailer) else p for p in parts]
+            return sealer.seal_record(number, b"".join(plain), aad)
 
         self._out.append(aad)
-        if off and (
+        self._out.append(self._maybe_job(seal, size, trailer))
+
+    def _seal_large(self, sealer: Sealer, payload: Buf) -> None:
+        """A large payload is sealed from its own buffer into a pooled record buffer."""
+        size = len(payload)
+        sealed_len = size + sealer.cipher.tag_size
+        record = _RECORDS.get(REC_HEADER.size + sealed_len)
+        out = record.view
+        REC_HEADER.pack_into(out, 0, sealed_len)
+        aad = bytes(out[: REC_HEADER.size])
+        number = sealer.next_counter()
+
+        def seal() -> Buf:
+            sealer.seal_into(number, payload, aad, out[REC_HEADER.size :])
+            return out
+
+        self._out.append(self._maybe_job(seal, size, None))
+        self._out.append(_AfterHandOver(record.release))
+
+    def _maybe_job(self, fn: Callable[[], Buf], size: int, trailer: _Trailer | None) -> Buf | Job:
+        """``fn()`` now, or as a job when its sealing or checksum is worth a worker."""
+        sealer = self._sealer
+        assert sealer is not None
+        if self.offload and (
             size > sealer.cipher.inline_limit
-            or (checksum is not None and size > checksum.inline_limit)
+            or (trailer is not None and trailer.size > trailer.checksum.inline_limit)
         ):
-            self._out.append(self.new_job(seal))
-        else:
-            self._out.append(seal())
+            return self.new_job(fn)
+        return fn()
 
     def data_to_send(self) -> list[Buf]:
         """Everything queued up to the first frame whose job has not finished."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -190,6 +191,7 @@ class ClientCore:
         for t in self._txns.values():
             t.sent = False
         self._channel.stop()
+        self._channel.discard_output()
 
     def close(self) -> None:
         """Ask the export node to end the session cleanly (after in-flight work)."""
@@ -629,6 +631,11 @@ class ClientCore:
     # ---- output ----------------------------------------------------------------
     def data_to_send(self) -> list[Buf]:
         return self._channel.data_to_send()
+
+    def take_handed(self) -> list[Callable[[], None]]:
+        """Releases of send buffers handed out by ``data_to_send`` (sealed records): run
+        each once the socket has sent those bytes, or at once if the connection is gone."""
+        return self._channel.take_handed()
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None

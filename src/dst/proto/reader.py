@@ -88,6 +88,16 @@ class ChunkReader:
             self._r, self._w = 0, n
         return self._mv[self._w :]
 
+    def direct_target(self) -> memoryview | None:
+        """Where the next bytes belong when they may be written there directly: the rest
+        of a pending target, with nothing staged ahead of it (else None).  Whoever
+        writes ``n`` bytes into it then calls ``buffer_updated(n)``, like a socket."""
+        t = self._target
+        if self._stopped or t is None or self._r != self._w:
+            return None
+        self._direct = True
+        return t[self._filled : self._need]
+
     def buffer_updated(self, n: int) -> None:
         if self._stopped:
             return
