@@ -39,6 +39,14 @@ class Receiver(Protocol):
         ...
 
 
+#: Send buffer asked for on unix sockets.  The default (about 200 KiB) takes a 1 MiB
+#: request or reply in several rounds of sendmsg, wake-up and recv between the two
+#: processes; with room for a few whole requests each side does one system call per
+#: request and both keep working (docs/benchmarks.md, "Socket buffers").  TCP sockets
+#: keep the kernel's auto-tuning, which grows to the same size on its own.
+UNIX_SEND_BUFFER = 4 << 20
+
+
 class SocketStream:
     """One connected socket, owned by exactly one receiver."""
 
@@ -46,6 +54,9 @@ class SocketStream:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):  # the kernel caps it at net.core.wmem_max
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         self.sock = sock
         self.receiver = receiver
         self.loop = asyncio.get_running_loop()
