@@ -166,7 +166,8 @@ class Channel:
             self._records.feed(leftover)
 
     def _on_record_chunk(self, chunk: memoryview) -> None:
-        assert self._records is not None and self._opener is not None
+        records, opener = self._records, self._opener
+        assert records is not None and opener is not None
         if self._rec_len == 0:
             (n,) = REC_HEADER.unpack(chunk)
             if n == 0 or n > self._max_record:
@@ -176,20 +177,59 @@ class Channel:
                 )
             self._rec_len = n
             self._rec_aad = bytes(chunk)
-            self._rec_buf = _RECORDS.get(n)
-            self._records.expect(n, self._rec_buf.view)
+            if n < POOLED_MIN and not self._offloads(opener, n):
+                records.expect(n)  # opened at once, from the staging buffer
+            else:
+                self._rec_buf = _RECORDS.get(n)
+                records.expect(n, self._rec_buf.view)
             return
         self._rec_len = 0
-        self._records.expect(REC_HEADER.size)
-        opener, aad, held = self._opener, self._rec_aad, self._rec_buf
-        self._rec_buf = None
+        records.expect(REC_HEADER.size)
+        held, self._rec_buf = self._rec_buf, None
+        if self._opening or self._offloads(opener, len(chunk)):
+            self._open_queued(opener, chunk, held)
+            return
+        # The common case, inline: open the record and hand its plaintext over now.
+        number = opener.next_counter()
+        size = len(chunk) - opener.cipher.tag_size
+        try:
+            if size < POOLED_MIN:
+                plain = opener.open_record(number, chunk, self._rec_aad)
+            else:
+                direct = self.frames.direct_target()
+                if direct is not None and len(direct) >= size:
+                    # A payload record, where the frame parser wants it: no copy at all.
+                    opener.open_into(number, chunk, self._rec_aad, direct[:size])
+                    self.frames.buffer_updated(size)
+                    return
+                self._deliver_pooled(opener, number, chunk)
+                return
+        finally:
+            if held is not None:
+                held.release()
+        self.frames.feed(plain)  # copies: the frame parser hands out views of its own
+
+    def _offloads(self, opener: Opener, sealed_len: int) -> bool:
+        return self.offload and sealed_len > opener.cipher.inline_limit
+
+    def _deliver_pooled(self, opener: Opener, number: int, chunk: memoryview) -> None:
+        """A large record the frame parser does not want in one piece: via a pooled buffer."""
+        plain = _RECORDS.get(len(chunk) - opener.cipher.tag_size)
+        try:
+            opener.open_into(number, chunk, self._rec_aad, plain.view)
+            self.frames.feed(plain.view)
+        finally:
+            plain.release()
+
+    def _open_queued(self, opener: Opener, chunk: memoryview, held: PooledBuffer | None) -> None:
+        """Open a record on a worker, or behind records still being opened there; the
+        plaintexts reach the frame parser in arrival order."""
+        aad = self._rec_aad
         number = opener.next_counter()
         size = len(chunk) - opener.cipher.tag_size
         target: memoryview | None = None
         plain: PooledBuffer | None = None
         if size >= POOLED_MIN:
-            # A payload record: decrypt where the frame parser wants it, when it wants
-            # all of it there and nothing is waiting ahead of it; else into a pooled buffer.
             if not self._opening:
                 direct = self.frames.direct_target()
                 if direct is not None and len(direct) >= size:
@@ -207,7 +247,7 @@ class Channel:
             opener.open_into(number, chunk, aad, plain.view)
             return plain.view
 
-        if self.offload and len(chunk) > opener.cipher.inline_limit:
+        if self._offloads(opener, len(chunk)):
 
             def opened(job: Job) -> None:
                 if held is not None:
@@ -228,14 +268,11 @@ class Channel:
         finally:
             if held is not None:
                 held.release()
-        if self._opening:  # keep arrival order behind records still being opened
-            rec.job = Job(lambda: result)
-            rec.job.result = result
-            rec.job.done = True
-            self._opening.append(rec)
-            self._opened()
-        else:
-            self._deliver(rec, result)
+        rec.job = Job(lambda: result)  # already done: waits its turn behind the others
+        rec.job.result = result
+        rec.job.done = True
+        self._opening.append(rec)
+        self._opened()
 
     def _deliver(self, rec: _Opening, data: Buf) -> None:
         """Hand an opened record's plaintext to the frame parser."""
