@@ -379,8 +379,22 @@ class Channel:
             sealer.seal_into(number, payload, aad, out[REC_HEADER.size :])
             return out
 
-        self._out.append(self._maybe_job(seal, size, None))
-        self._out.append(_AfterHandOver(record.release))
+        sealed = self._maybe_job(seal, size, None)
+        self._out.append(sealed)
+        if isinstance(sealed, Job):
+            job = sealed
+
+            def release() -> None:
+                # Dropped with the connection while a worker may still write into it:
+                # the buffer goes back only when the job is over.
+                if job.done:
+                    record.release()
+                else:
+                    job.then = lambda _job: record.release()
+
+            self._out.append(_AfterHandOver(release))
+        else:
+            self._out.append(_AfterHandOver(record.release))
 
     def _maybe_job(self, fn: Callable[[], Buf], size: int, trailer: _Trailer | None) -> Buf | Job:
         """``fn()`` now, or as a job when its sealing or checksum is worth a worker."""
