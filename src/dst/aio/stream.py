@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -39,12 +40,34 @@ class Receiver(Protocol):
         ...
 
 
+log = logging.getLogger("dst.net")
+
 #: Send buffer asked for on unix sockets.  The default (about 200 KiB) takes a 1 MiB
 #: request or reply in several rounds of sendmsg, wake-up and recv between the two
 #: processes; with room for a few whole requests each side does one system call per
 #: request and both keep working (docs/benchmarks.md, "Socket buffers").  TCP sockets
 #: keep the kernel's auto-tuning, which grows to the same size on its own.
 UNIX_SEND_BUFFER = 4 << 20
+_capped_logged = False
+
+
+def _ask_send_buffer(sock: socket.socket) -> None:
+    """Ask for UNIX_SEND_BUFFER; say once per process when the kernel gives less."""
+    global _capped_logged
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2  # Linux doubles it
+    except OSError:
+        return
+    if got < UNIX_SEND_BUFFER and not _capped_logged:
+        _capped_logged = True
+        log.info(
+            "unix socket send buffers are capped at %d KiB by net.core.wmem_max; "
+            "raise it to %d (sysctl -w net.core.wmem_max=%d) for faster large I/O",
+            got >> 10,
+            UNIX_SEND_BUFFER,
+            UNIX_SEND_BUFFER,
+        )
 
 
 class SocketStream:
@@ -55,8 +78,7 @@ class SocketStream:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock.family == socket.AF_UNIX:
-            with contextlib.suppress(OSError):  # the kernel caps it at net.core.wmem_max
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+            _ask_send_buffer(sock)
         self.sock = sock
         self.receiver = receiver
         self.loop = asyncio.get_running_loop()
