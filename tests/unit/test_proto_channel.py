@@ -130,3 +130,25 @@ def test_frames_survive_any_cut_of_the_record_stream(
     assert sink.payloads == sent
     if any(n >= POOLED_MIN for n in frame_sizes):
         assert rx.frames.direct_bytes >= POOLED_MIN
+
+
+def test_a_record_opened_on_a_worker_never_writes_into_the_parsers_buffer() -> None:
+    """The connection may drop while the worker runs; the destination may by then belong
+    to the next connection's reply, so a worker only ever writes its own pooled buffer."""
+    tx, rx, _chunks = sealed_pair(inline_limit=4096)
+    rx.offload = True
+    head, payload = bytes(REQ_HEADER.size), bytes([7]) * POOLED_MIN
+    tx.send([head, memoryview(payload)])
+    wire = b"".join(bytes(b) for b in tx.data_to_send())
+    target = memoryview(bytearray(len(payload)))
+    rx.frames.expect(len(head))
+    header_record = 4 + int.from_bytes(wire[:4], "little")
+    rx.feed(wire[:header_record])
+    rx.frames.expect(len(payload), target)
+    rx.feed(wire[header_record:])
+    jobs = rx.take_jobs()
+    assert len(jobs) == 1
+    rx.stop()  # the connection dropped
+    jobs[0].run()
+    jobs[0].finish()
+    assert bytes(target) == bytes(len(payload))  # untouched

@@ -72,11 +72,10 @@ class _Trailer:
 class _Opening:
     """A received record on its way to the frame parser (in arrival order)."""
 
-    __slots__ = ("direct", "job", "plain")
+    __slots__ = ("job", "plain")
 
-    def __init__(self, plain: PooledBuffer | None, direct: int) -> None:
+    def __init__(self, plain: PooledBuffer | None) -> None:
         self.plain = plain  # the plaintext's pooled buffer, if it has one
-        self.direct = direct  # > 0: the plaintext was written in place, this many bytes
         self.job: Job | None = None
 
     def release(self) -> None:
@@ -223,25 +222,18 @@ class Channel:
 
     def _open_queued(self, opener: Opener, chunk: memoryview, held: PooledBuffer | None) -> None:
         """Open a record on a worker, or behind records still being opened there; the
-        plaintexts reach the frame parser in arrival order."""
+        plaintexts reach the frame parser in arrival order.
+
+        These records never open straight into the frame parser's buffers: a worker
+        still running when the connection drops would write where the next
+        connection's data may already be."""
         aad = self._rec_aad
         number = opener.next_counter()
         size = len(chunk) - opener.cipher.tag_size
-        target: memoryview | None = None
-        plain: PooledBuffer | None = None
-        if size >= POOLED_MIN:
-            if not self._opening:
-                direct = self.frames.direct_target()
-                if direct is not None and len(direct) >= size:
-                    target = direct[:size]
-            if target is None:
-                plain = _RECORDS.get(size)
-        rec = _Opening(plain, size if target is not None else 0)
+        plain = _RECORDS.get(size) if size >= POOLED_MIN else None
+        rec = _Opening(plain)
 
         def open_record() -> Buf:
-            if target is not None:
-                opener.open_into(number, chunk, aad, target)
-                return b""
             if plain is None:
                 return opener.open_record(number, chunk, aad)
             opener.open_into(number, chunk, aad, plain.view)
@@ -277,10 +269,7 @@ class Channel:
     def _deliver(self, rec: _Opening, data: Buf) -> None:
         """Hand an opened record's plaintext to the frame parser."""
         try:
-            if rec.direct:
-                self.frames.buffer_updated(rec.direct)  # already in place
-            else:
-                self.frames.feed(data)  # copies: the frame parser hands out its own views
+            self.frames.feed(data)  # copies: the frame parser hands out its own views
         finally:
             rec.release()
 
