@@ -49,8 +49,8 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     if len({u.text for u in o["uris"]}) != len(o["uris"]):
         raise UsageError("the same member is named twice; give each member once")
     if o["mode"] != "mirror":
-        for opt in ("bitmap", "resync_rate"):
-            if o[opt] is not None:
+        for opt in ("bitmap", "resync_rate", "assume_clean"):
+            if o[opt]:
                 raise UsageError(f"--{opt.replace('_', '-')} applies to --mirror only")
     if o["bitmap"] and not os.path.isdir(os.path.dirname(os.path.abspath(o["bitmap"]))):
         raise UsageError(f"--bitmap {o['bitmap']}: the directory does not exist; create it first")
@@ -72,6 +72,8 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
     key = load_key_file(o["key_file"]) if o["key_file"] else None
     o["key"] = key
     o["ciphers"], o["checksums"] = client_algorithms(o["cipher"], o["checksum"], key is not None)
+    if o["leg_timeout"] <= 0:
+        raise UsageError("--leg-timeout must be greater than 0, e.g. 5")
     if o["resend_timeout"] <= 0:
         raise UsageError("--resend-timeout must be greater than 0")
     if o["reconnect_min"] <= 0 or o["reconnect_max"] < o["reconnect_min"]:
@@ -95,6 +97,7 @@ def client_config(o: dict[str, Any], uri: MemberUri) -> ClientConfig:
         ping_timeout=o["ping_timeout"],
         handshake_timeout=o["connect_timeout"],
         offload=workers.enabled(),
+        takeover=bool(o["takeover"]),
     )
 
 
@@ -156,6 +159,8 @@ async def build_device(o: dict[str, Any]) -> BlockDevice:
             bitmap=o["bitmap"],
             granularity=o["bitmap_granularity"],
             resync_rate=o["resync_rate"],
+            leg_timeout=o["leg_timeout"],
+            assume_clean=bool(o["assume_clean"]),
         )
     except BaseException:
         for leg in legs:

@@ -231,5 +231,23 @@ ATTACH_OPTS = [
     Opt("bitmap", "str", help="persistent dirty bitmap for --mirror", metavar="FILE"),
     Opt("bitmap-granularity", "size", "64K", "bytes per bitmap bit", "SIZE"),
     Opt("resync-rate", "rate", help="limit background resync (e.g. 100M)", metavar="RATE"),
+    Opt(
+        "leg-timeout",
+        "duration",
+        5.0,
+        "a mirror write waits at most S seconds for a leg that has not acked it, then "
+        "degrades that leg",
+        "S",
+    ),
+    Opt(
+        "assume-clean",
+        "bool",
+        help="with a new --bitmap, take the legs as identical and skip the first full sync",
+    ),
+    Opt(
+        "takeover",
+        "bool",
+        help="take the export over from a live session of the same client id (fences it)",
+    ),
     *COMMON_NET,
 ]

@@ -55,6 +55,7 @@ T = TypeVar("T")
 LegOp = Callable[[BlockDevice, int, int], Awaitable[None]]
 
 DEFAULT_GRANULARITY = 64 << 10
+DEFAULT_LEG_TIMEOUT = 5.0  # seconds a write waits for a leg that has not acked it
 
 AL_EXTENT = 4 << 20
 AL_LIMIT = 512
@@ -79,6 +80,7 @@ class MirrorCore(BlockDevice):
         al_limit: int = AL_LIMIT,
         assume_clean: bool = False,
         start_timeout: float = 0.0,
+        leg_timeout: float = DEFAULT_LEG_TIMEOUT,
         name: str = "mirror",
     ) -> None:
         if not 1 <= len(legs) <= MAX_LEGS:
@@ -97,6 +99,9 @@ class MirrorCore(BlockDevice):
         self.al_limit = al_limit
         self.assume_clean = assume_clean
         self.start_timeout = start_timeout
+        if leg_timeout <= 0:
+            raise UsageError(f"invalid leg timeout {leg_timeout:g} s: give a number above 0, e.g. 5")
+        self.leg_timeout = leg_timeout
         self.legs = [Leg(d, -1, DEGRADED) for d in legs]
         for leg in self.legs:
             leg.idle.set()

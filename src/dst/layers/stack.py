@@ -17,7 +17,7 @@ from dst.device import BlockDevice
 from dst.errors import DstError, UsageError
 from dst.layers.bitmap import MAX_LEGS, Bitmap
 from dst.layers.linear import LinearDevice, member_summary
-from dst.layers.mirror import DEFAULT_GRANULARITY, MirrorCore
+from dst.layers.mirror import DEFAULT_GRANULARITY, DEFAULT_LEG_TIMEOUT, MirrorCore
 from dst.layers.resync import (
     DEGRADED,
     IN_SYNC,
@@ -56,6 +56,8 @@ async def build_stack(
     granularity: int = DEFAULT_GRANULARITY,
     resync_rate: int | None = None,
     start_timeout: float = 0.0,
+    leg_timeout: float = DEFAULT_LEG_TIMEOUT,
+    assume_clean: bool = False,
 ) -> BlockDevice:
     """Build and start the stack over ``legs`` (``mode`` None: exactly one member, served as
     it is).  Raises UsageError for a wrong combination, DstError when it cannot start."""
@@ -66,7 +68,7 @@ async def build_stack(
     if mode != "stripe":
         _refuse(mode, chunk=chunk)
     if mode != "mirror":
-        _refuse(mode, bitmap=bitmap, resync_rate=resync_rate)
+        _refuse(mode, bitmap=bitmap, resync_rate=resync_rate, assume_clean=assume_clean or None)
     dev: MirrorDevice | StripeDevice | LinearDevice
     if mode is None:
         if len(legs) > 1:
@@ -82,6 +84,8 @@ async def build_stack(
             granularity=granularity,
             resync_rate=resync_rate or None,
             start_timeout=start_timeout,
+            leg_timeout=leg_timeout,
+            assume_clean=assume_clean,
         )
     elif mode == "stripe":
         if chunk is None:

@@ -70,6 +70,7 @@ class ClientConfig:
     ping_interval: float = 5.0
     ping_timeout: float = 2.0
     handshake_timeout: float = 10.0
+    takeover: bool = False  # fence a live session of the same client id instead of being refused
     offload: bool = False  # large payload crypto/checksums as Jobs for a worker pool
 
 
