@@ -152,6 +152,14 @@ class BlockDevice(ABC):
     def statistics(self) -> dict[str, Any]:
         return {}
 
+    def fence(self, reason: str) -> bool:
+        """Give up every request in flight, now: each fails at once and none is retried,
+        and none of them reaches the store after a request issued later (a mirror that
+        stopped waiting for this device must not have its old writes land over a resync).
+        True if this device can do that; a local device cannot and returns False (its
+        requests finish by themselves)."""
+        return False
+
     async def aclose(self) -> None:  # noqa: B027 - a no-op default is right for most devices
         """Release everything; idempotent."""
 
@@ -188,6 +196,9 @@ class Layer(BlockDevice):
 
     def statistics(self) -> dict[str, Any]:
         return self.inner.statistics()
+
+    def fence(self, reason: str) -> bool:
+        return self.inner.fence(reason)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

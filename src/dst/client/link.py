@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -55,6 +56,8 @@ class LinkCore(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+
+    def abandon(self, error: int, message: str) -> int: ...
 
 
 class LinkedDevice(BlockDevice):
@@ -210,6 +213,21 @@ class LinkedDevice(BlockDevice):
         self._kick.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._kick.wait(), delay)
+
+    def fence(self, reason: str) -> bool:
+        """Fail every request in flight and drop the connection; the link reconnects with
+        a new generation (see :meth:`BlockDevice.fence`)."""
+        if self._closing or self.state == "failed":
+            return True
+        n = self.core.abandon(errno.ECANCELED, f"given up: {reason}")
+        if n:
+            log.warning("%s: %d request(s) given up: %s", self.name, n, reason)
+        if trace.on.proto:
+            trace.emit("proto", "fenced", member=self.name, requests=n, why=reason)
+        if self._stream is not None:
+            self._stream.abort()  # nothing queued for this connection is sent any more
+        self._pump()  # the callers see their requests fail
+        return True
 
     # ---- Receiver protocol for SocketStream --------------------------------------------
     def get_buffer(self) -> memoryview:

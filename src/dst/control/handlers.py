@@ -27,7 +27,8 @@ FS_WARN_PERCENT = 90.0
 
 # live knobs: name -> (kind, what the value must be)
 LINK_KNOBS = ("resends", "resend-timeout", "ping-interval", "ping-timeout")
-KNOBS = (*LINK_KNOBS, "resync-rate")
+KNOBS = (*LINK_KNOBS, "resync-rate", "leg-timeout")
+MIRROR_KNOBS = {"resync-rate": "set_resync_rate", "leg-timeout": "set_leg_timeout"}
 
 # every member entry has at least these keys, so scripts need no defaults
 MEMBER_DEFAULTS: dict[str, Any] = {
@@ -227,8 +228,8 @@ class AttachControl:
         key = str(req.get("key", ""))
         value = parse_knob(key, req.get("value"))
         dev = self._need_device()
-        if key == "resync-rate":
-            fn = self._mirror_method("set_resync_rate", "resync-rate")
+        if key in MIRROR_KNOBS:
+            fn = self._mirror_method(MIRROR_KNOBS[key], key)
             await _maybe_await(fn(value))
             applied = [dev.name]
         else:

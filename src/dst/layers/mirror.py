@@ -54,6 +54,14 @@ log = logging.getLogger("dst.mirror")
 T = TypeVar("T")
 LegOp = Callable[[BlockDevice, int, int], Awaitable[None]]
 
+
+class LegTimeout(IoError):
+    """A leg did not answer within --leg-timeout while another leg had already taken the
+    request: the leg is degraded instead of holding the writer up."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)
+
 DEFAULT_GRANULARITY = 64 << 10
 DEFAULT_LEG_TIMEOUT = 5.0  # seconds a write waits for a leg that has not acked it
 
@@ -275,8 +283,8 @@ class MirrorCore(BlockDevice):
     def _try_resync(self, leg: Leg) -> None:
         if self._closed or not self._started or leg.removed or leg.status != DEGRADED:
             return
-        if leg.resync is not None or self.capabilities.read_only:
-            return
+        if leg.resync is not None or self.capabilities.read_only or leg.abandoned:
+            return  # (a request given up on it is still running: it could land after a copy)
         if not self._reachable(leg.dev) or not self.in_sync_legs():
             return
         refusal = refusal_of(leg.dev, self.capabilities, self.size)
@@ -423,6 +431,59 @@ class MirrorCore(BlockDevice):
                 task.exception()
             raise
 
+    async def _fan_out(
+        self, op: str, targets: list[Leg], call: Callable[[Leg], Awaitable[None]]
+    ) -> list[BaseException | None]:
+        """Run ``call`` on every target leg at once; each result is None or the error.
+
+        A leg that has not answered ``leg_timeout`` seconds after an in-sync leg took the
+        request is not waited for: its result is a :class:`LegTimeout`, and its request,
+        still running, is fenced (given up and never resent).  Until an in-sync leg
+        answers, every leg is waited for, within its own transaction budget."""
+        tasks = [self._spawn(self._on_leg(x, call(x))) for x in targets]
+        pending: set[asyncio.Task[None]] = set(tasks)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(
+                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break  # the deadline passed
+            if deadline is None and any(
+                t.done() and not t.cancelled() and t.exception() is None and x.status == IN_SYNC
+                for t, x in zip(tasks, targets, strict=True)
+            ):
+                deadline = loop.time() + self.leg_timeout
+        results: list[BaseException | None] = []
+        for t, leg in zip(tasks, targets, strict=True):
+            if t.done():
+                results.append(t.exception() if not t.cancelled() else asyncio.CancelledError())
+                continue
+            why = (
+                f"no ack for a {op} within --leg-timeout {self.leg_timeout:g} s "
+                f"(its link is {leg.dev.state})"
+            )
+            results.append(LegTimeout(why))
+            self._abandon(leg, t, why)
+        return results
+
+    def _abandon(self, leg: Leg, task: asyncio.Task[None], why: str) -> None:
+        """Stop waiting for a leg's request: fence the device so it fails now and never
+        lands later, and keep the leg from resyncing until every such request ended."""
+        leg.abandoned += 1
+
+        def ended(t: asyncio.Task[None]) -> None:
+            if not t.cancelled():
+                t.exception()  # a failure is expected here: the leg is already degraded
+            leg.abandoned -= 1
+            if leg.abandoned == 0 and not self._closed:
+                self._try_resync(leg)
+
+        task.add_done_callback(ended)
+        leg.dev.fence(why)
+
     def _errors(self, op: str, results: list[tuple[Leg, BaseException]]) -> str:
         return "; ".join(f"{leg.name}: {e}" for leg, e in results) or op
 
@@ -437,9 +498,8 @@ class MirrorCore(BlockDevice):
                     skipped = [x for x in self.legs if x.status == DEGRADED]
                     if not targets:
                         raise IoError(errno.EIO, f"{self.name}: no in-sync leg to {op} to")
-                    results = await asyncio.gather(
-                        *(self._on_leg(x, fn(x.dev, offset, length)) for x in targets),
-                        return_exceptions=True,
+                    results = await self._fan_out(
+                        op, targets, lambda x: fn(x.dev, offset, length)
                     )
                     err = await self._settle(
                         op, targets, results, skipped, [(offset, length)], diverge=True
@@ -498,7 +558,8 @@ class MirrorCore(BlockDevice):
             for leg, e in bad:
                 if leg is keep or leg.removed:
                     continue
-                if self.degrade(leg, f"{op} failed: {e}"):
+                why = str(e) if isinstance(e, LegTimeout) else f"{op} failed: {e}"
+                if self.degrade(leg, why):
                     for o, n in ranges:
                         rec.mark(leg.slot, o, n)
         if rec.pending:
@@ -548,9 +609,7 @@ class MirrorCore(BlockDevice):
         try:
             done, self._unflushed = self._unflushed, set()
             targets = [x for x in self.legs if x.status != DEGRADED]
-            results = await asyncio.gather(
-                *(self._on_leg(x, x.dev.flush()) for x in targets), return_exceptions=True
-            )
+            results = await self._fan_out("flush", targets, lambda x: x.dev.flush())
             ext = self.al_extent
             err = await self._settle(
                 "flush", targets, results, [], [(e * ext, ext) for e in done], diverge=False
@@ -592,7 +651,7 @@ class MirrorCore(BlockDevice):
             tried.add(leg)
             leg.reading += 1
             try:
-                await self._on_leg(leg, leg.dev.read_into(offset, view, flags))
+                await self._read_leg(leg, offset, view, flags, tried)
             except OSError as e:
                 failures.append((leg, e))
                 continue
@@ -601,6 +660,34 @@ class MirrorCore(BlockDevice):
             break
         for bad, why in failures:
             await self._read_failed(bad, why, offset, view, leg, held)
+
+    async def _read_leg(
+        self, leg: Leg, offset: int, view: memoryview, flags: IoFlags, tried: set[Leg]
+    ) -> None:
+        """Read from one leg.  If another in-sync leg could serve and this one has not
+        answered within --leg-timeout, it is degraded and fenced: its read fails at once
+        (nothing arrives in ``view`` later) and the caller tries the next leg."""
+        timer = None
+        if any(x.status == IN_SYNC and x not in tried for x in self.legs):
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.leg_timeout, self._read_timed_out, leg)
+        try:
+            await self._on_leg(leg, leg.dev.read_into(offset, view, flags))
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _read_timed_out(self, leg: Leg) -> None:
+        if self._closed or leg.status != IN_SYNC:
+            return
+        if not any(x.status == IN_SYNC and x is not leg for x in self.legs):
+            return  # the last in-sync leg is waited for, within its transaction budget
+        why = (
+            f"no answer to a read within --leg-timeout {self.leg_timeout:g} s "
+            f"(its link is {leg.dev.state})"
+        )
+        if leg.dev.fence(why) and self.degrade(leg, why):
+            self._spawn(self._sync_quietly())
 
     async def _read_failed(
         self, bad: Leg, err: BaseException, offset: int, view: memoryview, good: Leg, held: bool

@@ -55,6 +55,7 @@ class Leg:
     check_identity: bool = False  # compare with the record when it first connects
     inflight: int = 0
     reading: int = 0
+    abandoned: int = 0  # requests the mirror stopped waiting for that have not ended yet
     removed: bool = False
     retry_delay: float = 0.0
     retry: asyncio.TimerHandle | None = None

@@ -250,6 +250,13 @@ class MirrorDevice(MirrorCore):
             f"limited to {format_size(rate)}/s" if rate else "unlimited",
         )
 
+    async def set_leg_timeout(self, seconds: float) -> None:
+        """Change live how long a write waits for a leg that has not acked it."""
+        if seconds <= 0:
+            raise UsageError(f"invalid leg-timeout {seconds:g}: give seconds greater than 0")
+        self.leg_timeout = float(seconds)
+        log.info("%s: leg timeout %g s", self.name, seconds)
+
     def _member_state(self, leg: Leg) -> str:
         if leg.refused:
             return "failed"
@@ -290,6 +297,7 @@ class MirrorDevice(MirrorCore):
             "members": members,
             "resync": self._resync_summary(),
             "resync_rate": self.limiter.rate,
+            "leg_timeout": self.leg_timeout,
             "verify": self.verify_state.progress.as_dict() if self.verify_state else None,
             "repairs": self.repairs,
             "degrades": self.degrades,

@@ -198,6 +198,16 @@ class NbdClientCore:
         self._reqs.clear()
         self._queue.clear()
 
+    def abandon(self, error: int, message: str) -> int:
+        """Fail every unanswered request now and never resend it (the owner drops the
+        transport next); returns how many were given up."""
+        given_up = [r for r in self._reqs.values() if not r.reported]
+        for r in given_up:
+            self._report(r, error, message)
+        self._queue.clear()
+        self._dead = True
+        return len(given_up)
+
     @property
     def in_flight(self) -> int:
         return sum(1 for r in self._reqs.values() if not r.reported)

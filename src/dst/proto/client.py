@@ -205,6 +205,20 @@ class ClientCore:
             self._finish(t, status, message)
         self.state = State.CLOSED
 
+    def abandon(self, status: int, message: str) -> int:
+        """Fail every pending transaction now and never resend it; stop reading this
+        connection (its replies would only be late).  The owner drops the transport, so
+        the next connection has a higher generation and the export node finishes or
+        drops everything of this one before it serves the next (docs/protocol.md,
+        section 5).  Returns how many transactions were given up."""
+        txns = [t for t in self._txns.values() if t.id != self._closing_txn]
+        for t in txns:
+            self._finish(t, status, message)
+        if self.state != State.CLOSED and not self._dead:
+            self._dead = True
+            self._channel.stop()
+        return len(txns)
+
     # ---- receive ----------------------------------------------------------
     def get_buffer(self) -> memoryview:
         return self._channel.get_buffer()
