@@ -85,6 +85,9 @@ class FaultProxy:
         self.corrupt_raw = False  # corrupt any large chunk (sealed records), not only WRITE frames
         self.replay_next_where: str | None = None  # send the next large chunk twice
         self.connections = 0
+        # when the client side closes, keep the export-node side open (old packets may still
+        # be on their way there): held frames can then be released onto it later
+        self.keep_server_side = False
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -176,7 +179,8 @@ class FaultProxy:
         except (ConnectionError, OSError):
             pass
         finally:
-            if not link.client_cut and not link.blackholed:
+            keep = way == "c2s" and self.keep_server_side
+            if not link.client_cut and not link.blackholed and not keep:
                 with contextlib.suppress(Exception):
                     w.close()
 

@@ -13,7 +13,7 @@ from dst.backends import open_device
 from dst.device import BlockDevice, IoFlags
 from dst.errors import IoError
 from dst.layers import FaultDevice, MirrorDevice
-from tests.model import contents, fault_legs, member, started, until
+from tests.model import contents, fault_legs, in_sync, member, started, until
 
 KIB = 1 << 10
 
@@ -315,6 +315,110 @@ def test_a_preflush_read_flushes_every_leg() -> None:
         assert await m.read(0, 10, IoFlags.PREFLUSH) == b"p" * 10
         assert [x.applied["flush"] for x in legs] == [1, 1, 1]
         assert sum(x.applied["read"] for x in legs) == 1
+        await m.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_leg_silent_past_the_leg_timeout_is_degraded_and_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The write completes on the leg that acked once --leg-timeout passed; the silent
+    leg is degraded with the region marked, later writes do not wait for it, and its
+    resync starts only after the request given up on it ended (so that request, landing
+    late, cannot overwrite what the resync copies)."""
+
+    async def main() -> None:
+        legs = fault_legs(2)
+        m = await started(legs, leg_timeout=0.2)
+        loop = asyncio.get_running_loop()
+        legs[1].go_down(budget=None)  # holds its requests until it comes up
+        t0 = loop.time()
+        await m.write(0, b"a" * 4096)
+        assert 0.2 <= loop.time() - t0 < 0.5
+        info = member(m, "leg1")
+        assert info["state"] == "degraded" and info["dirty_bytes"] == 4096
+        t0 = loop.time()
+        await m.write(0, b"b" * 4096)  # the same block again, only on leg0
+        await m.write(64 * KIB, b"c" * 4096)
+        assert loop.time() - t0 < 0.1
+        legs[1].come_up()  # the old "a" write lands on leg1 now, then the resync copies "b"
+        await in_sync(m)
+        assert (await contents(legs[1]))[:4096] == b"b" * 4096
+        assert await contents(legs[0]) == await contents(legs[1])
+        await m.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="dst.mirror"):
+        asyncio.run(main())
+    assert "leg1: degraded: no ack for a write within --leg-timeout 0.2 s" in caplog.text
+
+
+def test_the_leg_timeout_never_degrades_the_last_in_sync_leg() -> None:
+    async def main() -> None:
+        legs = fault_legs(2)
+        m = await started(legs, leg_timeout=0.05)
+        for x in legs:
+            x.go_down(budget=None)
+        task = asyncio.create_task(m.write(0, b"x" * 512))
+        await asyncio.sleep(0.3)  # no leg acked: every leg is waited for
+        assert not task.done() and m.degrades == 0
+        for x in legs:
+            x.come_up()
+        await task
+        assert m.state == "connected" and m.degrades == 0
+        await m.aclose()
+
+    asyncio.run(main())
+
+
+class Fenceable(FaultDevice):
+    """A leg that can give up its requests, as a network member does: a silent read
+    waits until it is fenced, then fails."""
+
+    def __init__(self, inner: BlockDevice, name: str) -> None:
+        super().__init__(inner, name=name)
+        self.silent = False
+        self.fenced: list[str] = []
+        self._wake = asyncio.Event()
+
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        if self.silent:
+            await self._wake.wait()
+            raise IoError(errno.ECANCELED, f"{self.name}: given up")
+        await super().read_into(offset, buf, flags)
+
+    def fence(self, reason: str) -> bool:
+        self.fenced.append(reason)
+        self._wake.set()
+        return True
+
+
+def test_a_read_moves_off_a_silent_leg_only_if_it_can_be_fenced() -> None:
+    """A local leg cannot give up a read (it would land in the caller's buffer later):
+    the read waits for it.  A fenceable one is degraded and the read served elsewhere."""
+
+    async def main() -> None:
+        legs = fault_legs(2)
+        m = await started(legs, leg_timeout=0.1)
+        await m.write(0, b"r" * 4096)
+        for x in legs:
+            x.go_down(budget=None)
+        task = asyncio.create_task(m.read(0, 4096))
+        await asyncio.sleep(0.3)
+        assert not task.done() and m.degrades == 0
+        for x in legs:
+            x.come_up()
+        assert await task == b"r" * 4096
+        await m.aclose()
+
+        f = [Fenceable(open_device("memory:1M"), f"f{i}") for i in range(2)]
+        m = await started(f, leg_timeout=0.1)
+        await m.write(0, b"s" * 4096)
+        f[0].silent = True
+        for _ in range(2):  # reads alternate between the legs: one of them meets f0
+            assert await asyncio.wait_for(m.read(0, 4096), 2.0) == b"s" * 4096
+        assert f[0].fenced and "no answer to a read within --leg-timeout 0.1 s" in f[0].fenced[0]
+        assert member(m, "f0")["state"] == "degraded" and member(m, "f1")["sync"] == "in-sync"
         await m.aclose()
 
     asyncio.run(main())

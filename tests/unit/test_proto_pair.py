@@ -411,3 +411,33 @@ def test_large_payloads_travel_in_records_of_their_own_opened_in_place(cipher: s
     done = completed(p.take_events())
     assert done[r].status == 0 and bytes(buf) == bytes(p.export.data[: 256 << 10])
     assert p.client._channel.frames.direct_bytes >= 256 << 10  # opened where it belongs
+
+
+def test_abandoned_transactions_fail_at_once_and_are_never_resent() -> None:
+    """What a mirror does to a leg it stopped waiting for: every pending transaction
+    fails now (sent or not), nothing more is read on that connection, and the next
+    connection resends none of them."""
+    p = ready_pair(auto_reply=False)
+    sent = p.client.submit(Command.WRITE, 0, 4, 0, p.now, payload=memoryview(b"old!"))
+    p.run()
+    assert [r.txn for r in p.held] == [sent]
+    p.held.clear()  # still in the network
+    p.disconnect()
+    unsent = p.client.submit(Command.WRITE, 8, 4, 0, p.now, payload=memoryview(b"also"))
+    p.connect()
+    p.take_events()
+    p.held.clear()
+    assert p.client.abandon(errno.ECANCELED, "given up: test") == 2
+    p.run()
+    done = completed(p.take_events())
+    assert {t: e.status for t, e in done.items()} == {
+        sent: errno.ECANCELED,
+        unsent: errno.ECANCELED,
+    }
+    assert p.client.in_flight == 0
+    p.disconnect()
+    p.auto_reply = True
+    p.connect()
+    p.advance(30.0)  # far past every resend timeout
+    assert not completed(p.take_events())
+    assert p.export.applied == [] and bytes(p.export.data[:12]) == bytes(12)
