@@ -2,9 +2,12 @@
 
 Rules (docs/mirror.md says why):
 - A write goes to every leg that is in sync or resyncing, in parallel, and is acked
-  when all of them answered.  A leg degrades only when a request to it *failed* (an
-  error reply, or a transaction that failed after all its resends); a short outage
-  just delays its writes.  The write succeeds if an in-sync leg took it.  When every
+  when all of them answered, or ``leg_timeout`` after the first in-sync leg answered.
+  A leg degrades when a request to it *failed* (an error reply, or a transaction that
+  failed after all its resends) or was not answered within that leg timeout; then its
+  requests in flight are fenced (failed now, never resent, never landing after a later
+  request) and its resync waits until they ended.  A short outage inside the leg
+  timeout just delays writes.  The write succeeds if an in-sync leg took it.  When every
   in-sync leg failed it, the error goes to the caller and the first of them stays in
   sync (the last in-sync leg is never degraded), so the legs never disagree silently.
 - While a leg is degraded, the regions written are marked in its bitmap, durably,
