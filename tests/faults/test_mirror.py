@@ -277,3 +277,24 @@ def test_ctl_verify_detach_and_add_on_a_running_mirror(procs: Procs, sockdir: Pa
     assert {x["state"] for x in status["members"]} == {"connected"}, status["members"]
     qemu_io(uri, "flush")
     assert filecmp.cmp(m.files[0], sockdir / "c.img", shallow=False)
+
+
+def test_assume_clean_skips_the_first_sync_and_verify_checks_it(
+    procs: Procs, sockdir: Path
+) -> None:
+    """Two legs just created (both zero): --assume-clean with a new bitmap file serves at
+    once with both legs in sync; `dst ctl verify` then finds them identical.  A later
+    start with the same bitmap file ignores the flag (the file knows better)."""
+    m = Mirror(procs, sockdir)
+    ctl = sockdir / "ctl.sock"
+    att, uri = m.attach("--assume-clean", "--control", str(ctl), bitmap=sockdir / "bm")
+    att.wait_for(r"--assume-clean: the legs are taken as identical", timeout=10)
+    qemu_io(uri, "write -P 0x5a 1M 1M", "flush")
+    cp = dst_run("ctl", "--control", str(ctl), "verify", timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert json.loads(cp.stdout)["differing_bytes"] == 0
+    assert "resync started" not in att.output
+    assert att.stop() == 0
+    att2, _ = m.attach("--assume-clean", bitmap=sockdir / "bm")
+    att2.wait_for(r"--assume-clean has no effect", timeout=10)
+    assert m.identical()

@@ -173,6 +173,18 @@ class MirrorCore(BlockDevice):
         except BaseException:
             await rec.abandon()
             raise
+        if self.assume_clean and why is None:
+            log.info(
+                "%s: --assume-clean has no effect: the bitmap file %s already records the legs",
+                self.name,
+                self.bitmap_path,
+            )
+        elif self.assume_clean:
+            log.warning(
+                "%s: --assume-clean: the legs are taken as identical and not copied; "
+                "`dst ctl verify` compares them",
+                self.name,
+            )
         self.record = rec
         self.al = ActivityLog(rec, self.al_limit)
         self.identity = rec.mirror_id if self.bitmap_path else None
