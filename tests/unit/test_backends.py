@@ -150,7 +150,8 @@ def test_created_sparse(where: Path) -> None:
         assert isinstance(b, FileBackend) and b.size == 256 * MIB
         assert os.stat(path).st_size == 256 * MIB
         assert blocks(path) * 512 <= 64 * 1024, "creating the file allocated its data"
-        assert (b.kind, b.blocking, b.read_only) == ("file", True, False)
+        assert (b.kind, b.read_only) == ("file", False)
+        assert b.blocking is (b.filesystem != "tmpfs")  # tmpfs is served inline
     finally:
         b.close()
 
@@ -674,3 +675,26 @@ def test_write_taken_partly_by_the_page_cache_is_finished_on_the_pool(tmp_path: 
 
     asyncio.run(main())
     assert taken and taken[0] in (0, len(data) // 2)
+
+
+def test_a_file_on_tmpfs_is_served_inline(where: Path) -> None:
+    """tmpfs refuses RWF_NOWAIT, and nothing there blocks: its files skip the pool.  A
+    file on a disk filesystem keeps the pool (and the page-cache fast path)."""
+    b = open_backend(f"file:{where / 'd.img'}", size=1 << 20)
+    assert isinstance(b, FileBackend)
+    on_tmpfs = b.filesystem == "tmpfs"
+    assert on_tmpfs == (where.name == "shm" or str(where).startswith("/dev/shm"))
+    assert b.statistics()["inline"] is on_tmpfs and b.blocking is not on_tmpfs
+    data = bytes(range(256)) * 64
+
+    async def main() -> None:
+        dev = BackendDevice(b)
+        assert (dev._executor is None) is on_tmpfs
+        await dev.write(8192, data, IoFlags.FUA)
+        await dev.flush()
+        assert await dev.read(8192, len(data)) == data
+        await dev.trim(8192, 4096)
+        assert await dev.read(8192, 4096) == bytes(4096)
+        await dev.aclose()
+
+    asyncio.run(main())

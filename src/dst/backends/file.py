@@ -33,14 +33,43 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 
 
+# Filesystems whose files live in memory: their reads and writes never wait for a disk.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
+
+
+def filesystem_of(fd: int) -> str:
+    """The type of the filesystem holding ``fd`` (``ext4``, ``tmpfs``...), from the mount
+    table entry with the same device number; '' when it cannot be told."""
+    dev = os.fstat(fd).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                head, sep, tail = line.partition(" - ")
+                fields = head.split()
+                if sep and len(fields) > 2 and fields[2] == want:
+                    return tail.split(maxsplit=1)[0]
+    except OSError:
+        pass
+    return ""
+
+
 class FileBackend(FdBackend):
-    """``file:PATH``: a regular file, created sparse when missing."""
+    """``file:PATH``: a regular file, created sparse when missing.
+
+    A file on a memory filesystem (tmpfs) is served inline on the event loop: there no
+    call can block, and ``RWF_NOWAIT`` (the page-cache fast path elsewhere) is refused
+    with EOPNOTSUPP by the kernel, so every request would otherwise pay a trip to the
+    worker pool."""
 
     kind = "file"
     trim_reads_zeroes = True  # punched holes read back as zeroes
 
     def __init__(self, spec: str, path: str, fd: int, size: int, read_only: bool) -> None:
         super().__init__(spec, path, fd, size, read_only)
+        self.filesystem = filesystem_of(fd)
+        if self.filesystem in MEMORY_FILESYSTEMS:
+            self.blocking = False
         self._zero_range = True
         if not read_only:
             self.can_trim = self._probe_punch()
@@ -191,7 +220,12 @@ class FileBackend(FdBackend):
 
     def statistics(self) -> dict[str, Any]:
         stats = super().statistics()
-        stats.update(path=self.path, identity_store=self.identity_store)
+        stats.update(
+            path=self.path,
+            identity_store=self.identity_store,
+            filesystem=self.filesystem,
+            inline=not self.blocking,
+        )
         if self._fd >= 0:
             st = os.fstat(self._fd)
             vfs = os.fstatvfs(self._fd)
