@@ -19,10 +19,10 @@ pytestmark = pytest.mark.integration
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 ATTACH_KEYS = (
-    "bitmap, bitmap-granularity, checksum, cipher, client-id, connect-timeout, control, "
-    "crypto-workers, debug, fuse, key-file, linear, members, metrics, mirror, nbd, "
-    "ping-interval, ping-timeout, read-only, reconnect-max, reconnect-min, resend-timeout, "
-    "resends, resync-rate, stripe"
+    "assume-clean, bitmap, bitmap-granularity, checksum, cipher, client-id, connect-timeout, "
+    "control, crypto-workers, debug, fuse, key-file, leg-timeout, linear, members, metrics, "
+    "mirror, nbd, ping-interval, ping-timeout, read-only, reconnect-max, reconnect-min, "
+    "resend-timeout, resends, resync-rate, stripe, takeover"
 )
 SIZE = 'a size (a number of bytes, or a string like "64K")'
 
