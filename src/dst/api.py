@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from dst.aio import workers
-from dst.client.remote import LinkOptions, RemoteDevice
-from dst.crypto.keys import load_key_file
+from dst.config import MemberOptions
 from dst.device import BlockDevice, Buffer, IoFlags
 from dst.errors import UsageError
-from dst.proto.client import ClientConfig
 from dst.uri import parse_member
 
 T = TypeVar("T")
@@ -78,44 +74,24 @@ class AsyncDevice:
 
 
 async def open_device_async(
-    uri: str,
-    *,
-    key_file: str | None = None,
-    client_id: str | None = None,
-    read_only: bool = False,
-    resends: int = 10,
-    resend_timeout: float = 5.0,
-    ping_interval: float = 5.0,
-    ping_timeout: float = 2.0,
-    connect_timeout: float = 10.0,
-    ciphers: tuple[str, ...] | None = None,
-    checksums: tuple[str, ...] | None = None,
+    uri: str, options: MemberOptions | None = None, **kwargs: Any
 ) -> AsyncDevice:
-    """Connect to one export (``dst://`` or ``dst+unix://``) and return it as a device."""
-    from dst.cli.algorithms import client_algorithms
+    """Connect to one export (``dst://`` or ``dst+unix://``) and return it as a device.
 
+    ``options`` are the :class:`dst.config.MemberOptions` that `dst attach` uses for each
+    member; or give its fields as keywords (``key_file``, ``client_id``, ``read_only``,
+    ``resends``, ``resend_timeout``, ``ping_interval``, ``ping_timeout``,
+    ``connect_timeout``, ``reconnect_min``, ``reconnect_max``, ``takeover``, ``ciphers``,
+    ``checksums``), each with the default of the `dst attach` option of the same name.
+    """
     member = parse_member(uri)
     if member.protocol != "dst":
         raise UsageError(f"{uri}: open_device takes dst:// or dst+unix:// URIs")
-    key = load_key_file(key_file) if key_file else None
-    c, k = client_algorithms(
-        list(ciphers) if ciphers else None, list(checksums) if checksums else None, key is not None
-    )
-    cfg = ClientConfig(
-        export=member.export,
-        client_id=client_id or socket.gethostname(),
-        read_only=read_only,
-        ciphers=c,
-        checksums=k,
-        key=key,
-        resends=resends,
-        resend_timeout=resend_timeout,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-        handshake_timeout=connect_timeout,
-        offload=workers.enabled(),
-    )
-    dev = RemoteDevice(member, cfg, LinkOptions(connect_timeout=connect_timeout))
+    if options is None:
+        options = MemberOptions.create(**kwargs)
+    elif kwargs:
+        raise UsageError("give either options or keyword options to open_device, not both")
+    dev = options.device(member)
     await dev.connect()
     return AsyncDevice(dev)
 
@@ -188,7 +164,7 @@ async def _as_coro(fn: Any) -> Any:
     return fn()
 
 
-def open_device(uri: str, **options: Any) -> Device:
+def open_device(uri: str, options: MemberOptions | None = None, **kwargs: Any) -> Device:
     """Synchronous :func:`open_device_async`; close the device (or use ``with``) when done."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -202,7 +178,7 @@ def open_device(uri: str, **options: Any) -> Device:
     thread.start()
     ready.wait()
     fut: concurrent.futures.Future[AsyncDevice] = asyncio.run_coroutine_threadsafe(
-        open_device_async(uri, **options), loop
+        open_device_async(uri, options, **kwargs), loop
     )
     try:
         dev = fut.result()

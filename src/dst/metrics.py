@@ -328,6 +328,7 @@ class MetricsServer:
         self.address = address
         self.registry = make_registry(status)
         self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     @property
@@ -336,20 +337,37 @@ class MetricsServer:
             return f"http+unix:{self.address.path}/metrics"
         return f"http://{self.address}/metrics"
 
+    def bind(self) -> Address:
+        """Take the address now (a node binds before it does anything else); :meth:`start`
+        serves it."""
+        if self._sock is None:
+            self._sock = bind_listener(self.requested, "serve metrics")
+            self.address = bound_address(self._sock, self.requested)
+        return self.address
+
     async def start(self) -> Address:
-        """Bind and serve; logs ``serving metrics on URL`` with the real port."""
-        sock = bind_listener(self.requested, "serve metrics")
+        """Serve (binding first if needed); logs ``serving metrics on URL`` with the real port."""
+        self.bind()
+        sock, self._sock = self._sock, None
+        assert sock is not None
         try:
-            self.address = bound_address(sock, self.requested)
             if sock.family == socket.AF_UNIX:
                 self._server = await asyncio.start_unix_server(self._on_client, sock=sock)
             else:
                 self._server = await asyncio.start_server(self._on_client, sock=sock)
         except BaseException:
             sock.close()
+            unlink_unix(self.requested)
             raise
         log.info("serving metrics on %s", self.url)
         return self.address
+
+    def release(self) -> None:
+        """Give up an address that was bound but never served (the node did not start)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+            unlink_unix(self.requested)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -405,6 +423,7 @@ class MetricsServer:
         await writer.drain()
 
     async def aclose(self) -> None:
+        self.release()
         server, self._server = self._server, None
         if server is None:
             return

@@ -24,16 +24,12 @@ import tempfile
 import time
 from typing import Any
 
-from dst.aio import workers
-from dst.backends import open_backend
-from dst.backends.device import BackendDevice
+from dst.cli.attach_cmd import build_device
+from dst.cli.export_cmd import open_exports
 from dst.cli.runtime import Stopper, run
-from dst.client.remote import LinkOptions, RemoteDevice
+from dst.config import AttachConfig, ExportConfig, ExportSpec, MemberOptions
 from dst.device import BlockDevice, IoFlags
-from dst.layers.stack import build_stack
-from dst.proto.client import ClientConfig
-from dst.proto.server import ServerConfig
-from dst.server.node import Export, ExportNode
+from dst.server.node import ExportNode
 from dst.units import Address, format_size, parse_size
 from dst.uri import format_uri, parse_member
 
@@ -67,20 +63,36 @@ class Demo:
         self.size = size
         self.files = [os.path.join(tmp, f"leg{i}.img") for i in (1, 2)]
         self.socks = [Address(path=os.path.join(tmp, f"export{i}.sock")) for i in (1, 2)]
+        self.exports = [
+            ExportConfig(
+                (ExportSpec("default", f"file:{path}"),),
+                listen=sock,
+                size=size,
+                checksums=("crc32c",),
+            )
+            for path, sock in zip(self.files, self.socks, strict=True)
+        ]
+        # short budgets, so that the leg that goes away degrades within seconds
+        self.client = AttachConfig(
+            members=tuple(parse_member(format_uri("dst", a, "default")) for a in self.socks),
+            layout="mirror",
+            nbd=Address(path=os.path.join(tmp, "nbd.sock")),
+            member=MemberOptions(
+                client_id="dst-demo",
+                resends=1,
+                resend_timeout=1.0,
+                connect_timeout=5,
+                reconnect_min=0.05,
+                reconnect_max=0.3,
+            ),
+        )
         self.nodes: list[ExportNode | None] = [None, None]
         self.problems: list[str] = []
 
     async def start_node(self, i: int) -> None:
-        backend = open_backend(f"file:{self.files[i]}", size=self.size)
-        export = Export(
-            name="default",
-            device=BackendDevice(backend),
-            identity=backend.identity,
-            spec=f"file:{self.files[i]}",
-            trim_zeroes=backend.trim_reads_zeroes,
-        )
-        node = ExportNode({"default": export}, ServerConfig(checksums=("crc32c",)))
-        await node.start(self.socks[i])
+        cfg = self.exports[i]
+        node = ExportNode(open_exports(cfg), cfg.server_config())
+        await node.start(cfg.listen)
         self.nodes[i] = node
 
     async def stop_node(self, i: int) -> None:
@@ -137,27 +149,14 @@ class Demo:
                     f"  export node {i + 1}: {format_size(self.size)} sparse file, serving "
                     f"{format_uri('dst', self.socks[i], 'default')}"
                 )
-            legs: list[BlockDevice] = []
-            for i in range(2):
-                leg = RemoteDevice(
-                    parse_member(format_uri("dst", self.socks[i], "default")),
-                    ClientConfig(
-                        client_id="dst-demo",
-                        resends=1,
-                        resend_timeout=1.0,
-                        offload=workers.enabled(),
-                    ),
-                    LinkOptions(connect_timeout=5, reconnect_min=0.05, reconnect_max=0.3),
-                )
-                await leg.connect()
-                legs.append(leg)
-            dev = await build_stack("mirror", legs)
+            dev = await build_device(self.client)
             st = await self.wait_in_sync(dev)
             say(
                 f"  client node: mirrors both legs ({st['members'][0]['cipher'] or 'no'} cipher, "
                 f"checksum {st['members'][0]['checksum']}); first resync done"
             )
-            front = NbdFrontend(dev, Address(path=os.path.join(self.tmp, "nbd.sock")))
+            assert self.client.nbd is not None
+            front = NbdFrontend(dev, self.client.nbd)
             await front.start()
             uri = front.uri
             say(f"  NBD front end: {uri}")
@@ -182,9 +181,11 @@ class Demo:
             more = await self.write_blocks(dev, 1, 8)
             st = dev.statistics()
             states = {m["uri"].rsplit("/", 1)[-1]: m["state"] for m in st["members"]}
+            m = self.client.member
+            budget = min((m.resends + 1) * m.resend_timeout, self.client.leg_timeout)
             say(
-                f"  8 more blocks written in {time.monotonic() - t0:.1f} s (waited out the leg's "
-                f"2 s resend budget, no error): legs {states}"
+                f"  8 more blocks written in {time.monotonic() - t0:.1f} s (waited at most "
+                f"{budget:g} s for the missing leg, no error): legs {states}"
             )
             self.check(
                 st["members"][1]["state"] in ("degraded", "failed"),

@@ -4,106 +4,88 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
 
 from dst.aio import workers
 from dst.backends import open_backend
 from dst.backends.device import BackendDevice
-from dst.cli.algorithms import export_algorithms
-from dst.cli.options import EXPORT_OPTS, merge
+from dst.cli.options import EXPORT_OPTS, given, merge
 from dst.cli.runtime import Stopper, run
-from dst.control.ops import NodeOps, metrics_address
-from dst.crypto.keys import load_key_file, load_keys_file
+from dst.config import DEFAULT_LISTEN, DEFAULT_METRICS_PORT, ExportConfig
+from dst.control.handlers import ExportControl
+from dst.control.ops import NodeOps
 from dst.errors import UsageError
-from dst.proto.server import ServerConfig
 from dst.server.node import Export, ExportNode
 from dst.units import parse_address
 
 log = logging.getLogger("dst.export")
 
 
-def parse_export_specs(items: list[str], config: str | None = None) -> list[tuple[str, str]]:
-    if not items:
-        where = f" (or as `exports = [...]` in the config file {config})" if config else ""
-        raise UsageError(
-            "no export given: name at least one BACKEND, e.g. `dst export --listen :10810 "
-            f"file:/srv/disk.img --size 10G`{where}"
-        )
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for item in items:
-        head, sep, rest = item.partition("=")
-        if sep and ":" not in head:
-            name, spec = head, rest
-            if not name:
-                raise UsageError(f"invalid export {item!r}: the name before '=' is empty")
-        else:
-            name, spec = "default", item
-        if name in seen:
-            raise UsageError(f"export name {name!r} is used twice; give each export its own NAME=")
-        seen.add(name)
-        out.append((name, spec))
-    return out
-
-
-def prepare(ns: argparse.Namespace) -> dict[str, Any]:
+def prepare(ns: argparse.Namespace) -> ExportConfig:
+    """The whole command line and config file, checked without touching anything."""
     o = merge(ns, EXPORT_OPTS, "exports", "exports")
-    o["listen_addr"] = parse_address(o["listen"], what="--listen address")
-    o["specs"] = parse_export_specs(o["exports"], ns.config)
-    key = load_key_file(o["key_file"]) if o["key_file"] else None
-    keys = load_keys_file(o["keys"]) if o["keys"] else None
-    if key is not None and keys is not None:
-        raise UsageError("give either --key-file (one key for all clients) or --keys, not both")
-    o["key"] = key
-    o["keys_map"] = keys
-    o["ciphers"], o["checksums"] = export_algorithms(
-        o["cipher"], o["checksum"], key is not None or keys is not None
+    listen = parse_address(o["listen"], what="--listen address") if o["listen"] else DEFAULT_LISTEN
+    if not o["exports"]:
+        where = f" (or as `exports = [...]` in the config file {ns.config})" if ns.config else ""
+        raise UsageError(
+            "no export given: name at least one BACKEND, e.g. `dst export --listen "
+            f"0.0.0.0:10810 file:/srv/disk.img --size 10G`{where}"
+        )
+    metrics = (
+        parse_address(o["metrics"], default_port=DEFAULT_METRICS_PORT, what="--metrics address")
+        if o["metrics"]
+        else None
     )
-    o["metrics_addr"] = metrics_address(o)
-    return o
+    return ExportConfig.create(
+        o["exports"],
+        key_file=o["key_file"],
+        keys=o["keys"],
+        ciphers=o["cipher"],
+        checksums=o["checksum"],
+        listen=listen,
+        metrics=metrics,
+        allow=tuple(o["allow"]) if o["allow"] else None,
+        **given(o, ("size", "read_only", "shared", "crypto_workers", "control")),
+    )
+
+
+def open_exports(cfg: ExportConfig) -> dict[str, Export]:
+    """Open (creating sparse files where needed) every backend; all or none."""
+    exports: dict[str, Export] = {}
+    opened = []
+    try:
+        for spec in cfg.exports:
+            b = open_backend(spec.backend, size=cfg.size, read_only=cfg.read_only)
+            opened.append(b)
+            exports[spec.name] = Export(
+                name=spec.name,
+                device=BackendDevice(b, name=f"{spec.name}={spec.backend}"),
+                identity=b.identity,
+                spec=spec.backend,
+                read_only=cfg.read_only or b.read_only,
+                shared=cfg.shared,
+                trim_zeroes=b.trim_reads_zeroes,
+            )
+    except BaseException:
+        for b in opened:
+            b.close()
+        raise
+    return exports
 
 
 def run_export(ns: argparse.Namespace) -> int:
-    o = prepare(ns)
-    backends = []
-    try:
-        for name, spec in o["specs"]:
-            b = open_backend(spec, size=o["size"], read_only=bool(o["read_only"]))
-            backends.append((name, spec, b))
-    except BaseException:
-        for _, _, b in backends:
-            b.close()
-        raise
-    return run(lambda: _serve(o, backends))
+    cfg = prepare(ns)
+    exports = open_exports(cfg)
+    return run(lambda: _serve(cfg, exports))
 
 
-async def _serve(o: dict[str, Any], backends: list[Any]) -> int:
-    exports = {}
-    for name, spec, b in backends:
-        dev = BackendDevice(b, name=f"{name}={spec}")
-        exports[name] = Export(
-            name=name,
-            device=dev,
-            identity=b.identity,
-            spec=spec,
-            read_only=bool(o["read_only"]) or b.read_only,
-            shared=bool(o["shared"]),
-            trim_zeroes=b.trim_reads_zeroes,
-        )
-    workers.configure(o["crypto_workers"])
-    cfg = ServerConfig(
-        ciphers=o["ciphers"],
-        checksums=o["checksums"],
-        key=o["key"],
-        keys=o["keys_map"],
-        offload=workers.enabled(),
-    )
-    node = ExportNode(exports, cfg, allow=set(o["allow"]) if o["allow"] else None)
+async def _serve(cfg: ExportConfig, exports: dict[str, Export]) -> int:
+    workers.configure(cfg.crypto_workers)
+    node = ExportNode(exports, cfg.server_config(), allow=set(cfg.allow) if cfg.allow else None)
     stopper = Stopper()
-    ops = NodeOps.for_export(node, o)
+    ops = NodeOps(cfg.control, cfg.metrics)
     try:
-        addr = await node.start(o["listen_addr"])
-        await ops.start()
+        addr = await node.start(cfg.listen)
+        await ops.start(ExportControl(node, cfg.settings()))
         for e in exports.values():
             log.info(
                 "export %r: %s, %d bytes, %s, identity %s",

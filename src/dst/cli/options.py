@@ -2,14 +2,16 @@
 
 Each subcommand's long options are declared once here; argparse is built from
 the table and ``--config FILE`` is validated against the same table, so a file
-accepts exactly the options the command line does, with the same types.
+accepts exactly the options the command line does, with the same types.  The
+defaults live in the dataclasses of :mod:`dst.config`: an option that is given
+neither on the command line nor in the file is None here and keeps its default there.
 """
 
 from __future__ import annotations
 
 import argparse
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -21,7 +23,6 @@ from dst.units import parse_duration, parse_rate, parse_size
 class Opt:
     name: str  # long option without dashes
     kind: str  # str | int | size | duration | rate | bool | list | debug
-    default: Any = None
     help: str = ""
     metavar: str | None = None
 
@@ -140,7 +141,7 @@ def merge(
     positional: str | None,
     positional_key: str | None,
 ) -> dict[str, Any]:
-    """Command line over config file over defaults; converts every value to its type."""
+    """Command line over config file; converts every value to its type (None: not given)."""
     cfg: dict[str, Any] = {}
     path = getattr(ns, "config", None)
     if path:
@@ -164,7 +165,7 @@ def merge(
     for o in opts:
         v = getattr(ns, o.dest, None)
         if v is None:
-            v = cfg.get(o.name, o.default)
+            v = cfg.get(o.name)
         if v is not None and o.kind in CONVERT:
             v = CONVERT[o.kind](str(v), f"--{o.name}")
         out[o.dest] = v
@@ -174,67 +175,58 @@ def merge(
     return out
 
 
+def given(values: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The options among ``names`` that were given (the others keep their defaults)."""
+    return {n: values[n] for n in names if values[n] is not None}
+
+
 COMMON_NET = [
-    Opt("key-file", "str", help="shared 256-bit key file (see `dst keygen`)", metavar="FILE"),
-    Opt("cipher", "list", help="channel cipher in order of preference (repeat)", metavar="NAME"),
-    Opt(
-        "checksum", "list", help="payload checksum in order of preference (repeat)", metavar="NAME"
-    ),
-    Opt(
-        "crypto-workers",
-        "int",
-        help="threads for checksums and ciphers on large buffers",
-        metavar="N",
-    ),
-    Opt("control", "str", help="unix socket for `dst status` and `dst ctl`", metavar="SOCK"),
-    Opt("metrics", "str", help="serve Prometheus metrics on HOST:PORT", metavar="HOST:PORT"),
-    Opt("config", "str", help="TOML file with any of these options", metavar="FILE"),
-    Opt("debug", "debug", help="JSON trace lines: --debug or --debug=proto,txn,crypto,nbd,mirror"),
+    Opt("key-file", "str", "shared 256-bit key file (see `dst keygen`)", "FILE"),
+    Opt("cipher", "list", "channel cipher in order of preference (repeat)", "NAME"),
+    Opt("checksum", "list", "payload checksum in order of preference (repeat)", "NAME"),
+    Opt("crypto-workers", "int", "threads for checksums and ciphers on large buffers", "N"),
+    Opt("control", "str", "unix socket for `dst status` and `dst ctl`", "SOCK"),
+    Opt("metrics", "str", "serve Prometheus metrics on HOST:PORT", "HOST:PORT"),
+    Opt("config", "str", "TOML file with any of these options", "FILE"),
+    Opt("debug", "debug", "JSON trace lines: --debug or --debug=proto,txn,crypto,nbd,mirror"),
 ]
 
 EXPORT_OPTS = [
-    Opt(
-        "listen",
-        "str",
-        "0.0.0.0:10810",
-        "address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH",
-        "ADDR",
-    ),
-    Opt("size", "size", help="size of file exports that must be created", metavar="SIZE"),
-    Opt("read-only", "bool", help="export read-only"),
-    Opt("shared", "bool", help="allow several read-write client ids at once"),
-    Opt("keys", "str", help="file of `CLIENT_ID HEXKEY` lines, one key per client", metavar="FILE"),
-    Opt("allow", "list", help="client id allowed to attach (repeat)", metavar="CLIENT_ID"),
+    Opt("listen", "str", "address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH", "ADDR"),
+    Opt("size", "size", "size of file exports that must be created", "SIZE"),
+    Opt("read-only", "bool", "export read-only"),
+    Opt("shared", "bool", "allow several read-write client ids at once"),
+    Opt("keys", "str", "file of `CLIENT_ID HEXKEY` lines, one key per client", "FILE"),
+    Opt("allow", "list", "client id allowed to attach (repeat)", "CLIENT_ID"),
     *COMMON_NET,
 ]
 
 ATTACH_OPTS = [
-    Opt("mirror", "bool", help="RAID1 over the members"),
-    Opt("stripe", "size", help="RAID0 over the members with this chunk size", metavar="CHUNK"),
-    Opt("linear", "bool", help="concatenate the members"),
-    Opt("nbd", "str", help="serve the device over NBD on ADDR", metavar="ADDR"),
-    Opt("fuse", "str", help="mount DIR with one file DIR/disk", metavar="DIR"),
-    Opt("read-only", "bool", help="serve a read-only device"),
+    Opt("mirror", "bool", "RAID1 over the members"),
     Opt(
-        "client-id",
-        "str",
-        help="identity of this client node (default: the host name)",
-        metavar="ID",
+        "stripe",
+        "size",
+        "RAID0 over the members in chunks of CHUNK (a power of two, 4K or more)",
+        "CHUNK",
     ),
-    Opt("resends", "int", 10, "resends of an unacked transaction before it fails", "N"),
-    Opt("resend-timeout", "duration", 5.0, "seconds each attempt waits for its ack", "S"),
-    Opt("ping-interval", "duration", 5.0, "ping after this many idle seconds", "S"),
-    Opt("ping-timeout", "duration", 2.0, "declare the connection dead without a ping answer", "S"),
-    Opt("connect-timeout", "duration", 10.0, "give up connecting at start after S seconds", "S"),
-    Opt("reconnect-min", "duration", 0.1, "first reconnect delay", "S"),
-    Opt("reconnect-max", "duration", 5.0, "longest reconnect delay", "S"),
-    Opt("bitmap", "str", help="persistent dirty bitmap for --mirror", metavar="FILE"),
-    Opt("bitmap-granularity", "size", "64K", "bytes per bitmap bit", "SIZE"),
-    Opt("resync-rate", "rate", help="limit background resync (e.g. 100M)", metavar="RATE"),
+    Opt("linear", "bool", "concatenate the members"),
+    Opt("nbd", "str", "serve the device over NBD on ADDR (HOST:PORT or unix:PATH)", "ADDR"),
+    Opt("fuse", "str", "mount DIR with one file DIR/disk", "DIR"),
+    Opt("read-only", "bool", "serve a read-only device"),
+    Opt("client-id", "str", "identity of this client node (default: the host name)", "ID"),
+    Opt("resends", "int", "resends of an unacked transaction before it fails", "N"),
+    Opt("resend-timeout", "duration", "seconds each attempt waits for its ack", "S"),
+    Opt("ping-interval", "duration", "ping after this many idle seconds", "S"),
+    Opt("ping-timeout", "duration", "declare the connection dead without a ping answer", "S"),
+    Opt("connect-timeout", "duration", "give up connecting at start after S seconds", "S"),
+    Opt("reconnect-min", "duration", "first reconnect delay", "S"),
+    Opt("reconnect-max", "duration", "longest reconnect delay", "S"),
+    Opt("bitmap", "str", "persistent dirty bitmap for --mirror", "FILE"),
+    Opt("bitmap-granularity", "size", "bytes per bitmap bit", "SIZE"),
+    Opt("resync-rate", "rate", "limit background resync (e.g. 100M)", "RATE"),
     Opt(
         "leg-timeout",
         "duration",
-        5.0,
         "a mirror write waits at most S seconds for a leg that has not acked it, then "
         "degrades that leg",
         "S",
@@ -242,12 +234,12 @@ ATTACH_OPTS = [
     Opt(
         "assume-clean",
         "bool",
-        help="with a new --bitmap, take the legs as identical and skip the first full sync",
+        "with a new --bitmap, take the legs as identical and skip the first full sync",
     ),
     Opt(
         "takeover",
         "bool",
-        help="take the export over from a live session of the same client id (fences it)",
+        "take the export over from a live session of the same client id (fences it)",
     ),
     *COMMON_NET,
 ]

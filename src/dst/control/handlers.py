@@ -12,7 +12,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dst.control.server import Handler, RequestError
@@ -369,13 +369,4 @@ def unhealthy(status: dict[str, Any]) -> list[str]:
         for m in status.get("members", [])
         if not member_healthy(m)
     ]
-    return out
-
-
-def settings_of(o: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """The options a node runs with, for its status (never key material)."""
-    out = {k: o.get(k) for k in keys if k not in ("key", "keys_map")}
-    for flag in ("read_only", "shared"):
-        if flag in out:
-            out[flag] = bool(out[flag])
     return out

@@ -1,8 +1,9 @@
-"""A node's operations endpoints (control socket, metrics) started and stopped together.
+"""A node's operations endpoints (control socket, metrics), bound, served and stopped together.
 
-`dst export` and `dst attach` each hold one :class:`NodeOps`, so their own code
-only says when the endpoints start and stop.  prometheus_client is imported only
-when ``--metrics`` is given.
+`dst export` and `dst attach` each hold one :class:`NodeOps`: :meth:`NodeOps.bind` takes
+both addresses before the node does anything else (a path or port in use is found before a
+member is contacted or a backend opened), :meth:`NodeOps.start` serves them once the node
+has a status to show.  prometheus_client is imported only when ``--metrics`` is given.
 """
 
 from __future__ import annotations
@@ -12,59 +13,16 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dst.control.handlers import AttachControl, ExportControl, settings_of
-from dst.control.server import ControlServer, RequestError
+from dst.control.handlers import AttachControl, ExportControl
+from dst.control.server import ControlServer
 from dst.device import BlockDevice
-from dst.units import Address, parse_address
+from dst.units import Address
 
 log = logging.getLogger("dst.control")
 
-DEFAULT_METRICS_PORT = 9810
 SPACE_CHECK_INTERVAL = 30.0  # seconds between looks at the space of file exports
-
-EXPORT_SETTINGS = (
-    "listen",
-    "exports",
-    "size",
-    "read_only",
-    "shared",
-    "allow",
-    "key_file",
-    "keys",
-    "ciphers",
-    "checksums",
-    "crypto_workers",
-    "control",
-    "metrics",
-)
-ATTACH_SETTINGS = (
-    "members",
-    "layout",
-    "stripe",
-    "client_id",
-    "read_only",
-    "nbd",
-    "fuse",
-    "resends",
-    "resend_timeout",
-    "ping_interval",
-    "ping_timeout",
-    "connect_timeout",
-    "reconnect_min",
-    "reconnect_max",
-    "bitmap",
-    "bitmap_granularity",
-    "resync_rate",
-    "key_file",
-    "ciphers",
-    "checksums",
-    "crypto_workers",
-    "control",
-    "metrics",
-)
 
 
 def sd_notify(message: str) -> bool:
@@ -88,79 +46,63 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def metrics_address(o: dict[str, Any]) -> Address | None:
-    """``--metrics HOST:PORT`` checked at start (exit 2 when wrong); HOST alone means port 9810."""
-    text = o.get("metrics")
-    if not text:
-        return None
-    return parse_address(text, default_port=DEFAULT_METRICS_PORT, what="--metrics address")
-
-
-def layout_of(o: dict[str, Any]) -> str:
-    for mode in ("mirror", "stripe", "linear"):
-        if o.get(mode):
-            return mode
-    return "single"
-
-
-def _member_opener(o: dict[str, Any]) -> Callable[[str], Awaitable[BlockDevice]]:
-    async def open_member(text: str) -> BlockDevice:
-        from dst.cli.attach_cmd import client_config, link_options
-        from dst.client.remote import RemoteDevice
-        from dst.uri import parse_member
-
-        uri = parse_member(text)
-        if uri.protocol != "dst":
-            raise RequestError(f"{text}: only dst:// members can be added to a running mirror")
-        dev = RemoteDevice(uri, client_config(o, uri), link_options(o))
-        await dev.connect()  # raises with the reason when refused or unreachable
-        return dev
-
-    return open_member
-
-
 class NodeOps:
     """The optional ``--control`` socket and ``--metrics`` endpoint of one node."""
 
-    def __init__(self, o: dict[str, Any], control: AttachControl | ExportControl) -> None:
-        self.control = control
-        self.control_path: str | None = o.get("control") or None
-        self.metrics_addr = metrics_address(o)
+    def __init__(self, control_path: str | None, metrics_addr: Address | None) -> None:
+        self.control_path = control_path
+        self.metrics_addr = metrics_addr
+        self.control: AttachControl | ExportControl | None = None
         self._server: ControlServer | None = None
         self._metrics: Any = None
         self._watch: asyncio.Task[None] | None = None
 
-    @classmethod
-    def for_export(cls, node: Any, o: dict[str, Any]) -> NodeOps:
-        return cls(o, ExportControl(node, settings_of(o, EXPORT_SETTINGS)))
-
-    @classmethod
-    def for_attach(
-        cls,
-        o: dict[str, Any],
-        make_member: Callable[[str], Awaitable[BlockDevice]] | None = None,
-    ) -> NodeOps:
-        """``make_member(uri)`` opens a leg for `dst ctl add`; the default opens a connected
-        dst:// member with the node's options."""
-        settings = settings_of({**o, "layout": layout_of(o)}, ATTACH_SETTINGS)
-        return cls(o, AttachControl(settings, make_member or _member_opener(o)))
-
-    async def start(self) -> None:
-        """Start what was asked for; a client node's status says `connecting` until
-        :meth:`set_device`, so an operator can watch a slow start."""
+    def bind(self) -> None:
+        """Bind what was asked for, without serving yet (no event loop needed); raises
+        DstError (exit 1) for a path or port in use, and then holds nothing."""
         try:
-            if self.control_path is not None:
-                self._server = ControlServer(self.control_path, self.control.handlers())
-                await self._server.start()
-            if self.metrics_addr is not None:
-                from dst.metrics import MetricsServer, instrument
+            if self.control_path is not None and self._server is None:
+                self._server = ControlServer(self.control_path, {})
+                self._server.bind()
+            if self.metrics_addr is not None and self._metrics is None:
+                from dst.metrics import MetricsServer
 
-                if isinstance(self.control, AttachControl):
-                    self.control.on_status = instrument  # members added later get buckets too
-                self._metrics = MetricsServer(self.metrics_addr, self.control.status)
+                self._metrics = MetricsServer(self.metrics_addr, self._status)
+                self._metrics.bind()
+        except BaseException:
+            self.release()
+            raise
+
+    def _status(self) -> dict[str, Any]:
+        return self.control.status() if self.control is not None else {}
+
+    def release(self) -> None:
+        """Give up what :meth:`bind` took when the node does not start."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.release()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.release()
+
+    async def start(self, control: AttachControl | ExportControl) -> None:
+        """Serve ``control`` on what was bound (binding now what was not); a client node's
+        status says `connecting` until :meth:`set_device`, so an operator can watch a slow
+        start."""
+        self.control = control
+        try:
+            self.bind()
+            if self._server is not None:
+                self._server.handlers.update(control.handlers())
+                await self._server.start()
+            if self._metrics is not None:
+                from dst.metrics import instrument
+
+                if isinstance(control, AttachControl):
+                    control.on_status = instrument  # members added later get buckets too
                 await self._metrics.start()
-            if isinstance(self.control, ExportControl):
-                self._watch = asyncio.create_task(self._watch_space(self.control))
+            if isinstance(control, ExportControl):
+                self._watch = asyncio.create_task(self._watch_space(control))
         except BaseException:
             await self.aclose()
             raise

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -48,11 +49,15 @@ class ControlServer:
         self.handlers: dict[str, Handler] = dict(handlers)
         self.handlers.setdefault("help", self._help)
         self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._inode: int | None = None
 
-    async def start(self) -> None:
-        """Bind (reusing a stale socket left by a killed node), chmod 0600, accept."""
+    def bind(self) -> None:
+        """Create the socket (reusing a stale one left by a killed node), mode 0600 from
+        birth; a node binds before it does anything else, :meth:`start` then serves it."""
+        if self._sock is not None or self._server is not None:
+            return
         old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
             sock = bind_listener(Address(path=self.path), "serve the control socket")
@@ -61,6 +66,18 @@ class ControlServer:
         try:
             os.chmod(self.path, 0o600)
             self._inode = os.stat(self.path).st_ino
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        self._sock = sock
+
+    async def start(self) -> None:
+        """Serve (binding first if :meth:`bind` was not called)."""
+        self.bind()
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        try:
             self._server = await asyncio.start_unix_server(
                 self._on_client, sock=sock, limit=MAX_LINE
             )
@@ -69,6 +86,13 @@ class ControlServer:
             self._unlink()
             raise
         log.info("control socket ready at unix:%s", self.path)
+
+    def release(self) -> None:
+        """Give up a socket that was bound but never served (the node did not start)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+            self._unlink()
 
     async def _help(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"commands": sorted(self.handlers)}
@@ -141,6 +165,7 @@ class ControlServer:
 
     async def aclose(self) -> None:
         """Stop accepting, close every connection, remove the socket file."""
+        self.release()
         server, self._server = self._server, None
         if server is None:
             return

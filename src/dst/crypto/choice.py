@@ -1,4 +1,4 @@
-"""Choosing cipher and checksum lists from options and keys (both node roles)."""
+"""Choosing the cipher and checksum lists a node offers or accepts, from its options and keys."""
 
 from __future__ import annotations
 
