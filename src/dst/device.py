@@ -7,10 +7,11 @@ backend, ...) compose freely.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
@@ -20,6 +21,8 @@ from dst.errors import IoError
 MAX_REQUEST = 32 << 20
 
 Buffer = bytes | bytearray | memoryview
+Done = Callable[[BaseException | None], None]
+"""Called once when a started request ended: with None, or with the error it failed with."""
 
 
 class IoFlags(IntFlag):
@@ -149,6 +152,19 @@ class BlockDevice(ABC):
         await self.read_into(offset, memoryview(buf), flags)
         return bytes(buf)
 
+    def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
+        """Start a read into ``buf``; ``done`` is called once when it ended, possibly before
+        this returns (a request that needed no waiting completes inline, with no task).
+        Every error, a refused range included, goes to ``done``; none is raised.
+
+        The default runs :meth:`read_into` in a task; a device that can finish without
+        one (a page-cache read, a reply matched by the network member) overrides it."""
+        run_in_task(self.read_into(offset, buf, flags), done)
+
+    def start_write(self, offset: int, data: memoryview, flags: IoFlags, done: Done) -> None:
+        """Start a write of ``data`` (which stays valid until ``done``); see start_read."""
+        run_in_task(self.write(offset, data, flags), done)
+
     def statistics(self) -> dict[str, Any]:
         return {}
 
@@ -168,6 +184,21 @@ class BlockDevice(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def run_in_task(coro: Coroutine[Any, Any, None], done: Done) -> None:
+    """Run ``coro`` in a task and report its end to ``done`` (a cancellation included)."""
+
+    def ended(task: asyncio.Task[None]) -> None:
+        done(asyncio.CancelledError() if task.cancelled() else task.exception())
+
+    task = asyncio.get_running_loop().create_task(coro)
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    task.add_done_callback(ended)
+
+
+_RUNNING: set[asyncio.Task[None]] = set()  # strong references: a task must not vanish
 
 
 class Layer(BlockDevice):

@@ -17,7 +17,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from dst.backends.base import Backend
-from dst.device import BlockDevice, Buffer, Capabilities, IoCounters, IoFlags, check_range
+from dst.device import (
+    BlockDevice,
+    Buffer,
+    Capabilities,
+    Done,
+    IoCounters,
+    IoFlags,
+    check_range,
+)
 from dst.errors import IoError
 
 T = TypeVar("T")
@@ -201,6 +209,57 @@ class BackendDevice(BlockDevice):
             await self._call("write", at, len(rest), run)
         self.counters.writes += 1
         self.counters.bytes_written += len(view)
+
+    def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
+        """Inline when the backend never blocks or the page cache has the data; a task for
+        the pool otherwise."""
+        view = _as_bytes_view(buf)
+        n = len(view)
+        if flags & IoFlags.PREFLUSH or n > FAST_PATH_MAX or self._closed:
+            super().start_read(offset, buf, flags, done)
+            return
+        backend = self.backend
+        try:
+            self._check("read", offset, n, change=False, limit=True)
+            if self._executor is not None:
+                if not self._fast("read", offset, n, lambda: backend.try_pread_nowait(view, offset)):
+                    super().start_read(offset, buf, flags, done)  # not cached: the pool
+                    return
+            else:
+                try:
+                    backend.pread_into(view, offset)
+                except OSError as e:
+                    raise self._failed("read", offset, n, e) from e
+        except IoError as e:
+            done(e)
+            return
+        self.counters.reads += 1
+        self.counters.bytes_read += n
+        done(None)
+
+    def start_write(self, offset: int, data: memoryview, flags: IoFlags, done: Done) -> None:
+        """Inline when the backend never blocks (tmpfs, memory); a task for the pool
+        otherwise (the page-cache fast path for writes stays in :meth:`write`)."""
+        view = _as_bytes_view(data)
+        n = len(view)
+        if self._executor is not None or n > FAST_PATH_MAX or self._closed or not n:
+            super().start_write(offset, data, flags, done)
+            return
+        backend = self.backend
+        native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
+        run = self._wrap(flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua)
+        try:
+            self._check("write", offset, n, change=True, limit=True)
+            try:
+                run()
+            except OSError as e:
+                raise self._failed("write", offset, n, e) from e
+        except IoError as e:
+            done(e)
+            return
+        self.counters.writes += 1
+        self.counters.bytes_written += n
+        done(None)
 
     async def flush(self) -> None:
         await self._call("flush", 0, 0, self.backend.flush)

@@ -18,7 +18,7 @@ from dst import trace
 from dst.aio import workers
 from dst.buffers import BufferPool
 from dst.client.link import LinkedDevice, LinkOptions
-from dst.device import Buffer, Capabilities, IoFlags, check_range
+from dst.device import Buffer, Capabilities, Done, IoFlags, check_range
 from dst.errors import DstError, IoError
 from dst.proto.client import ClientConfig, ClientCore, State
 from dst.proto.events import (
@@ -63,7 +63,8 @@ class RemoteDevice(LinkedDevice):
         super().__init__(uri, options)
         self.pool = pool or BufferPool()
         self.core: ClientCore = ClientCore(config, self.pool)
-        self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
+        # transaction id -> (what to call when it ends, command, offset, length, start time)
+        self._pending: dict[int, tuple[Done, int, int, int, float]] = {}
 
     @property
     def _ever_connected(self) -> bool:
@@ -174,7 +175,7 @@ class RemoteDevice(LinkedDevice):
         entry = self._pending.pop(ev.txn, None)
         if entry is None:
             return
-        fut, cmd, offset, length, started = entry
+        done, cmd, offset, length, started = entry
         op = OPS.get(Command(cmd), "other")
         elapsed = time.monotonic() - started
         if ev.status == 0:
@@ -191,8 +192,7 @@ class RemoteDevice(LinkedDevice):
                     attempts=ev.attempts,
                     seconds=round(elapsed, 6),
                 )
-            if not fut.done():
-                fut.set_result(None)
+            done(None)
             return
         if ev.timed_out:
             log.error(
@@ -216,9 +216,8 @@ class RemoteDevice(LinkedDevice):
                 status=ev.status,
                 message=ev.message,
             )
-        if not fut.done():
-            err = ev.status if ev.status < 0x1000 else errno.EIO
-            fut.set_exception(IoError(err, f"{self.name}: {op} at {offset}+{length}: {ev.message}"))
+        err = ev.status if ev.status < 0x1000 else errno.EIO
+        done(IoError(err, f"{self.name}: {op} at {offset}+{length}: {ev.message}"))
 
     # ---- I/O -------------------------------------------------------------------------
     async def _txn(
@@ -230,13 +229,34 @@ class RemoteDevice(LinkedDevice):
         payload: memoryview | None = None,
         into: memoryview | None = None,
     ) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(err: BaseException | None) -> None:
+            if not fut.done():
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+
+        self._start(cmd, offset, length, flags, done, payload, into)
+        await fut
+
+    def _start(
+        self,
+        cmd: Command,
+        offset: int,
+        length: int,
+        flags: IoFlags,
+        done: Done,
+        payload: memoryview | None = None,
+        into: memoryview | None = None,
+    ) -> None:
+        """Submit one transaction; ``done`` runs from the pump that sees its reply."""
         if self.state == "failed" or self.core.state == State.CLOSED:
             raise IoError(errno.EIO, f"{self.name} has failed: {self.last_error}")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
         now = time.monotonic()
         tid = self.core.submit(cmd, offset, length, int(flags), now, payload, into)
-        self._pending[tid] = (fut, cmd, offset, length, now)
+        self._pending[tid] = (done, cmd, offset, length, now)
         op = OPS.get(cmd, "other")
         self.counts[op] += 1
         if trace.on.txn:
@@ -251,7 +271,32 @@ class RemoteDevice(LinkedDevice):
                 flags=int(flags),
             )
         self._pump()
-        await fut
+
+    def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
+        n = len(buf)
+        if n > self.capabilities.max_request:
+            super().start_read(offset, buf, flags, done)  # split: several transactions
+            return
+        try:
+            self._check(offset, n, False)
+            self._start(Command.READ, offset, n, flags & IoFlags.PREFLUSH, done, into=buf)
+        except IoError as e:
+            done(e)
+            return
+        self.bytes["read"] += n
+
+    def start_write(self, offset: int, data: memoryview, flags: IoFlags, done: Done) -> None:
+        n = len(data)
+        if n > self.capabilities.max_request:
+            super().start_write(offset, data, flags, done)
+            return
+        try:
+            self._check(offset, n, True)
+            self._start(Command.WRITE, offset, n, flags, done, payload=data)
+        except IoError as e:
+            done(e)
+            return
+        self.bytes["write"] += n
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         check_range(self.size, offset, length)

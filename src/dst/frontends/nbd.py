@@ -158,6 +158,8 @@ class _Connection:
         self._closer: asyncio.Task[None] | None = None
         self._send_scheduled = False
         self._held_pending: list[PooledBuffer] = []
+        self.started = 0  # reads and writes started on the device, not yet called back
+        self._quiet: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         log.debug("NBD client connected from %s", self.peer)
@@ -204,8 +206,14 @@ class _Connection:
         self._apply_backpressure()
 
     def _dispatch(self, req: Request) -> None:
-        if req.command in (Command.READ, Command.WRITE):
+        if req.command == Command.READ:
             self.inflight_bytes += req.length
+            self._start_read(req)
+            return
+        if req.command == Command.WRITE:
+            self.inflight_bytes += req.length
+            self._start_write(req)
+            return
         task = asyncio.get_running_loop().create_task(self._run(req))
         self.tasks.add(task)
         self.front.tasks.add(task)
@@ -214,7 +222,88 @@ class _Connection:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.front.tasks.discard(task)
+        self._ended()
+
+    # ---- reads and writes: started on the device, finished in its callback ----------
+    def _start_read(self, req: Request) -> None:
+        """No task: the device calls back when the data is in the buffer (at once for a
+        page-cache read), and the reply goes out with the others of this loop pass."""
+        front = self.front
+        front.stats["requests"]["read"] += 1
+        buf = front.pool.get(req.length)
+        self.started += 1
+
+        def done(err: BaseException | None) -> None:
+            self.started -= 1
+            if err is None:
+                front.stats["bytes_read"] += req.length
+                self.core.reply_read(req.handle, buf.view)
+                self._send(buf)  # the stream owns the buffer and its accounting now
+            else:
+                buf.release()
+                self.inflight_bytes -= req.length
+                self._failed(req, err)
+                self._send()
+            self._ended()
+
+        front.device.start_read(req.offset, buf.view, req.flags, done)
+
+    def _start_write(self, req: Request) -> None:
+        front = self.front
+        front.stats["requests"]["write"] += 1
+        payload = req.payload
+        assert payload is not None
+        self.started += 1
+
+        def done(err: BaseException | None) -> None:
+            self.started -= 1
+            payload.release()
+            self.inflight_bytes -= req.length
+            if err is None:
+                front.stats["bytes_written"] += req.length
+                self.core.reply_ok(req.handle)
+            else:
+                self._failed(req, err)
+            self._send()
+            self._ended()
+
+        front.device.start_write(req.offset, payload.view, req.flags, done)
+
+    def _failed(self, req: Request, exc: BaseException) -> None:
+        """Answer a failed request with its errno; an unexpected error is logged as a bug."""
+        self.front.stats["errors"] += 1
+        if isinstance(exc, IoError):
+            self.core.reply_error(req.handle, exc.errno or errno.EIO, str(exc))
+            return
+        if not isinstance(exc, asyncio.CancelledError):
+            log.error(
+                "NBD %s of %d bytes at %d failed: %r",
+                _OPS[req.command],
+                req.length,
+                req.offset,
+                exc,
+                exc_info=exc,
+            )
+        self.core.reply_error(req.handle, errno.EIO, f"internal error: {exc!r}")
+
+    @property
+    def busy(self) -> int:
+        """Requests in flight: tasks, and reads and writes started on the device."""
+        return len(self.tasks) + self.started
+
+    def _ended(self) -> None:
         self._apply_backpressure()
+        if not self.busy:
+            waiters, self._quiet = self._quiet, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    async def _all_done(self) -> None:
+        if self.busy:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._quiet.append(fut)
+            await fut
 
     def _read_released(self, nbytes: int) -> None:
         self.inflight_bytes -= nbytes
@@ -222,7 +311,7 @@ class _Connection:
 
     def _apply_backpressure(self) -> None:
         busy = (
-            len(self.tasks) >= self.front.max_inflight
+            self.busy >= self.front.max_inflight
             or self.inflight_bytes >= self.front.max_inflight_bytes
         )
         if busy and not self._paused:
@@ -334,8 +423,8 @@ class _Connection:
     async def _close_when_done(self) -> None:
         timeout = self.front.close_timeout
         try:
-            if self.tasks:
-                await asyncio.wait(set(self.tasks), timeout=timeout)
+            if self.busy:
+                await asyncio.wait_for(self._all_done(), timeout)
             self.send_now()
             await asyncio.wait_for(self.stream.wait_sent(), timeout)
         except TimeoutError:
@@ -427,7 +516,7 @@ class NbdFrontend:
         s["requests"] = dict(self.stats["requests"])
         s["connections_open"] = len(self._conns)
         s["requests_rejected"] += sum(c.core.requests_rejected for c in self._conns)
-        s["inflight"] = sum(len(c.tasks) for c in self._conns)
+        s["inflight"] = sum(c.busy for c in self._conns)
         return s
 
     async def aclose(self) -> None:
