@@ -39,7 +39,8 @@ def test_bitmap_set_clear_and_search() -> None:
     assert bm.clear(10, 20) == 10 and bm.run_end(5, 1000) == 10 and bm.next_set(10) == 20
     bm.set(99_990, 200_000)  # clipped to the end
     assert bm.count() == 75 and bm.next_set(81) == 99_990
-    assert bm.dirty_pages == {0, 99_990 // 8 // BLOCK}
+    # a range reaching the end grows the stored-as-set tail instead of storing a page
+    assert bm.full_from == 99_990 and bm.dirty_pages == {0} and bm.meta_changed
     rng = random.Random(4)
     ref = [False] * 3000
     small = Bitmap(3000)
@@ -67,13 +68,14 @@ def test_bitmap_regrain_and_merge() -> None:
     assert new.count() == 3 * 16 and new.test(16) and new.test(10 * 16) and not new.test(15)
     back = Bitmap(64)
     back.regrain(new, 4 * KIB, 64 * KIB)
-    assert back.bits == old.bits
+    assert list(back.runs()) == list(old.runs()) == [(1, 2), (10, 12)]
     a, b = Bitmap(50_000), Bitmap(50_000)
     a.set(0, 10)
     b.set(5, 20)
     b.set(45_000, 45_001)
     a.dirty_pages.clear()
     assert a.merge(b) == 11 and a.count() == 21 and a.dirty_pages == {0, 1}
+    assert list(a.runs()) == [(0, 20), (45_000, 45_001)]
 
 
 # ---------------------------------------------------------------- the record on disk
@@ -152,6 +154,98 @@ def test_record_converts_a_changed_granularity(tmp_path: Path) -> None:
         bm = finer.bitmaps[1]
         assert why is None and bm is not None and bm.count() == 16 and bm.next_set(0) == 16
         await finer.close()
+
+    asyncio.run(main())
+
+
+PIB = 1 << 50
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_petabyte_record_is_sparse_in_memory_and_on_disk(tmp_path: Path) -> None:
+    """Two legs of 1 PiB at 64 KiB: 2 GiB of bits each if stored whole.  Three dirty
+    regions far apart cost three pages; a full resync costs one number; a partly copied
+    full resync is recorded exactly; nothing is ever written whole."""
+    path = tmp_path / "bm"
+
+    async def main() -> None:
+        rec, _ = Record.open(str(path), PIB, 64 * KIB, EXT)
+        rec.add_slot(0, "a", None, full=False)
+        rec.add_slot(1, "b", None, full=False)
+        for off in (0, PIB // 2, PIB - 4096):
+            rec.mark(1, off, 4096)
+        await rec.sync()
+        bm = rec.bitmaps[1]
+        assert bm is not None and bm.count() == 3 and len(bm.pages) == 2  # last one: the tail
+        assert allocated(path) < 1 * MIB
+        await rec.close()
+
+        back, why = Record.open(str(path), PIB, 64 * KIB, EXT)
+        bm = back.bitmaps[1]
+        assert why is None and bm is not None
+        assert [first for first, _ in bm.runs()] == [0, PIB // 2 // (64 * KIB), bm.nbits - 1]
+        a = back.bitmaps[0]
+        assert a is not None
+        a.fill()  # leg a needs a full resync: nothing stored
+        back.mark_meta()
+        await back.sync()
+        assert allocated(path) < 1 * MIB and a.count() == a.nbits
+        a.clear(0, 1000)  # a resync copied the first 1000 regions
+        await back.sync(force=True)
+        await back.close()
+
+        again, _ = Record.open(str(path), PIB, 64 * KIB, EXT)
+        a = again.bitmaps[0]
+        assert a is not None and a.next_set(0) == 1000 and a.count() == a.nbits - 1000
+        await again.close()
+        assert allocated(path) < 1 * MIB
+
+    asyncio.run(main())
+
+
+def test_a_version_1_file_is_read_and_converted(tmp_path: Path) -> None:
+    """Version 1 stored every bit in place and no tail table: it is read as it is and
+    its metadata is written in version 2 at the next sync."""
+    import struct
+    import zlib
+
+    from dst.layers import bitmap as bmod
+
+    path = tmp_path / "bm"
+
+    async def main() -> None:
+        rec, _ = Record.open(str(path), MIB, G, EXT)
+        rec.add_slot(2, "c", None, full=False)
+        rec.mark(2, 8192, 100)
+        rec.al = [3]
+        await rec.sync()
+        await rec.close()
+        with open(path, "r+b") as f:  # rewrite both metadata copies as version 1 wrote them
+            for copy in range(2):
+                f.seek(copy * BLOCK)
+                raw = bytearray(f.read(BLOCK))
+                if raw[:8] != bmod.MAGIC:
+                    continue
+                struct.pack_into("<I", raw, 8, 1)
+                nal = struct.unpack_from("<I", raw, bmod.HEAD.size - 8)[0]
+                al = raw[bmod.AL_AT : bmod.AL_AT + 4 * nal]
+                raw[bmod.FULLS_AT : bmod.CRC_AT] = bytes(bmod.CRC_AT - bmod.FULLS_AT)
+                raw[bmod.AL_AT_V1 : bmod.AL_AT_V1 + len(al)] = al
+                raw[bmod.CRC_AT :] = zlib.crc32(raw[: bmod.CRC_AT]).to_bytes(4, "little")
+                f.seek(copy * BLOCK)
+                f.write(raw)
+        old, why = Record.open(str(path), MIB, G, EXT)
+        bm = old.bitmaps[2]
+        assert why is None and bm is not None and list(bm.runs()) == [(2, 3)]
+        assert old.meta_dirty  # converted at the next write
+        await old.sync()
+        await old.abandon()
+        with open(path, "rb") as f:
+            versions = {struct.unpack_from("<I", f.read(BLOCK), 8)[0] for _ in range(2)}
+        assert 2 in versions
 
     asyncio.run(main())
 

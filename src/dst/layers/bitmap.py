@@ -6,15 +6,19 @@ On-disk layout (all integers little-endian; docs/mirror.md has the full table)::
     [0, 4096)        metadata block, copy 0
     [4096, 8192)     metadata block, copy 1   (the valid copy with the higher sequence wins)
     [8192, ...)      bitmap of leg slot i at 8192 + i * stride, stride = bitmap bytes
-                     rounded up to 4096; bit b is byte b // 8, bit b % 8 (LSB first)
+                     rounded up to 4096; bit b is byte b // 8, bit b % 8 (LSB first);
+                     every bit from the slot's full_from on is set whatever the page says
 
-Only changes that must be durable before an ack bump ``version``; cleared bits ride
-along with the next write (cleared lazily: a stale set bit only costs a resync).
+The file is sparse: only pages with a set bit below full_from are written, pages that
+become clear are punched out, so its allocated size follows what is dirty, not the
+device.  Only changes that must be durable before an ack bump ``version``; cleared bits
+ride along with the next write (cleared lazily: a stale set bit only costs a resync).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import errno
 import fcntl
@@ -24,14 +28,16 @@ import re
 import struct
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dst.backends.base import PUNCH, fallocate
 from dst.errors import DstError, IoError
 
 log = logging.getLogger("dst.mirror")
 
 MAGIC = b"DSTMBMP1"
-VERSION = 1
+VERSION = 2  # 2 adds the per-slot "set from here on" table; version 1 files are read
 BLOCK = 4096
 MAX_LEGS = 8
 META_COPIES = 2
@@ -39,9 +45,12 @@ BITMAP_BASE = META_COPIES * BLOCK
 HEAD = struct.Struct("<8sIIQ16sQIIQIII")  # see docs/mirror.md
 SLOT = struct.Struct("<16sQII64s")
 SLOTS_AT = 128
-AL_AT = SLOTS_AT + MAX_LEGS * SLOT.size
+FULLS_AT = SLOTS_AT + MAX_LEGS * SLOT.size  # version 2: u64 full_from per slot
+AL_AT_V1 = FULLS_AT
+AL_AT = FULLS_AT + 8 * MAX_LEGS
 CRC_AT = BLOCK - 4
 AL_MAX = (CRC_AT - AL_AT) // 4
+PUNCH_SMALL = 256  # where holes cannot be punched, write zero pages for ranges this small
 FLAG_CLEAN = 1
 SLOT_USED = 1
 SLOT_FULL = 2
@@ -54,100 +63,281 @@ def _popcount(b: bytes | bytearray) -> int:
     return int.from_bytes(b, "little").bit_count()
 
 
+PAGE_BITS = BLOCK * 8  # bits per bitmap page: one 4 KiB block of the file
+
+
+def _first_set(page: bytearray, lo: int) -> int | None:
+    """The first set bit at or after bit ``lo`` of a page."""
+    byte = lo // 8
+    if byte >= BLOCK:
+        return None
+    v = page[byte] >> (lo % 8)
+    if v:
+        return lo + (v & -v).bit_length() - 1
+    m = _NONZERO.search(page, byte + 1)
+    if m is None:
+        return None
+    v = page[m.start()]
+    return m.start() * 8 + (v & -v).bit_length() - 1
+
+
+def _first_clear(page: bytearray, lo: int) -> int | None:
+    """The first clear bit at or after bit ``lo`` of a page."""
+    byte = lo // 8
+    if byte >= BLOCK:
+        return None
+    v = (~page[byte] & 0xFF) >> (lo % 8)
+    if v:
+        return lo + (v & -v).bit_length() - 1
+    m = _NOTFULL.search(page, byte + 1)
+    if m is None:
+        return None
+    v = ~page[m.start()] & 0xFF
+    return m.start() * 8 + (v & -v).bit_length() - 1
+
+
+def _mask(page: bytearray, lo: int, hi: int, value: bool) -> int:
+    """Set or clear bits ``[lo, hi)`` of a page in place; the change in set bits."""
+    if hi <= lo:
+        return 0
+    a, b = lo // 8, (hi - 1) // 8
+    before = _popcount(page[a : b + 1])
+    head = (0xFF << (lo % 8)) & 0xFF
+    tail = (1 << (hi - b * 8)) - 1
+    if a == b:
+        masks = [(a, head & tail)]
+    else:
+        masks = [(a, head), (b, tail)]
+        page[a + 1 : b] = (b"\xff" if value else b"\x00") * (b - a - 1)
+    for i, m in masks:
+        page[i] = page[i] | m if value else page[i] & ~m
+    return _popcount(page[a : b + 1]) - before
+
+
 class Bitmap:
-    """The dirty bits of one leg: bit ``i`` covers bytes ``[i*g, (i+1)*g)``."""
+    """The dirty bits of one leg: bit ``i`` covers bytes ``[i*g, (i+1)*g)``.
+
+    Sparse, so that metadata grows with what is dirty, not with the device: bits live in
+    4 KiB pages that exist only where a bit below ``full_from`` is set, and every bit from
+    ``full_from`` on is set without being stored (a leg that needs a full resync of a
+    petabyte costs nothing until it is copied; the copy, going up from the start, moves
+    ``full_from`` up).  ``dirty_pages`` are the pages to write at the next sync and
+    ``punch`` the page ranges that became all clear (holes in the file)."""
 
     def __init__(self, nbits: int) -> None:
         self.nbits = nbits
-        self.bits = bytearray((nbits + 7) // 8)
+        self.full_from = nbits
+        self.pages: dict[int, bytearray] = {}
+        self._keys: list[int] = []  # page numbers, sorted
+        self._set = 0  # set bits stored in pages
         self.dirty_pages: set[int] = set()
+        self.punch: list[tuple[int, int]] = []
+        self.meta_changed = False  # full_from moved down (must reach the metadata block)
+        self.disk_full_from = nbits  # full_from as the file's metadata records it
 
-    def _apply(self, first: int, end: int, value: bool) -> int:
+    # ---- pages ------------------------------------------------------------------------
+    def _page(self, p: int) -> bytearray:
+        page = self.pages.get(p)
+        if page is None:
+            page = self.pages[p] = bytearray(BLOCK)
+            bisect.insort(self._keys, p)
+        return page
+
+    def _drop_from(self, first_bit: int) -> None:
+        """Forget stored bits at or after ``first_bit`` (they are now covered by full_from)."""
+        p0 = first_bit // PAGE_BITS
+        for p in [k for k in self._keys if k >= p0]:
+            page = self.pages[p]
+            lo = max(first_bit - p * PAGE_BITS, 0)
+            if lo == 0:
+                self._set -= _popcount(page)
+                del self.pages[p]
+                self._keys.remove(p)
+                self.dirty_pages.discard(p)
+            else:
+                self._apply_page(p, lo, PAGE_BITS, False)
+
+    def _apply_page(self, p: int, lo: int, hi: int, value: bool) -> int:
+        """Set or clear bits ``[lo, hi)`` of page ``p``; the number of bits changed."""
+        page = self.pages.get(p) if not value else self._page(p)
+        if page is None:
+            return 0
+        delta = _mask(page, lo, hi, value)
+        if delta:
+            self._set += delta
+            self.dirty_pages.add(p)
+            if not value and not _NONZERO.search(page):
+                del self.pages[p]  # all clear: a hole in the file
+                self._keys.remove(p)
+        return abs(delta)
+
+    def _apply_stored(self, first: int, end: int, value: bool) -> int:
+        changed = 0
+        while first < end:
+            p = first // PAGE_BITS
+            base = p * PAGE_BITS
+            hi = min(end - base, PAGE_BITS)
+            changed += self._apply_page(p, first - base, hi, value)
+            first = base + hi
+        return changed
+
+    # ---- the bitmap -----------------------------------------------------------------
+    def set(self, first: int, end: int) -> int:
+        """Set bits ``[first, end)``; return how many were newly set."""
         first, end = max(first, 0), min(end, self.nbits)
         if first >= end:
             return 0
-        lo, hi = first // 8, (end - 1) // 8
-        bits = self.bits
-        before = _popcount(bits[lo : hi + 1])
-        head = (0xFF << (first % 8)) & 0xFF
-        tail = (1 << (end - hi * 8)) - 1
-        if lo == hi:
-            masks = [(lo, head & tail)]
-        else:
-            masks = [(lo, head), (hi, tail)]
-            bits[lo + 1 : hi] = (b"\xff" if value else b"\x00") * (hi - lo - 1)
-        for i, mask in masks:
-            bits[i] = bits[i] | mask if value else bits[i] & ~mask
-        changed = abs(_popcount(bits[lo : hi + 1]) - before)
-        if changed:
-            self.dirty_pages.update(range(lo // BLOCK, hi // BLOCK + 1))
-        return changed
-
-    def set(self, first: int, end: int) -> int:
-        """Set bits ``[first, end)``; return how many were newly set."""
-        return self._apply(first, end, True)
+        ff = self.full_from
+        if end >= ff and first < ff:
+            # reaching the stored-as-set tail: grow the tail down instead of storing pages
+            # (a trim of a whole degraded petabyte leg stays one number)
+            newly = ff - first - self._stored_count(first, ff)
+            self._drop_from(first)
+            self.full_from = first
+            self.meta_changed = True
+            return newly
+        return self._apply_stored(first, min(end, ff), True)
 
     def clear(self, first: int, end: int) -> int:
-        return self._apply(first, end, False)
+        """Clear bits ``[first, end)``; return how many were newly cleared."""
+        first, end = max(first, 0), min(end, self.nbits)
+        if first >= end:
+            return 0
+        ff = self.full_from
+        changed = self._apply_stored(first, min(end, ff), False)
+        if end > ff:
+            if first > ff:  # a hole in the middle of the tail: store the bits before it
+                self._apply_stored(ff, first, True)
+            start = max(first, ff)
+            changed += end - start
+            p_lo = -(-start // PAGE_BITS)  # whole pages now clear: holes on disk
+            p_hi = end // PAGE_BITS if end < self.nbits else -(-self.nbits // PAGE_BITS)
+            if p_hi > p_lo:
+                self.punch.append((p_lo, p_hi))
+            for p in range(start // PAGE_BITS, p_lo):
+                self.dirty_pages.add(p)  # a partial page at the start of the range
+            if end < self.nbits and end % PAGE_BITS:
+                # bits of the page holding ``end`` that stay set are stored from now on
+                self.full_from = end
+                self.dirty_pages.add(end // PAGE_BITS)
+            else:
+                self.full_from = self.nbits if end >= self.nbits else end
+        return changed
+
+    def _stored_count(self, first: int, end: int) -> int:
+        n = 0
+        i = bisect.bisect_left(self._keys, first // PAGE_BITS)
+        while i < len(self._keys) and self._keys[i] * PAGE_BITS < end:
+            p = self._keys[i]
+            base = p * PAGE_BITS
+            lo, hi = max(first - base, 0), min(end - base, PAGE_BITS)
+            page = self.pages[p]
+            a, b = lo // 8, (hi - 1) // 8
+            chunk = int.from_bytes(page[a : b + 1], "little") >> (lo % 8)
+            n += (chunk & ((1 << (hi - lo)) - 1)).bit_count()
+            i += 1
+        return n
 
     def fill(self) -> None:
-        self.set(0, self.nbits)
+        """Every bit set (a full resync): nothing stored, the whole tail."""
+        self.pages.clear()
+        self._keys.clear()
+        self._set = 0
+        self.dirty_pages.clear()
+        self.punch = [(0, -(-self.nbits // PAGE_BITS))]
+        self.full_from = 0
+        self.meta_changed = True
 
     def test(self, i: int) -> bool:
-        return bool(self.bits[i // 8] >> (i % 8) & 1)
+        if i >= self.full_from:
+            return i < self.nbits
+        page = self.pages.get(i // PAGE_BITS)
+        if page is None:
+            return False
+        j = i % PAGE_BITS
+        return bool(page[j // 8] >> (j % 8) & 1)
 
     def next_set(self, start: int) -> int | None:
         """The first set bit at or after ``start``."""
+        start = max(start, 0)
         if start >= self.nbits:
             return None
-        byte = start // 8
-        v = self.bits[byte] >> (start % 8)
-        if v:
-            return start + (v & -v).bit_length() - 1
-        m = _NONZERO.search(self.bits, byte + 1)
-        if m is None:
-            return None
-        v = self.bits[m.start()]
-        bit = m.start() * 8 + (v & -v).bit_length() - 1
-        return bit if bit < self.nbits else None
+        ff = self.full_from
+        if start >= ff:
+            return start
+        keys = self._keys
+        i = bisect.bisect_left(keys, start // PAGE_BITS)
+        while i < len(keys):
+            p = keys[i]
+            base = p * PAGE_BITS
+            b = _first_set(self.pages[p], max(start - base, 0))
+            if b is not None:
+                return min(base + b, ff)
+            i += 1
+        return ff if ff < self.nbits else None
 
     def run_end(self, start: int, limit: int) -> int:
         """The end of the run of set bits that begins at ``start``, at most ``limit``."""
         limit = min(limit, self.nbits)
         i = start
         while i < limit:
-            if i % 8 == 0:
-                m = _NOTFULL.search(self.bits, i // 8, (limit + 7) // 8)
-                j = m.start() * 8 if m is not None else limit
-                if j > i:
-                    i = j
-                    continue
-            if not self.test(i):
+            if i >= self.full_from:
+                return limit
+            p = i // PAGE_BITS
+            page = self.pages.get(p)
+            if page is None:
                 return i
-            i += 1
+            base = p * PAGE_BITS
+            z = _first_clear(page, i - base)
+            if z is not None and base + z < self.full_from:
+                return min(base + z, limit)
+            i = self.full_from if z is not None else base + PAGE_BITS
         return min(i, limit)
 
     def count(self) -> int:
-        return _popcount(self.bits)
+        return self._set + (self.nbits - self.full_from)
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """Every run of set bits, as ``(first, end)``."""
+        i = self.next_set(0)
+        while i is not None:
+            j = self.run_end(i, self.nbits)
+            yield i, j
+            i = self.next_set(j)
 
     def merge(self, other: Bitmap) -> int:
         """Set every bit that is set in ``other``; return how many were newly set."""
-        before = self.count()
-        merged = int.from_bytes(self.bits, "little") | int.from_bytes(other.bits, "little")
-        new = merged.to_bytes(len(self.bits), "little")
-        for p in range(0, len(new), BLOCK):
-            if new[p : p + BLOCK] != self.bits[p : p + BLOCK]:
-                self.dirty_pages.add(p // BLOCK)
-        self.bits[:] = new
-        return self.count() - before
+        newly = 0
+        for first, end in list(other.runs()):
+            newly += self.set(first, end)
+        return newly
 
     def regrain(self, old: Bitmap, old_g: int, new_g: int) -> None:
         """Take over ``old`` (granularity ``old_g``) conservatively at granularity ``new_g``."""
-        i = old.next_set(0)
-        while i is not None:
-            j = old.run_end(i, old.nbits)
+        for i, j in list(old.runs()):
             self.set(i * old_g // new_g, -(-j * old_g // new_g))
-            i = old.next_set(j)
+
+    def page_bytes(self, p: int) -> bytes:
+        """Page ``p`` as it goes to the file (the tail's bits included as set)."""
+        page = self.pages.get(p)
+        out = bytearray(page) if page is not None else bytearray(BLOCK)
+        base = p * PAGE_BITS
+        _mask(out, max(self.full_from - base, 0), min(self.nbits - base, PAGE_BITS), True)
+        return bytes(out)
+
+    def load_page(self, p: int, data: bytes) -> None:
+        """Take a page read from the file (bits at or after full_from are ignored)."""
+        base = p * PAGE_BITS
+        if base >= self.full_from or not _NONZERO.search(data):
+            return
+        page = bytearray(BLOCK)
+        page[: len(data)] = data[:BLOCK]
+        _mask(page, max(min(self.full_from, self.nbits) - base, 0), PAGE_BITS, False)
+        n = _popcount(page)
+        if n:
+            self.pages[p] = page
+            bisect.insort(self._keys, p)
+            self._set += n
 
 
 @dataclass
@@ -162,6 +352,17 @@ class Slot:
 
 def _stride(nbits: int) -> int:
     return -(-((nbits + 7) // 8) // BLOCK) * BLOCK
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Make a range of the file a hole (it reads as clear bits); where the filesystem
+    cannot, small ranges are written with zeroes and large ones left as they are (stale
+    set bits there only cost a resync of regions that were in fact clean)."""
+    try:
+        fallocate(fd, PUNCH, offset, length)
+    except OSError:
+        if length <= PUNCH_SMALL * BLOCK:
+            os.pwrite(fd, bytes(length), offset)
 
 
 class Record:
@@ -242,8 +443,17 @@ class Record:
         _, version, block, seq, mid, size, gran, al_ext, gen, nslots, nal, flags = HEAD.unpack_from(
             raw
         )
-        if version != VERSION or block != BLOCK or nslots != MAX_LEGS or nal > AL_MAX:
-            return f"the bitmap file {path} has format version {version}, not {VERSION}"
+        al_at = AL_AT if version == VERSION else AL_AT_V1
+        if (
+            version not in (1, VERSION)
+            or block != BLOCK
+            or nslots != MAX_LEGS
+            or nal > (CRC_AT - al_at) // 4
+        ):
+            return (
+                f"the bitmap file {path} has format version {version}, which this version "
+                f"of dst does not read (it reads 1 and {VERSION})"
+            )
         if size != self.size:
             return (
                 f"the bitmap file {path} records a mirror of {size} bytes but the legs now "
@@ -253,7 +463,7 @@ class Record:
             return f"the bitmap file {path} records an impossible granularity"
         self.seq, self.mirror_id, self.generation = seq, uuid.UUID(bytes=mid), gen
         self.clean = bool(flags & FLAG_CLEAN)
-        entries = struct.unpack_from(f"<{nal}I", raw, AL_AT)
+        entries = struct.unpack_from(f"<{nal}I", raw, al_at)
         # activity-log extents in this record's extent size, so a changed size is harmless
         self.al = sorted(
             {
@@ -274,15 +484,26 @@ class Record:
                 bool(sflags & SLOT_FULL),
             )
             old = Bitmap(old_nbits)
-            data = os.pread(fd, len(old.bits), BITMAP_BASE + i * _stride(old_nbits))
-            old.bits[: len(data)] = data
+            if version >= 2:
+                old.full_from = min(struct.unpack_from("<Q", raw, FULLS_AT + 8 * i)[0], old_nbits)
+            old.disk_full_from = old.full_from
+            self._read_pages(old, BITMAP_BASE + i * _stride(old_nbits))
             if gran == self.granularity:
                 old.dirty_pages.clear()
+                old.meta_changed = False
                 self.bitmaps[i] = old
             else:
                 bm = Bitmap(self.nbits)
                 bm.regrain(old, gran, self.granularity)
                 self.bitmaps[i] = bm
+        if version != VERSION:
+            log.info(
+                "bitmap file %s: format version %d is converted to %d at the next write",
+                path,
+                version,
+                VERSION,
+            )
+            self.mark_meta()
         if gran != self.granularity:
             log.info(
                 "bitmap file %s: granularity changed from %d to %d bytes; bits converted",
@@ -292,6 +513,34 @@ class Record:
             )
             self._reset_layout()
         return None
+
+    def _read_pages(self, bm: Bitmap, base: int) -> None:
+        """Load the written pages of one slot: only the file's data extents are read."""
+        assert self.fd is not None
+        fd = self.fd
+        end = base + _stride(bm.nbits)
+        pos = base
+        while pos < end:
+            try:
+                data_at = os.lseek(fd, pos, os.SEEK_DATA)
+                hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), end)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return  # nothing written after pos
+                data_at, hole_at = pos, end  # no SEEK_DATA here: read it all
+            if data_at >= end:
+                return
+            p = (data_at - base) // BLOCK
+            at = base + p * BLOCK
+            while at < hole_at:
+                n = min(hole_at - at, 1 << 20)
+                chunk = os.pread(fd, n, at)
+                if not chunk:
+                    return
+                for q in range(0, len(chunk), BLOCK):
+                    bm.load_page((at - base + q) // BLOCK, chunk[q : q + BLOCK])
+                at += len(chunk)
+            pos = hole_at
 
     def _reset(self) -> None:
         """Forget what was loaded: a fresh record in the same file."""
@@ -303,12 +552,17 @@ class Record:
         self._reset_layout()
 
     def _reset_layout(self) -> None:
-        """Rewrite every bitmap page and the metadata at the next sync."""
+        """Lay the file out for this size: bitmap pages start as holes, and what is set in
+        memory is written with the metadata at the next sync."""
         if self.fd is not None:
+            os.ftruncate(self.fd, BITMAP_BASE)  # drops every old page (a sparse start)
             os.ftruncate(self.fd, BITMAP_BASE + MAX_LEGS * _stride(self.nbits))
         for bm in self.bitmaps:
             if bm is not None:
-                bm.dirty_pages.update(range(-(-len(bm.bits) // BLOCK)))
+                bm.dirty_pages.update(bm.pages)
+                if bm.full_from < bm.nbits:
+                    bm.dirty_pages.add(bm.full_from // PAGE_BITS)
+                bm.punch.clear()
         self.mark_meta()
 
     # ---- changes -----------------------------------------------------------------------
@@ -380,42 +634,74 @@ class Record:
             ident = s.identity.bytes if s.identity is not None else bytes(16)
             name = s.name.encode("utf-8")[:64]
             SLOT.pack_into(raw, SLOTS_AT + i * SLOT.size, ident, s.generation, flags, 0, name)
+        for i, bm in enumerate(self.bitmaps):
+            struct.pack_into("<Q", raw, FULLS_AT + 8 * i, bm.full_from if bm is not None else 0)
         struct.pack_into(f"<{len(al)}I", raw, AL_AT, *al)
         raw[CRC_AT:] = zlib.crc32(raw[:CRC_AT]).to_bytes(4, "little")
         return bytes(raw)
 
-    def _snapshot(self) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]]]:
-        writes: list[tuple[int, bytes]] = []
+    def _snapshot(
+        self,
+    ) -> tuple[list[tuple[int, bytes | None]], list[tuple[int, int]], list[tuple[int, int]]]:
+        """What the next write does: (offset, page bytes or None for a hole) for every
+        changed page and the metadata, the byte ranges to punch, and which pages these were."""
+        writes: list[tuple[int, bytes | None]] = []
+        punches: list[tuple[int, int]] = []
         pages: list[tuple[int, int]] = []
+        if any(bm is not None and bm.full_from != bm.disk_full_from for bm in self.bitmaps):
+            self.meta_dirty = True  # a moved tail rides along (lowered ones are marked too)
+        stride = _stride(self.nbits)
+        for i, bm in enumerate(self.bitmaps):
+            if bm is None:
+                continue
+            base = BITMAP_BASE + i * stride
+            for first, end in bm.punch:
+                punches.append((base + first * BLOCK, (end - first) * BLOCK))
+            bm.punch.clear()
+            for p in sorted(bm.dirty_pages):
+                chunk = bm.page_bytes(p)
+                writes.append((base + p * BLOCK, chunk if _NONZERO.search(chunk) else None))
+                pages.append((i, p))
+            bm.dirty_pages.clear()
         if self.meta_dirty:
             self.meta_dirty = False
             self.seq += 1
             writes.append(((self.seq % META_COPIES) * BLOCK, self._pack_meta()))
-        stride = _stride(self.nbits)
-        for i, bm in enumerate(self.bitmaps):
-            if bm is None or not bm.dirty_pages:
-                continue
-            for p in sorted(bm.dirty_pages):
-                chunk = bytes(bm.bits[p * BLOCK : (p + 1) * BLOCK])
-                writes.append((BITMAP_BASE + i * stride + p * BLOCK, chunk))
-                pages.append((i, p))
-            bm.dirty_pages.clear()
-        return writes, pages
+            for bm in self.bitmaps:
+                if bm is not None:
+                    bm.disk_full_from = bm.full_from
+                    bm.meta_changed = False
+        return writes, punches, pages
 
     @staticmethod
-    def _write_all(fd: int, writes: list[tuple[int, bytes]]) -> None:
+    def _write_all(
+        fd: int, writes: list[tuple[int, bytes | None]], punches: list[tuple[int, int]]
+    ) -> None:
+        """Pages with set bits and then the metadata block (the last write in the list),
+        one fdatasync; only then the holes.  A hole never lands before the metadata that
+        covers it: after fill() the pages are punched once full_from = 0 is durable, and
+        every other hole is a page that is truly clear (a torn write leaves the older
+        metadata copy valid, and at worst stale set bits)."""
+        holes = list(punches)
         for offset, data in writes:
-            os.pwrite(fd, data, offset)
+            if data is None:
+                holes.append((offset, BLOCK))
+            else:
+                os.pwrite(fd, data, offset)
         os.fdatasync(fd)
+        for offset, length in holes:
+            _punch(fd, offset, length)
 
     async def _write_once(self) -> None:
         target = self.version
         had_meta = self.meta_dirty
-        writes, pages = self._snapshot()
+        writes, punches, pages = self._snapshot()
         fd = self.fd
         try:
-            if fd is not None and writes:
-                io = asyncio.get_running_loop().run_in_executor(None, self._write_all, fd, writes)
+            if fd is not None and (writes or punches):
+                io = asyncio.get_running_loop().run_in_executor(
+                    None, self._write_all, fd, writes, punches
+                )
                 self._io = io
                 await asyncio.shield(io)
         except OSError as e:
