@@ -3,14 +3,18 @@ export nodes, and 64 NBD clients at once on one `dst attach --nbd` socket."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.procs import Proc, Procs, member_uri, nbdsh, need_tool, run
+from tests.procs import Proc, Procs, dst_run, member_uri, nbdsh, need_tool, run
+from tests.proxy import FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -132,3 +136,87 @@ def test_64_nbd_clients_at_once_on_one_socket(procs: Procs, sockdir: Path) -> No
     for i in (0, 33, 63):
         assert data[i * REGION : (i + 1) * REGION] == bytes([i + 1]) * REGION
     print(f"{CLIENTS} clients verified in {took:.1f} s, client node RSS {rss // 1024} MiB")
+
+
+PIB = 1 << 50
+
+
+def wait_json(ctl: Path, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        cp = dst_run("status", "--control", str(ctl), "--json", timeout=20)
+        st = json.loads(cp.stdout) if cp.stdout.strip() else {}
+        if st and pred(st):
+            return st
+        assert time.monotonic() < deadline, f"status never matched: {st}"
+        time.sleep(0.1)
+
+
+def test_a_petabyte_mirror_starts_at_once_and_resyncs_only_what_changed(
+    procs: Procs, sockdir: Path
+) -> None:
+    """Two null:1P legs, a new bitmap file, --assume-clean: serving within seconds, small
+    RSS and a small bitmap file; leg b cut off, three writes at the start, the middle and
+    the last block, b back: only those three regions are copied."""
+    qemu_io = need_tool("qemu-io")
+    _, a = procs.export("null:1P", listen=f"unix:{sockdir}/a.sock")
+    _, b = procs.export("null:1P", listen=f"unix:{sockdir}/b.sock")
+    proxy = FaultProxy(b[5:], sockdir)
+    try:
+        ctl = sockdir / "ctl.sock"
+        bm = sockdir / "bm"
+        t0 = time.monotonic()
+        att, uri = procs.attach(
+            member_uri(a), proxy.uri, "--mirror", "--bitmap", str(bm), "--assume-clean",
+            "--control", str(ctl), "--leg-timeout", "1",
+            "--reconnect-min", "0.05", "--reconnect-max", "0.3",
+        )
+        started = time.monotonic() - t0
+        assert started < 5, f"serving after {started:.1f} s"
+        proxy.set_mode("refuse")
+        proxy.reset_all()
+        wait_json(ctl, lambda st: st["members"][1]["state"] != "connected")
+        for off in (0, PIB // 2, PIB - 4096):
+            run([qemu_io, "-f", "raw", "-c", f"write -P 0x3c {off} 4k", uri], timeout=60)
+        st = wait_json(ctl, lambda st: st["members"][1]["state"] == "degraded")
+        assert st["members"][1]["dirty_bytes"] == 3 * (64 << 10), st["members"][1]
+        rss = rss_kib(att.popen.pid)
+        t1 = time.monotonic()
+        proxy.set_mode("pass")
+        att.wait_for(r"resync finished: (\S+ \S+) copied", timeout=60)
+        resynced = time.monotonic() - t1
+        number, unit = re.findall(r"resync finished: (\S+) (\S+) copied", att.output)[-1]
+        copied = float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20}[unit]
+        assert copied == 3 * (64 << 10), f"resync copied {number} {unit}: only 3 regions changed"
+        on_disk = os.stat(bm).st_blocks * 512
+        assert rss < 200 * 1024, f"client node RSS {rss} KiB"
+        assert on_disk < 64 * MiB, f"bitmap file allocates {on_disk} bytes"
+        print(
+            f"1 PiB mirror: serving after {started:.2f} s, RSS {rss // 1024} MiB, bitmap "
+            f"file {on_disk // 1024} KiB allocated, resync of 3 regions in {resynced:.2f} s"
+        )
+    finally:
+        proxy.close()
+
+
+def test_a_new_petabyte_mirror_serves_during_its_first_full_sync(
+    procs: Procs, sockdir: Path
+) -> None:
+    """Without --assume-clean the first full sync runs in the background; the device
+    serves meanwhile and status gives an ETA."""
+    qemu_io = need_tool("qemu-io")
+    _, a = procs.export("null:1P", listen=f"unix:{sockdir}/a.sock")
+    _, b = procs.export("null:1P", listen=f"unix:{sockdir}/b.sock")
+    ctl = sockdir / "ctl.sock"
+    att, uri = procs.attach(
+        member_uri(a), member_uri(b), "--mirror", "--bitmap", str(sockdir / "bm"),
+        "--control", str(ctl),
+    )
+    st = wait_json(ctl, lambda st: (st["device"].get("resync") or {}).get("eta") is not None)
+    resync = st["device"]["resync"]
+    assert resync["bytes_total"] == PIB and resync["eta"] > 0
+    run([qemu_io, "-f", "raw", "-c", "write -P 0x11 1G 64k", "-c", "read 1G 64k", uri], timeout=60)
+    assert att.popen.poll() is None
+    rss = rss_kib(att.popen.pid)
+    assert rss < 200 * 1024, f"client node RSS {rss} KiB"
+    print(f"first full sync of 1 PiB: ETA {resync['eta']:.0f} s at {resync['rate']:.0f} B/s")
