@@ -18,7 +18,7 @@ from typing import Any
 from dst.control.server import Handler, RequestError
 from dst.device import BlockDevice
 from dst.errors import UsageError
-from dst.units import parse_duration, parse_rate
+from dst.units import format_bytes, parse_duration, parse_rate
 
 log = logging.getLogger("dst.control")
 
@@ -338,15 +338,10 @@ class ExportControl:
 
 
 def human_bytes(n: Any) -> str:
-    """1536 -> ``1.5 KiB``: sizes as a person reads them."""
-    if not isinstance(n, (int, float)):
+    """1536 -> ``1.5 KiB`` (the style of :func:`dst.units.format_bytes`); ``-`` when unknown."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
         return "-"
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} TiB"
+    return format_bytes(n)
 
 
 def space_warning(export: dict[str, Any]) -> str | None:

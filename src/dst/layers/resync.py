@@ -24,7 +24,7 @@ from dst import trace
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError, IoError
 from dst.layers.bitmap import MAX_LEGS, Bitmap, Record, Slot
-from dst.units import format_size
+from dst.units import format_duration, format_rate, format_size
 
 log = logging.getLogger("dst.mirror")
 
@@ -229,10 +229,10 @@ class Progress:
 
     def line(self) -> str:
         d = self.as_dict()
-        eta = f"{d['eta']:.0f} s left" if d["eta"] is not None else "time left unknown"
+        eta = f"{format_duration(d['eta'])} left" if d["eta"] is not None else "time left unknown"
         return (
             f"{d['percent']:.1f}% ({format_size(self.done)} of {format_size(d['bytes_total'])}), "
-            f"{format_size(int(d['rate']))}/s, {eta}"
+            f"{format_rate(d['rate'])}, {eta}"
         )
 
 
@@ -286,7 +286,7 @@ class Resync:
             self.why,
             format_size(self.progress.total),
             ", ".join(x.name for x in host.in_sync_legs()),
-            f" at up to {format_size(host.limiter.rate)}/s" if host.limiter.rate else "",
+            f" at up to {format_rate(host.limiter.rate)}" if host.limiter.rate else "",
         )
         cursor = 0
         pending: list[tuple[int, int]] = []

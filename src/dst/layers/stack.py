@@ -31,7 +31,7 @@ from dst.layers.resync import (
 )
 from dst.layers.resync import verify as verify_legs
 from dst.layers.stripe import StripeDevice
-from dst.units import format_size
+from dst.units import format_rate, format_size
 
 MODES = ("mirror", "stripe", "linear")
 
@@ -131,7 +131,7 @@ class MirrorDevice(MirrorCore):
         log.info(
             "%s: verify started%s",
             self.name,
-            f" at up to {format_size(rate)}/s" if rate else "",
+            f" at up to {format_rate(rate)}" if rate else "",
         )
         report, found = await verify_legs(self, rate)
         log.info(
@@ -247,7 +247,7 @@ class MirrorDevice(MirrorCore):
         log.info(
             "%s: resync rate %s",
             self.name,
-            f"limited to {format_size(rate)}/s" if rate else "unlimited",
+            f"limited to {format_rate(rate)}" if rate else "unlimited",
         )
 
     def _member_state(self, leg: Leg) -> str:
