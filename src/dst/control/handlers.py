@@ -115,11 +115,13 @@ def normalise_member(stats: dict[str, Any]) -> dict[str, Any]:
     m = dict(MEMBER_DEFAULTS)
     m.update(json_safe(stats))
     m.setdefault("uri", str(stats.get("name", "?")))
+    m.setdefault("link_state", m["state"])
     return m
 
 
 def member_healthy(m: dict[str, Any]) -> bool:
-    return m.get("state") == "connected"
+    """Connected, and its link answers in time (no request waits past a resend timeout)."""
+    return m.get("state") == "connected" and m.get("link_state", "connected") == "connected"
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -358,11 +360,15 @@ def space_warning(export: dict[str, Any]) -> str | None:
 
 def unhealthy(status: dict[str, Any]) -> list[str]:
     """Why a status document is not healthy (empty when it is)."""
-    out = [
-        f"member {m.get('uri')} is {m.get('state')}"
-        for m in status.get("members", [])
-        if not member_healthy(m)
-    ]
+    out = []
+    for m in status.get("members", []):
+        if m.get("state") != "connected":
+            out.append(f"member {m.get('uri')} is {m.get('state')}")
+        elif not member_healthy(m):
+            out.append(
+                f"member {m.get('uri')} is {m.get('link_state')}: {m.get('waiting', 0)} "
+                f"request(s) unanswered past the resend timeout"
+            )
     return out
 
 

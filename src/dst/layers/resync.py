@@ -49,7 +49,7 @@ class Leg:
 
     dev: BlockDevice
     slot: int
-    status: str
+    _status: str  # IN_SYNC, DEGRADED or RESYNCING: read and set as ``status``
     reason: str = ""
     refused: str = ""  # why it cannot join (too small, read-only, ...): shown as failed
     check_identity: bool = False  # compare with the record when it first connects
@@ -60,6 +60,18 @@ class Leg:
     retry: asyncio.TimerHandle | None = None
     resync: Resync | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    status_since: float = field(default_factory=time.time)  # Unix time of the last change
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        """Note when the status changes, so status can say since when a leg is degraded."""
+        if value != self._status:
+            self._status = value
+            self.status_since = time.time()
 
     @property
     def name(self) -> str:

@@ -266,19 +266,24 @@ class MirrorDevice(MirrorCore):
             m = member_summary(leg.dev)
             m.update(
                 state=self._member_state(leg),
-                link_state=leg.dev.state,
+                link_state=m.get("link_state", leg.dev.state),
                 sync=leg.status,
+                sync_since=round(leg.status_since, 3),
                 dirty_bytes=dirty_bytes(rec, leg.slot) if leg.slot >= 0 else 0,
                 reason=leg.reason or None,
                 refused=leg.refused or None,
                 resync=leg.resync.progress.as_dict() if leg.resync else None,
             )
             members.append(m)
+        in_sync = len(self.in_sync_legs())
         stats: dict[str, Any] = {
             "mode": "mirror",
             "size": self.size,
             "state": self.state,
             "sync": self._sync_name(),
+            "legs": len(self.legs),
+            "legs_in_sync": in_sync,
+            "redundancy": max(0, in_sync - 1),  # in-sync copies beyond the first
             "generation": rec.generation,
             "identity": str(self.identity) if self.identity else None,
             "bitmap": {
