@@ -128,12 +128,12 @@ class LinkedDevice(BlockDevice):
         late = [a for a in ages if a > limit]
         return len(late), max(late, default=0.0)
 
-    def link_state(self) -> str:
+    def link_state(self, waiting: int | None = None) -> str:
         """The member's state, except that a connection whose requests wait past their
         first resend timeout is ``stalled``: connected, but not answering in time."""
-        if self.state == "connected" and self.waiting()[0]:
-            return "stalled"
-        return self.state
+        if waiting is None:
+            waiting = self.waiting()[0]
+        return "stalled" if self.state == "connected" and waiting else self.state
 
     def _link_statistics(self) -> dict[str, Any]:
         """What every member reports; a subclass adds its protocol's own counters."""
@@ -142,7 +142,7 @@ class LinkedDevice(BlockDevice):
             "uri": self.uri.text,
             "state": self.state,
             "state_since": round(self.state_since, 3),
-            "link_state": "stalled" if self.state == "connected" and waiting else self.state,
+            "link_state": self.link_state(waiting),
             "waiting": waiting,
             "waiting_seconds": round(oldest, 3),
             "generation": self.core.generation,
