@@ -16,6 +16,7 @@ from dst.cli.runtime import Stopper, run
 from dst.client.nbd_member import NbdDevice
 from dst.client.remote import LinkOptions, RemoteDevice
 from dst.control.ops import NodeOps, metrics_address
+from dst.control.runtime import control_socket
 from dst.crypto.keys import load_key_file
 from dst.device import BlockDevice
 from dst.errors import UsageError
@@ -80,6 +81,7 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--reconnect-min must be > 0 and not above --reconnect-max")
     o["client_id"] = o["client_id"] or socket.gethostname()
     workers.configure(o["crypto_workers"])
+    o["control"] = control_socket(o["control"], "attach", o["nbd_addr"] or o["fuse"])
     return o
 
 

@@ -13,6 +13,7 @@ from dst.cli.algorithms import export_algorithms
 from dst.cli.options import EXPORT_OPTS, merge
 from dst.cli.runtime import Stopper, run
 from dst.control.ops import NodeOps, metrics_address
+from dst.control.runtime import control_socket
 from dst.crypto.keys import load_key_file, load_keys_file
 from dst.errors import UsageError
 from dst.proto.server import ServerConfig
@@ -60,6 +61,7 @@ def prepare(ns: argparse.Namespace) -> dict[str, Any]:
         o["cipher"], o["checksum"], key is not None or keys is not None
     )
     o["metrics_addr"] = metrics_address(o)
+    o["control"] = control_socket(o["control"], "export", o["listen_addr"])
     return o
 
 
