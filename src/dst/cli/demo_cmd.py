@@ -181,7 +181,10 @@ class Demo:
             t0 = time.monotonic()
             more = await self.write_blocks(dev, 1, 8)
             st = dev.statistics()
-            states = {m["uri"].rsplit("/", 1)[-1]: m["state"] for m in st["members"]}
+            states = ", ".join(
+                f"{m['uri'].rsplit('=', 1)[-1].rsplit('/', 1)[-1]} {m['state']}"
+                for m in st["members"]
+            )
             say(
                 f"  8 more blocks written in {time.monotonic() - t0:.1f} s (waited out the leg's "
                 f"2 s resend budget, no error): legs {states}"
