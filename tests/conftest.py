@@ -22,6 +22,18 @@ def sockdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test's own directory for the nodes' default control sockets (DST_RUNTIME_DIR),
+    so `dst status` without --control sees only that test's nodes, never the machine's."""
+    d = Path(tempfile.mkdtemp(prefix="dst-r-", dir="/tmp"))
+    monkeypatch.setenv("DST_RUNTIME_DIR", str(d))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def procs(sockdir: Path) -> Iterator[Procs]:
     ps = Procs(sockdir)

@@ -47,13 +47,50 @@ def parse_duration(text: str | float, what: str = "duration") -> float:
     return value
 
 
+_BINARY = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as a person reads them, in the one style every message and table uses:
+    binary units, whole values bare, others to one decimal (65536 -> ``64 KiB``,
+    186151731 -> ``177.5 MiB``, 1000 -> ``1000 B``)."""
+    v = float(n)
+    for unit, factor in _BINARY:
+        if abs(v) >= factor:
+            q = v / factor
+            return f"{q:.0f} {unit}" if q == int(q) else f"{q:.1f} {unit}"
+    return f"{v:.0f} B"
+
+
 def format_size(n: int) -> str:
-    """65536 -> ``64 KiB``."""
-    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= factor and n % (factor // 1024 or 1) == 0:
-            v = n / factor
-            return f"{v:g} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n} B"
+    """A size in the common style (see :func:`format_bytes`)."""
+    return format_bytes(n)
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """``186151731`` -> ``177.5 MiB/s``: a rate is a size per second, in the same style."""
+    return f"{format_bytes(bytes_per_second)}/s"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a person reads them: ``850 µs``, ``4.1 ms``, ``12.3 s``, ``3 min 20 s``,
+    ``2 h 05 min``."""
+    s = float(seconds)
+    if s < 0.001:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        ms = s * 1e3
+        return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(s), 60)
+    if m < 60:
+        return f"{m} min {sec:02d} s"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h} h {m:02d} min"
+    d, h = divmod(h, 24)
+    return f"{d} d {h:02d} h"
 
 
 @dataclass(frozen=True)

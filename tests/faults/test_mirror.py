@@ -252,14 +252,16 @@ def test_ctl_verify_detach_and_add_on_a_running_mirror(procs: Procs, sockdir: Pa
     att, uri = m.attach("--control", ctl, bitmap=sockdir / "bm")
     wait_in_sync(att)
     qemu_io(uri, "write -P 0x71 0 8M", "flush")
-    cp = dst_run("ctl", "--control", ctl, "verify")
+    cp = dst_run("ctl", "--control", ctl, "verify", "--json")
     assert cp.returncode == 0, cp.stdout + cp.stderr
     report = json.loads(cp.stdout)
     assert report["differing_bytes"] == 0 and report["bytes_checked"] == 128 * MiB, report
     with open(m.files[1], "r+b") as f:  # silent damage on leg b, behind the mirror's back
         f.seek(3 * MiB)
         f.write(b"rot" * 100)
-    report = json.loads(dst_run("ctl", "--control", ctl, "verify", "--repair").stdout)
+    cp = dst_run("ctl", "--control", ctl, "verify", "--repair", "--json")
+    assert cp.returncode == 1, cp.stdout + cp.stderr  # they differed (and are being repaired)
+    report = json.loads(cp.stdout)
     assert report["differing_bytes"] > 0 and report["regions"][0]["offset"] <= 3 * MiB, report
     wait_in_sync(att, 2)  # the repair resyncs the marked region
     assert m.identical()

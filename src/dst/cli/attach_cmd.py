@@ -20,6 +20,7 @@ from dst.config import (
 )
 from dst.control.handlers import AttachControl
 from dst.control.ops import NodeOps
+from dst.control.runtime import control_socket
 from dst.device import BlockDevice
 from dst.errors import UsageError
 from dst.layers.stack import build_stack
@@ -183,7 +184,7 @@ async def _serve(cfg: AttachConfig) -> int:
     dev: BlockDevice | None = None
     front: NbdFrontend | None = None
     fuse: FuseFrontend | None = None
-    ops = NodeOps(cfg.control, cfg.metrics)
+    ops = NodeOps(control_socket(cfg.control, "attach", cfg.nbd or cfg.fuse), cfg.metrics)
     try:
         await ops.start(AttachControl(cfg.settings(), member_opener(cfg.member)))
         dev = await build_device(cfg)

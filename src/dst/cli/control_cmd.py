@@ -1,8 +1,10 @@
-"""`dst status` and `dst ctl`: talk to a running node over its control socket.
+"""`dst status` and `dst ctl`: talk to running nodes over their control sockets.
 
 Exit codes are for monitoring: `dst status` exits 0 when every member is
-`connected`, 1 when one is not or the socket does not answer; both commands
-exit 2 for a wrong command line, checked before the node is contacted.
+`connected` (and answers in time), 1 when one is not or no node answers; `dst ctl
+verify` exits 1 when the legs differ or could not be compared; every command exits
+2 for a wrong command line, checked before a node is contacted.  Without
+``--control`` both look in the runtime directory (:mod:`dst.control.runtime`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,23 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dst.control.client import ControlClient, request
 from dst.control.handlers import KNOBS, parse_knob, unhealthy
+from dst.control.runtime import answers, name_of, node_sockets, runtime_dir
 from dst.control.server import RequestError
 from dst.errors import DstError, UsageError
+from dst.units import format_bytes, format_duration, format_rate
 
-CTL_COMMANDS = "set KEY=VALUE, verify [--rate RATE] [--repair], detach URI or add URI"
+CTL_COMMANDS = "set KEY=VALUE, verify [--rate RATE] [--repair] [--json], detach URI or add URI"
+NODE_TIMEOUT = 3.0  # seconds a node listed by `dst status` has to answer
+SHOWN_REGIONS = 10  # differing regions a verify summary lists
 
 
 def run_control(ns: argparse.Namespace) -> int:
@@ -32,15 +42,99 @@ def run_control(ns: argparse.Namespace) -> int:
         return 0
 
 
+def _console(stderr: bool = False) -> Any:
+    """A terminal's own width; a pipe or file gets wide lines rather than folded cells."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=160)
+
+
+# ---- finding nodes --------------------------------------------------------------------
+@dataclass
+class Node:
+    """One node found in the runtime directory, with its status or why it did not answer."""
+
+    name: str
+    control: str
+    status: dict[str, Any] | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "control": self.control}
+        if self.status is not None:
+            d["status"] = self.status
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+def _none_running() -> str:
+    return (
+        f"no dst node is running here: no control socket in {runtime_dir()} answers; start "
+        "`dst export` or `dst attach`, or give --control SOCK for a node whose socket is "
+        "elsewhere"
+    )
+
+
+def _ask(path: Path) -> Node | None:
+    if not answers(path):
+        return None  # left by a killed node: nothing accepts on it
+    node = Node(name_of(path), str(path))
+    try:
+        node.status = request(str(path), "status", timeout=NODE_TIMEOUT)
+    except DstError as exc:
+        node.error = str(exc)
+    return node
+
+
+def find_nodes() -> list[Node]:
+    """Every node whose socket in the runtime directory accepts connections, asked all at
+    once (a stopped node costs NODE_TIMEOUT once, not per node); sockets left by killed
+    nodes are skipped."""
+    paths = node_sockets()
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        found = list(pool.map(_ask, paths))
+    return [n for n in found if n is not None]
+
+
+def pick_node(role: str = "attach") -> str:
+    """The one node a `dst ctl` without --control means: the only ``role`` node running
+    (or the only node of any kind)."""
+    live = [p for p in node_sockets() if answers(p)]
+    if not live:
+        raise DstError(_none_running())
+    mine = [p for p in live if p.name.startswith(f"{role}-")] or live
+    if len(mine) > 1:
+        raise UsageError(
+            f"{len(mine)} nodes run ({', '.join(name_of(p) for p in mine)}); choose one "
+            f"with --control SOCK, e.g. --control {mine[0]}"
+        )
+    return str(mine[0])
+
+
 # ---- dst status -------------------------------------------------------------------------
-def run_status(path: str, as_json: bool, watch: float | None) -> int:
+def run_status(path: str | None, as_json: bool, watch: float | None) -> int:
     if watch is not None and not watch > 0:
         raise UsageError(f"--watch {watch:g}: give seconds greater than 0, e.g. --watch=2")
-    if watch is None:
+    if watch is not None:
+        return _watch(path, as_json, watch)
+    if path is not None:
         st = request(path, "status")
         show(st, as_json)
         return 1 if unhealthy(st) else 0
-    return _watch(path, as_json, watch)
+    nodes = find_nodes()
+    if not nodes:
+        raise DstError(_none_running())
+    show_nodes(nodes, as_json)
+    return _nodes_code(nodes)
+
+
+def _nodes_code(nodes: list[Node]) -> int:
+    bad = [n for n in nodes if n.status is None or unhealthy(n.status)]
+    return 1 if bad or not nodes else 0
 
 
 def show(st: dict[str, Any], as_json: bool) -> None:
@@ -52,45 +146,83 @@ def show(st: dict[str, Any], as_json: bool) -> None:
     _console().print(render(st))
 
 
-def _console() -> Any:
-    """A terminal's own width; a pipe or file gets wide lines rather than folded cells."""
-    from rich.console import Console
+def _nodes_view(nodes: list[Node]) -> Any:
+    from rich.console import Group
+    from rich.rule import Rule
+    from rich.text import Text
 
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    from dst.control.render import render
+
+    if not nodes:
+        return Text(_none_running(), style="bold red")
+    parts: list[Any] = []
+    for n in nodes:
+        parts.append(Rule(Text(f"{n.name}  {n.control}", style="bold"), align="left"))
+        if n.status is not None:
+            parts.append(render(n.status))
+        else:
+            parts.append(Text(f"does not answer: {n.error}", style="bold red"))
+    return Group(*parts)
 
 
-def _watch(path: str, as_json: bool, every: float) -> int:
-    """Refresh until Ctrl-C; a node that stops answering is shown, not fatal."""
+def show_nodes(nodes: list[Node], as_json: bool) -> None:
+    if as_json:
+        doc = {"runtime_dir": str(runtime_dir()), "nodes": [n.as_dict() for n in nodes]}
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    _console().print(_nodes_view(nodes))
+
+
+def _watch(path: str | None, as_json: bool, every: float) -> int:
+    """Refresh until Ctrl-C; a node that stops answering is shown, not fatal.  On a
+    terminal the view is redrawn in place; into a pipe or file each interval prints one
+    whole snapshot (one JSON document per line with --json)."""
     code = 1
-    client = ControlClient(path)
+    client = ControlClient(path) if path is not None else None
+    console = _console()
     try:
-        if as_json:
+        if as_json or not console.is_terminal:
             while True:
-                st, code = _poll(client)
-                print(json.dumps(st, sort_keys=True), flush=True)
+                view, doc, code = _poll(client)
+                if as_json:
+                    print(json.dumps(doc, sort_keys=True), flush=True)
+                else:
+                    console.rule(time.strftime("%H:%M:%S"), align="left")
+                    console.print(view)
+                    console.file.flush()
                 time.sleep(every)
         from rich.live import Live
 
-        from dst.control.render import render
-
-        with Live(console=_console(), auto_refresh=False, screen=False) as live:
+        with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
-                st, code = _poll(client)
-                live.update(render(st) if "error" not in st else _error_view(st), refresh=True)
+                view, _, code = _poll(client)
+                live.update(view, refresh=True)
                 time.sleep(every)
     except KeyboardInterrupt:
         return code
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
-def _poll(client: ControlClient) -> tuple[dict[str, Any], int]:
+def _poll(client: ControlClient | None) -> tuple[Any, dict[str, Any], int]:
+    """One snapshot: the view for people, the document for --json, the exit code."""
+    from dst.control.render import render
+
+    if client is None:
+        nodes = find_nodes()
+        doc: dict[str, Any] = {
+            "runtime_dir": str(runtime_dir()),
+            "nodes": [n.as_dict() for n in nodes],
+        }
+        return _nodes_view(nodes), doc, _nodes_code(nodes)
     try:
         st = client.call("status")
     except DstError as exc:
         client.close()
-        return {"error": str(exc), "time": time.time()}, 1
-    return st, 1 if unhealthy(st) else 0
+        err: dict[str, Any] = {"error": str(exc), "time": time.time()}
+        return _error_view(err), err, 1
+    return render(st), st, 1 if unhealthy(st) else 0
 
 
 def _error_view(st: dict[str, Any]) -> Any:
@@ -105,34 +237,87 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def run_ctl(path: str, words: list[str]) -> int:
+def _parser(cmd: str, usage_help: str) -> _Parser:
+    return _Parser(
+        prog=f"dst ctl {cmd}",
+        description=usage_help,
+        formatter_class=argparse.HelpFormatter,
+    )
+
+
+def _verify_parser() -> _Parser:
+    p = _parser(
+        "verify",
+        "Compare the mirror's in-sync legs online, region by region, showing progress; "
+        "print a summary (exit 0 when they are identical, 1 when they differ or when fewer "
+        "than two in-sync legs can be compared).",
+    )
+    p.add_argument(
+        "--rate",
+        default=None,
+        metavar="RATE",
+        help="read at most RATE per leg, e.g. 100M (default: unlimited; a verify still "
+        "gives way to foreground I/O)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="resync the regions that differ from the first in-sync leg (the reference)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def _member_parser(cmd: str) -> _Parser:
+    what = {
+        "detach": "Remove a leg from the mirror for good (its bitmap slot is freed).",
+        "add": "Add a leg to the mirror (connected first); it is fully synced in the background.",
+    }[cmd]
+    p = _parser(cmd, what)
+    p.add_argument("uri", nargs="*", metavar="URI", help="the member, e.g. dst://node2/default")
+    return p
+
+
+def _set_parser() -> _Parser:
+    p = _parser("set", f"Change live settings: {', '.join(KNOBS)}.")
+    p.add_argument("items", nargs="*", metavar="KEY=VALUE", help="e.g. resend-timeout=1.5")
+    return p
+
+
+def run_ctl(path: str | None, words: list[str]) -> int:
     if not words:
-        raise UsageError(f"no ctl command given: use {CTL_COMMANDS}")
+        raise UsageError(f"no ctl command given: use {CTL_COMMANDS} (see `dst ctl --help`)")
     cmd, rest = words[0], words[1:]
     if cmd == "set":
-        return _set(path, rest)
+        pairs = _set_pairs(_set_parser().parse_args(rest).items)
+        return _set(path or pick_node(), pairs)
     if cmd == "verify":
-        p = _Parser(prog="dst ctl verify", add_help=False)
-        p.add_argument("--rate", default=None)
-        p.add_argument("--repair", action="store_true")
-        a = p.parse_args(rest)
+        a = _verify_parser().parse_args(rest)
         if a.rate is not None:
             _check(lambda: parse_knob("resync-rate", a.rate), "--rate")
-        result = request(path, "verify", timeout=None, rate=a.rate, repair=a.repair)
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return 0
+        return run_verify(path or pick_node(), a.rate, a.repair, a.json)
     if cmd in ("detach", "add"):
-        if len(rest) != 1:
+        uris = _member_parser(cmd).parse_args(rest).uri
+        if len(uris) != 1:
             raise UsageError(
                 f"`dst ctl {cmd}` takes one member URI, e.g. dst://node2:10810/default"
             )
         from dst.uri import parse_member
 
-        parse_member(rest[0])
-        result = request(path, cmd, timeout=None, uri=rest[0])
-        print(f"{cmd}: {rest[0]}" + (f": {json.dumps(result, sort_keys=True)}" if result else ""))
+        parse_member(uris[0])
+        result = request(path or pick_node(), cmd, timeout=None, uri=uris[0])
+        print(_member_change(cmd, uris[0], result))
         return 0
     raise UsageError(f"unknown ctl command {cmd!r}: use {CTL_COMMANDS}")
+
+
+def _member_change(cmd: str, uri: str, r: dict[str, Any]) -> str:
+    legs = ", ".join(str(x) for x in r.get("members") or []) or "none"
+    if cmd == "detach":
+        return f"detached {r.get('detached', uri)}; the mirror's legs now: {legs}"
+    size = r.get("resync_bytes")
+    sync = f"; a full resync of {format_bytes(size)} follows" if isinstance(size, int) else ""
+    return f"added {r.get('added', uri)}{sync}; the mirror's legs now: {legs}"
 
 
 def _check(fn: Any, what: str) -> Any:
@@ -142,7 +327,7 @@ def _check(fn: Any, what: str) -> Any:
         raise UsageError(f"{what}: {exc}") from None
 
 
-def _set(path: str, items: list[str]) -> int:
+def _set_pairs(items: list[str]) -> list[tuple[str, str]]:
     if not items:
         raise UsageError(f"`dst ctl set` needs KEY=VALUE; live settings are: {', '.join(KNOBS)}")
     pairs: list[tuple[str, str]] = []
@@ -155,9 +340,159 @@ def _set(path: str, items: list[str]) -> int:
         except RequestError as exc:
             raise UsageError(str(exc)) from None
         pairs.append((key, value))
+    return pairs
+
+
+def _set(path: str, pairs: list[tuple[str, str]]) -> int:
     with ControlClient(path) as client:
         for key, value in pairs:
             r = client.call("set", key=key, value=value)
-            applied = r.get("applied_to") or []
-            print(f"{key} = {r.get('value')} (applied to {', '.join(applied)})", file=sys.stdout)
+            applied = ", ".join(str(x) for x in r.get("applied_to") or [])
+            shown = r.get("value")
+            if key == "resync-rate" and isinstance(shown, int):
+                shown = f"{shown} ({format_rate(shown) if shown else 'unlimited'})"
+            print(f"{key} = {shown} (applied to {applied})")
     return 0
+
+
+# ---- dst ctl verify --------------------------------------------------------------------
+def run_verify(path: str, rate: str | None, repair: bool, as_json: bool) -> int:
+    """Run the verify on one connection while another follows its progress."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["report"] = request(path, "verify", timeout=None, rate=rate, repair=repair)
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="verify", daemon=True)
+    worker.start()
+    _follow(path, worker)
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    report: dict[str, Any] = box["report"]
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(verify_summary(report))
+    return verify_code(report)
+
+
+def _verify_progress(client: ControlClient) -> dict[str, Any] | None:
+    try:
+        v = (client.call("status").get("device") or {}).get("verify")
+    except DstError:
+        client.close()
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def _follow(path: str, worker: threading.Thread, every: float = 0.25) -> None:
+    """A rich progress bar on a terminal's stderr; elsewhere a plain line every 5 s."""
+    console = _console(stderr=True)
+    with ControlClient(path, timeout=NODE_TIMEOUT) as client:
+        if not console.is_terminal:
+            last = time.monotonic()
+            while worker.is_alive():
+                worker.join(every)
+                if worker.is_alive() and time.monotonic() - last >= 5.0:
+                    last = time.monotonic()
+                    p = _verify_progress(client)
+                    if p is not None:
+                        print(f"verify: {_progress_line(p)}", file=sys.stderr, flush=True)
+            return
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        columns = (
+            TextColumn("verify"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"),
+        )
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("verify", total=None, detail="starting")
+            while worker.is_alive():
+                p = _verify_progress(client)
+                if p is not None:
+                    bar.update(
+                        task,
+                        total=p.get("bytes_total") or None,
+                        completed=p.get("bytes_done") or 0,
+                        detail=_progress_detail(p),
+                    )
+                worker.join(every)
+            if bar.tasks[0].total:
+                bar.update(task, completed=bar.tasks[0].total, detail="done")
+
+
+def _progress_detail(p: dict[str, Any]) -> str:
+    done, total = p.get("bytes_done") or 0, p.get("bytes_total") or 0
+    text = f"{format_bytes(done)} of {format_bytes(total)}"
+    if p.get("rate"):
+        text += f", {format_rate(p['rate'])}"
+    if isinstance(p.get("eta"), (int, float)):
+        text += f", {format_duration(p['eta'])} left"
+    return text
+
+
+def _progress_line(p: dict[str, Any]) -> str:
+    return f"{p.get('percent', 0):.1f}% ({_progress_detail(p)})"
+
+
+def verify_code(report: dict[str, Any]) -> int:
+    """0 only when at least two legs were compared, all of it, and nothing differs."""
+    legs = report.get("legs") or []
+    differ = (report.get("differing_bytes") or 0) > 0
+    return 1 if len(legs) < 2 or differ or report.get("errors") else 0
+
+
+def verify_summary(report: dict[str, Any]) -> str:
+    """What a verify found, for people."""
+    legs = [str(x) for x in report.get("legs") or []]
+    if len(legs) < 2:
+        which = f" ({legs[0]})" if legs else ""
+        return (
+            f"verify: nothing compared: the mirror has {len(legs)} in-sync leg{which}, and a "
+            "verify needs two; wait for a resync to finish or add a leg"
+        )
+    seconds = report.get("seconds") or 0.0
+    checked = report.get("bytes_checked") or 0
+    speed = f", {format_rate(checked / seconds)}" if seconds > 0 else ""
+    lines = [
+        f"verify: compared {format_bytes(checked)} of {len(legs)} legs in "
+        f"{format_duration(seconds)}{speed}",
+        *(f"  leg {i}: {x}" for i, x in enumerate(legs, 1)),
+    ]
+    errors = [str(e) for e in report.get("errors") or []]
+    differing = report.get("differing_bytes") or 0
+    regions = report.get("regions") or []
+    if differing:
+        more = "+" if report.get("regions_truncated") else ""
+        lines.append(
+            f"the legs DIFFER: {format_bytes(differing)} in {len(regions)}{more} region(s); "
+            f"reference: {report.get('reference')}"
+        )
+        for r in regions[:SHOWN_REGIONS]:
+            lines.append(
+                f"  at {format_bytes(r['offset'])} ({r['offset']}), {format_bytes(r['length'])}: "
+                f"{', '.join(r.get('legs') or [])}"
+            )
+        if len(regions) > SHOWN_REGIONS or report.get("regions_truncated"):
+            lines.append("  ... and more (see `dst ctl verify --json`)")
+        marked = report.get("marked_for_resync") or []
+        if report.get("repair"):
+            lines.append(
+                "repair: resyncing "
+                + (", ".join(marked) if marked else "nothing (no leg could be marked)")
+                + " from the reference"
+            )
+        else:
+            lines.append("run `dst ctl verify --repair` to resync them from the reference leg")
+    if errors:
+        lines.append(f"{len(errors)} read error(s): the regions they hit were not compared")
+        lines += [f"  {e}" for e in errors[:SHOWN_REGIONS]]
+    if not differing and not errors:
+        lines.append("the legs are identical")
+    return "\n".join(lines)

@@ -180,7 +180,10 @@ class Demo:
             t0 = time.monotonic()
             more = await self.write_blocks(dev, 1, 8)
             st = dev.statistics()
-            states = {m["uri"].rsplit("/", 1)[-1]: m["state"] for m in st["members"]}
+            states = ", ".join(
+                f"{m['uri'].rsplit('=', 1)[-1].rsplit('/', 1)[-1]} {m['state']}"
+                for m in st["members"]
+            )
             m = self.client.member
             budget = min((m.resends + 1) * m.resend_timeout, self.client.leg_timeout)
             say(

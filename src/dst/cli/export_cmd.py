@@ -13,6 +13,7 @@ from dst.cli.runtime import Stopper, run
 from dst.config import DEFAULT_LISTEN, DEFAULT_METRICS_PORT, ExportConfig
 from dst.control.handlers import ExportControl
 from dst.control.ops import NodeOps
+from dst.control.runtime import control_socket
 from dst.errors import UsageError
 from dst.server.node import Export, ExportNode
 from dst.units import parse_address
@@ -82,7 +83,7 @@ async def _serve(cfg: ExportConfig, exports: dict[str, Export]) -> int:
     workers.configure(cfg.crypto_workers)
     node = ExportNode(exports, cfg.server_config(), allow=set(cfg.allow) if cfg.allow else None)
     stopper = Stopper()
-    ops = NodeOps(cfg.control, cfg.metrics)
+    ops = NodeOps(control_socket(cfg.control, "export", cfg.listen), cfg.metrics)
     try:
         addr = await node.start(cfg.listen)
         await ops.start(ExportControl(node, cfg.settings()))

@@ -9,10 +9,24 @@ import traceback
 from collections.abc import Sequence
 
 from dst import trace
+from dst.cli.helptext import documented
 from dst.cli.options import ATTACH_OPTS, EXPORT_OPTS, Parser, add_options
+from dst.control.runtime import runtime_dir
 from dst.errors import DstError, UsageError
 
 log = logging.getLogger("dst")
+
+CTL_EPILOG = """\
+commands:
+  set KEY=VALUE ...        change live settings: resends, resend-timeout, ping-interval,
+                           ping-timeout, resync-rate
+  verify [--rate RATE] [--repair] [--json]
+                           compare the mirror's legs online, with progress; exit 1 when
+                           they differ or fewer than two in-sync legs can be compared
+  detach URI               remove a leg from the mirror
+  add URI                  add a leg to the mirror; it is fully synced in the background
+
+`dst ctl COMMAND --help` describes one command."""
 
 
 def build_parser() -> Parser:
@@ -29,7 +43,7 @@ def build_parser() -> Parser:
         metavar="[NAME=]BACKEND",
         help="file:PATH, disk:/dev/X, memory:SIZE or null:SIZE; NAME defaults to 'default'",
     )
-    add_options(e, EXPORT_OPTS)
+    add_options(e, documented(EXPORT_OPTS, "export"))
 
     a = sub.add_parser(
         "attach",
@@ -42,25 +56,79 @@ def build_parser() -> Parser:
         metavar="MEMBER",
         help="dst://HOST[:PORT][/NAME], dst+unix:///NAME?socket=PATH or an NBD URI",
     )
-    add_options(a, ATTACH_OPTS)
+    add_options(a, documented(ATTACH_OPTS, "attach"))
 
-    d = sub.add_parser("demo", help="run a self-contained demo (export nodes + client node)")
+    d = sub.add_parser(
+        "demo",
+        help="run a self-contained demo (export nodes + client node)",
+        description="Two export nodes on temporary files, a client node mirroring them, "
+        "served over NBD; writes and verifies data, takes a leg away and back, then runs "
+        "until Ctrl-C.",
+    )
     d.add_argument("--check", action="store_true", help="run the self-check, then exit 0/1")
-    d.add_argument("--size", default="64M", help="size of the demo device (default 64M)")
-    d.add_argument("--debug", nargs="?", const=True, default=None, metavar="LIST")
+    d.add_argument("--size", default="64M", help="size of the demo device (default: 64M)")
+    d.add_argument(
+        "--debug",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="LIST",
+        help="log everything and print JSON trace lines: --debug or "
+        "--debug=proto,txn,crypto,nbd,mirror (default: quiet)",
+    )
 
-    k = sub.add_parser("keygen", help="write a new random key file")
-    k.add_argument("file", metavar="FILE")
-    k.add_argument("--force", action="store_true", help="overwrite an existing file")
+    k = sub.add_parser(
+        "keygen",
+        help="write a new random key file",
+        description="Write a new random 256-bit key as 64 hex characters, mode 0600.",
+    )
+    k.add_argument("file", metavar="FILE", help="where to write the key")
+    k.add_argument(
+        "--force", action="store_true", help="overwrite an existing file (default: refuse)"
+    )
 
-    s = sub.add_parser("status", help="show the state of a running node")
-    s.add_argument("--control", required=True, metavar="SOCK")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--watch", nargs="?", const=2.0, type=float, default=None, metavar="S")
+    where = runtime_dir()
+    s = sub.add_parser(
+        "status",
+        help="show the state of running nodes",
+        description="Show a running node's state; without --control, every node whose "
+        f"control socket is in {where}. Exit 0 when every member is connected and "
+        "answers in time, 1 otherwise or when no node answers.",
+    )
+    s.add_argument(
+        "--control",
+        default=None,
+        metavar="SOCK",
+        help=f"the node's control socket (default: every node in {where})",
+    )
+    s.add_argument("--json", action="store_true", help="print the status document as JSON")
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=float,
+        default=None,
+        metavar="S",
+        help="refresh every S seconds until Ctrl-C (default: 2 when S is not given); "
+        "into a pipe, one snapshot per interval",
+    )
 
-    c = sub.add_parser("ctl", help="change a running node")
-    c.add_argument("--control", required=True, metavar="SOCK")
-    c.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND")
+    c = sub.add_parser(
+        "ctl",
+        help="change a running node",
+        description="Change a running client node through its control socket.",
+        epilog=CTL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument(
+        "--control",
+        default=None,
+        metavar="SOCK",
+        help=f"the node's control socket (default: the one client node in {where})",
+    )
+    c.add_argument(
+        "words", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="one of the commands below"
+    )
 
     b = sub.add_parser("bench", help="benchmark dst side by side with nbdkit and qemu-nbd")
     b.add_argument("args", nargs=argparse.REMAINDER)

@@ -53,6 +53,7 @@ class LinkCore(Protocol):
     def handle_timer(self, now: float) -> None: ...
 
     generation: int
+    config: Any  # has ``resend_timeout``
 
     @property
     def in_flight(self) -> int: ...
@@ -66,15 +67,19 @@ class LinkedDevice(BlockDevice):
     core: LinkCore
     what = "member"  # for messages: "cannot reach <what> <uri>"
     op_names: tuple[str, ...] = ("read", "write", "flush", "trim", "zero")
+    # transaction id -> (future, command, offset, length, monotonic submit time)
+    _pending: dict[int, tuple[Any, int, int, int, float]]  # id -> (waiter, cmd, offset, length, start)
 
     def __init__(self, uri: MemberUri, options: LinkOptions | None) -> None:
         self.uri = uri
         self.name = uri.text
         self.options = options or LinkOptions()
         self.state = "connecting"
+        self.state_since = time.time()
         self.size = 0
         self.capabilities = Capabilities()
-        self.last_error = ""
+        self._last_error = ""
+        self.last_error_at: float | None = None
         self.reconnects = 0
         self._stream: SocketStream | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -101,11 +106,48 @@ class LinkedDevice(BlockDevice):
     def _after_events(self) -> None:
         """Hook after the events of one pump (e.g. start offloaded jobs)."""
 
+    @property
+    def last_error(self) -> str:
+        """The last thing that went wrong on the link (a lost connection, a refusal...)."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, message: str) -> None:
+        self._last_error = message
+        if message:
+            self.last_error_at = time.time()
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state_since = time.time()
+        super().set_state(state)
+
+    def waiting(self) -> tuple[int, float]:
+        """Requests unanswered for longer than one resend timeout (their first attempt
+        went unacknowledged), and how long the oldest of them has waited, in seconds."""
+        limit = float(getattr(self.core.config, "resend_timeout", 0.0) or 0.0)
+        now = time.monotonic()
+        ages = [now - entry[4] for entry in getattr(self, "_pending", {}).values()]
+        late = [a for a in ages if a > limit]
+        return len(late), max(late, default=0.0)
+
+    def link_state(self, waiting: int | None = None) -> str:
+        """The member's state, except that a connection whose requests wait past their
+        first resend timeout is ``stalled``: connected, but not answering in time."""
+        if waiting is None:
+            waiting = self.waiting()[0]
+        return "stalled" if self.state == "connected" and waiting else self.state
+
     def _link_statistics(self) -> dict[str, Any]:
         """What every member reports; a subclass adds its protocol's own counters."""
+        waiting, oldest = self.waiting()
         return {
             "uri": self.uri.text,
             "state": self.state,
+            "state_since": round(self.state_since, 3),
+            "link_state": self.link_state(waiting),
+            "waiting": waiting,
+            "waiting_seconds": round(oldest, 3),
             "generation": self.core.generation,
             "identity": str(self.identity or ""),
             "size": self.size,
@@ -116,6 +158,7 @@ class LinkedDevice(BlockDevice):
             "bytes_written": self.bytes["write"],
             "latency": {op: lat.summary() for op, lat in self.latency.items() if lat.count},
             "last_error": self.last_error,
+            "last_error_at": round(self.last_error_at, 3) if self.last_error_at else None,
         }
 
     # ---- lifecycle ----------------------------------------------------------------------

@@ -38,6 +38,11 @@ class ControlClient:
         return sock
 
     def _unreachable(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and self.timeout is not None:
+            return (
+                f"the node on the control socket {self.path} did not answer within "
+                f"{self.timeout:g} s; it may be stopped or overloaded"
+            )
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return (
             f"cannot reach the control socket {self.path}: {why}; check that the node runs "
@@ -67,7 +72,9 @@ class ControlClient:
                 "dst control socket?"
             ) from None
         if not isinstance(reply, dict):
-            raise DstError(f"the control socket {self.path} answered {reply!r}, not an object")
+            raise DstError(
+                f"the control socket {self.path} answered {json.dumps(reply)}, not an object"
+            )
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error") or "the node refused the request"))
         result = reply.get("result")

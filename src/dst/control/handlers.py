@@ -18,7 +18,7 @@ from typing import Any
 from dst.control.server import Handler, RequestError
 from dst.device import BlockDevice
 from dst.errors import UsageError
-from dst.units import parse_duration, parse_rate
+from dst.units import format_bytes, parse_duration, parse_rate
 
 log = logging.getLogger("dst.control")
 
@@ -116,11 +116,13 @@ def normalise_member(stats: dict[str, Any]) -> dict[str, Any]:
     m = dict(MEMBER_DEFAULTS)
     m.update(json_safe(stats))
     m.setdefault("uri", str(stats.get("name", "?")))
+    m.setdefault("link_state", m["state"])
     return m
 
 
 def member_healthy(m: dict[str, Any]) -> bool:
-    return m.get("state") == "connected"
+    """Connected, and its link answers in time (no request waits past a resend timeout)."""
+    return m.get("state") == "connected" and m.get("link_state", "connected") == "connected"
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -339,15 +341,10 @@ class ExportControl:
 
 
 def human_bytes(n: Any) -> str:
-    """1536 -> ``1.5 KiB``: sizes as a person reads them."""
-    if not isinstance(n, (int, float)):
+    """1536 -> ``1.5 KiB`` (the style of :func:`dst.units.format_bytes`); ``-`` when unknown."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
         return "-"
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} TiB"
+    return format_bytes(n)
 
 
 def space_warning(export: dict[str, Any]) -> str | None:
@@ -364,9 +361,13 @@ def space_warning(export: dict[str, Any]) -> str | None:
 
 def unhealthy(status: dict[str, Any]) -> list[str]:
     """Why a status document is not healthy (empty when it is)."""
-    out = [
-        f"member {m.get('uri')} is {m.get('state')}"
-        for m in status.get("members", [])
-        if not member_healthy(m)
-    ]
+    out = []
+    for m in status.get("members", []):
+        if m.get("state") != "connected":
+            out.append(f"member {m.get('uri')} is {m.get('state')}")
+        elif not member_healthy(m):
+            out.append(
+                f"member {m.get('uri')} is {m.get('link_state')}: {m.get('waiting', 0)} "
+                f"request(s) unanswered past the resend timeout"
+            )
     return out

@@ -1,8 +1,9 @@
 """`dst status` for people: rich tables built from the status document.
 
 Scripts use ``--json``; this view is for an operator at a terminal, so it
-favours units a person reads at a glance (KiB, ms, "3m20s left") and colour
-for states that need attention.
+favours units a person reads at a glance, in the one style of
+:mod:`dst.units` (``178.2 MiB/s``, ``4.1 ms``, ``3 min 20 s left``), and colour for
+states that need attention.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from rich.table import Table
 from rich.text import Text
 
 from dst.control.handlers import human_bytes
+from dst.units import format_duration, format_rate
 
 STATE_STYLE = {
     "connected": "green",
     "connecting": "yellow",
     "reconnecting": "yellow",
+    "stalled": "yellow",
     "resyncing": "cyan",
     "degraded": "yellow",
     "failed": "bold red",
@@ -28,20 +31,20 @@ STATE_STYLE = {
 
 
 def human_seconds(s: Any) -> str:
-    """Latency-sized (µs, ms) or duration-sized (3m20s) seconds."""
-    if not isinstance(s, (int, float)):
+    """Seconds in the common style (``4.1 ms``, ``3 min 20 s``); ``-`` when unknown."""
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
         return "-"
-    if s < 0.001:
-        return f"{s * 1e6:.0f}µs"
-    if s < 1:
-        return f"{s * 1e3:.1f}ms"
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(s), 60)
-    if m < 60:
-        return f"{m}m{sec:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m"
+    return format_duration(s)
+
+
+def clock(t: Any, now: float | None = None) -> str:
+    """A Unix time as ``12:03:04 (35.0 s ago)``; the date too when it is not today."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+        return "(time unknown)"
+    now = time.time() if now is None else now
+    local, today = time.localtime(t), time.localtime(now)
+    fmt = "%H:%M:%S" if local[:3] == today[:3] else "%Y-%m-%d %H:%M:%S"
+    return f"{time.strftime(fmt, local)} ({format_duration(max(0.0, now - t))} ago)"
 
 
 def _state(state: Any) -> Text:
@@ -49,12 +52,31 @@ def _state(state: Any) -> Text:
     return Text(s, style=STATE_STYLE.get(s, "magenta"))
 
 
+def shown_state(m: dict[str, Any]) -> str:
+    """A member's state for people: never plain ``connected`` while its link is not."""
+    state, link = str(m.get("state")), str(m.get("link_state") or m.get("state"))
+    return link if state == "connected" and link != "connected" else state
+
+
+def link_text(m: dict[str, Any], now: float) -> Text:
+    """The link of a member: ``connected``, ``stalled: 3 waiting 7.2 s``,
+    ``reconnecting for 12.0 s``..."""
+    link = str(m.get("link_state") or m.get("state"))
+    if link == "stalled":
+        detail = f": {m.get('waiting', '?')} waiting {human_seconds(m.get('waiting_seconds'))}"
+    elif link in ("connecting", "reconnecting") and isinstance(m.get("state_since"), (int, float)):
+        detail = f" for {format_duration(max(0.0, now - m['state_since']))}"
+    else:
+        detail = ""
+    return Text(link + detail, style=STATE_STYLE.get(link, "magenta"))
+
+
 _COUNTS = ("in_flight", "completed", "resends", "failed", "checksum_errors")
 
 
-def _resync(rs: Any) -> RenderableType:
-    """A progress bar with percent and time left, from the mirror's resync progress
-    (``bytes_done``, ``bytes_total``, ``rate`` in bytes/s, ``eta`` in seconds)."""
+def _progress(rs: Any) -> RenderableType:
+    """A progress bar with percent, rate and time left, from a resync's or a verify's
+    progress (``bytes_done``, ``bytes_total``, ``rate`` in bytes/s, ``eta`` in seconds)."""
     if not isinstance(rs, dict) or not rs.get("bytes_total"):
         return Text("-")
     done, total = float(rs.get("bytes_done") or 0), float(rs["bytes_total"])
@@ -62,11 +84,11 @@ def _resync(rs: Any) -> RenderableType:
     rate = rs.get("rate")
     if eta is None and isinstance(rate, (int, float)) and rate > 0:
         eta = (total - done) / rate
-    tail = f" {100 * done / total:.0f}%"
+    tail = f" {100 * done / total:.0f}% of {human_bytes(total)}"
     if isinstance(rate, (int, float)) and rate > 0:
-        tail += f" {human_bytes(rate)}/s"
+        tail += f", {format_rate(rate)}"
     if isinstance(eta, (int, float)):
-        tail += f" {human_seconds(eta)} left"
+        tail += f", {human_seconds(eta)} left"
     t = Table.grid()
     t.add_row(ProgressBar(total=total, completed=done, width=16), Text(tail))
     return t
@@ -94,31 +116,98 @@ def _uptime(st: dict[str, Any]) -> str:
     return human_seconds(time.time() - since) if isinstance(since, (int, float)) else "?"
 
 
+def _seconds(v: Any) -> str:
+    return f"{v:g} s" if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+
+
+def _redundancy(dev: dict[str, Any]) -> Text | None:
+    """How many copies a mirror has right now; None for other layouts."""
+    legs, in_sync = dev.get("legs"), dev.get("legs_in_sync")
+    if dev.get("layout") != "mirror" or not isinstance(legs, int) or not isinstance(in_sync, int):
+        return None
+    if legs == 1:
+        return Text(
+            "no redundancy: a one-leg mirror (add a leg with `dst ctl add URI`)", "bold yellow"
+        )
+    if in_sync <= 1:
+        return Text(
+            f"no redundancy: {in_sync} of {legs} legs in sync; the mirror runs on one copy",
+            "bold yellow",
+        )
+    return Text(f"redundancy: {in_sync} of {legs} legs in sync", "green")
+
+
+def _member_notes(members: list[dict[str, Any]], now: float) -> list[RenderableType]:
+    """Why each member is degraded (and since when), and its last error with its time."""
+    out: list[RenderableType] = []
+    for i, m in enumerate(members, 1):
+        state = shown_state(m)
+        healthy = state == "connected"
+        if m.get("refused"):
+            out.append(Text(f"member {i} cannot rejoin: {m['refused']}", "bold red"))
+        if m.get("reason") and m.get("state") in ("degraded", "resyncing", "failed"):
+            out.append(
+                Text(
+                    f"member {i} {m.get('state')} since {clock(m.get('sync_since'), now)}: "
+                    f"{m['reason']}",
+                    STATE_STYLE.get(str(m.get("state")), "yellow"),
+                )
+            )
+        if m.get("last_error"):
+            out.append(
+                Text(
+                    f"member {i} last error at {clock(m.get('last_error_at'), now)}: "
+                    f"{m['last_error']}",
+                    "dim" if healthy else "yellow",
+                )
+            )
+    return out
+
+
 def render_attach(st: dict[str, Any]) -> RenderableType:
+    now = time.time()
     dev = st.get("device") or {}
     cfg = st.get("settings") or {}
     head = Text.assemble(
         ("client node", "bold"),
-        f" (pid {st.get('pid')}, up {_uptime(st)}): ",
+        f" (pid {st.get('pid')}, up {_uptime(st)}"
+        + (f", control {cfg['control']}" if cfg.get("control") else "")
+        + "): ",
         f"{dev.get('layout', 'single')} device of {human_bytes(dev.get('size'))}",
         ", read-only" if dev.get("read_only") else "",
         ", state ",
         _state(dev.get("state", "?")),
     )
     knobs = Text(
-        f"resends {cfg.get('resends')}, resend-timeout {cfg.get('resend_timeout')} s, "
-        f"ping {cfg.get('ping_interval')}/{cfg.get('ping_timeout')} s"
-        + (f", resync-rate {human_bytes(cfg['resync_rate'])}/s" if cfg.get("resync_rate") else ""),
+        f"resends {cfg.get('resends')}, resend-timeout {_seconds(cfg.get('resend_timeout'))}, "
+        f"ping-interval {_seconds(cfg.get('ping_interval'))}, "
+        f"ping-timeout {_seconds(cfg.get('ping_timeout'))}"
+        + (
+            f", leg-timeout {_seconds(cfg['leg_timeout'])}"
+            if cfg.get("leg_timeout") is not None and dev.get("layout") == "mirror"
+            else ""
+        )
+        + (f", resync-rate {format_rate(cfg['resync_rate'])}" if cfg.get("resync_rate") else ""),
         style="dim",
     )
     parts: list[RenderableType] = [head, knobs]
-    if isinstance(dev.get("resync"), dict):
-        grid = Table.grid()
-        grid.add_row(Text("device resync "), _resync(dev["resync"]))
-        parts.append(grid)
+    redundancy = _redundancy(dev)
+    if redundancy is not None:
+        parts.append(redundancy)
+    for what in ("resync", "verify"):
+        if isinstance(dev.get(what), dict):
+            grid = Table.grid()
+            grid.add_row(Text(f"device {what} "), _progress(dev[what]))
+            parts.append(grid)
     members = st.get("members", [])
+    mirror = any("dirty_bytes" in m for m in members)
     resyncing = any(isinstance(m.get("resync"), dict) for m in members)
-    who = _table("members", "#!|member|state!|gen>" + ("|resync!" if resyncing else ""))
+    who = _table(
+        "members",
+        "#!|member|state!|link!|gen>"
+        + ("|dirty>" if mirror else "")
+        + ("|resync!" if resyncing else ""),
+    )
     counts = _table(
         "requests",
         "#!|in flight>|completed>|resent>|failed>|csum err>|read>|written>",
@@ -128,11 +217,14 @@ def render_attach(st: dict[str, Any]) -> RenderableType:
         row: list[RenderableType] = [
             str(i),
             str(m.get("uri")),
-            _state(m.get("state")),
+            _state(shown_state(m)),
+            link_text(m, now),
             str(m.get("generation", "-")),
         ]
+        if mirror:
+            row.append(human_bytes(m.get("dirty_bytes")))
         if resyncing:
-            row.append(_resync(m.get("resync")))
+            row.append(_progress(m.get("resync")))
         who.add_row(*row)
         counts.add_row(
             str(i),
@@ -149,7 +241,9 @@ def render_attach(st: dict[str, Any]) -> RenderableType:
                     human_seconds(v.get("p50")),
                     human_seconds(v.get("p99")),
                 )
-    parts += [who, counts]
+    parts.append(who)
+    parts += _member_notes(members, now)
+    parts.append(counts)
     if lat.row_count:
         parts.append(lat)
     fronts = st.get("frontends") or []
@@ -167,9 +261,6 @@ def render_attach(st: dict[str, Any]) -> RenderableType:
                 str(fe.get("errors", "-")),
             )
         parts.append(f)
-    for i, m in enumerate(members, 1):
-        if m.get("state") != "connected" and m.get("last_error"):
-            parts.append(Text(f"member {i}: {m.get('last_error')}", style="yellow"))
     return Group(*parts)
 
 

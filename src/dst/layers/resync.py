@@ -24,7 +24,7 @@ from dst import trace
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError, IoError
 from dst.layers.bitmap import MAX_LEGS, Bitmap, Record, Slot
-from dst.units import format_size
+from dst.units import format_duration, format_rate, format_size
 
 log = logging.getLogger("dst.mirror")
 
@@ -49,7 +49,7 @@ class Leg:
 
     dev: BlockDevice
     slot: int
-    status: str
+    _status: str  # IN_SYNC, DEGRADED or RESYNCING: read and set as ``status``
     reason: str = ""
     refused: str = ""  # why it cannot join (too small, read-only, ...): shown as failed
     check_identity: bool = False  # compare with the record when it first connects
@@ -61,6 +61,18 @@ class Leg:
     retry: asyncio.TimerHandle | None = None
     resync: Resync | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    status_since: float = field(default_factory=time.time)  # Unix time of the last change
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        """Note when the status changes, so status can say since when a leg is degraded."""
+        if value != self._status:
+            self._status = value
+            self.status_since = time.time()
 
     @property
     def name(self) -> str:
@@ -230,10 +242,10 @@ class Progress:
 
     def line(self) -> str:
         d = self.as_dict()
-        eta = f"{d['eta']:.0f} s left" if d["eta"] is not None else "time left unknown"
+        eta = f"{format_duration(d['eta'])} left" if d["eta"] is not None else "time left unknown"
         return (
             f"{d['percent']:.1f}% ({format_size(self.done)} of {format_size(d['bytes_total'])}), "
-            f"{format_size(int(d['rate']))}/s, {eta}"
+            f"{format_rate(d['rate'])}, {eta}"
         )
 
 
@@ -287,7 +299,7 @@ class Resync:
             self.why,
             format_size(self.progress.total),
             ", ".join(x.name for x in host.in_sync_legs()),
-            f" at up to {format_size(host.limiter.rate)}/s" if host.limiter.rate else "",
+            f" at up to {format_rate(host.limiter.rate)}" if host.limiter.rate else "",
         )
         cursor = 0
         pending: list[tuple[int, int]] = []

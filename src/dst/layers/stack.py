@@ -31,7 +31,7 @@ from dst.layers.resync import (
 )
 from dst.layers.resync import verify as verify_legs
 from dst.layers.stripe import StripeDevice
-from dst.units import format_size
+from dst.units import format_rate, format_size
 
 MODES = ("mirror", "stripe", "linear")
 
@@ -131,7 +131,7 @@ class MirrorDevice(MirrorCore):
         log.info(
             "%s: verify started%s",
             self.name,
-            f" at up to {format_size(rate)}/s" if rate else "",
+            f" at up to {format_rate(rate)}" if rate else "",
         )
         report, found = await verify_legs(self, rate)
         log.info(
@@ -247,7 +247,7 @@ class MirrorDevice(MirrorCore):
         log.info(
             "%s: resync rate %s",
             self.name,
-            f"limited to {format_size(rate)}/s" if rate else "unlimited",
+            f"limited to {format_rate(rate)}" if rate else "unlimited",
         )
 
     async def set_leg_timeout(self, seconds: float) -> None:
@@ -273,19 +273,24 @@ class MirrorDevice(MirrorCore):
             m = member_summary(leg.dev)
             m.update(
                 state=self._member_state(leg),
-                link_state=leg.dev.state,
+                link_state=m.get("link_state", leg.dev.state),
                 sync=leg.status,
+                sync_since=round(leg.status_since, 3),
                 dirty_bytes=dirty_bytes(rec, leg.slot) if leg.slot >= 0 else 0,
                 reason=leg.reason or None,
                 refused=leg.refused or None,
                 resync=leg.resync.progress.as_dict() if leg.resync else None,
             )
             members.append(m)
+        in_sync = len(self.in_sync_legs())
         stats: dict[str, Any] = {
             "mode": "mirror",
             "size": self.size,
             "state": self.state,
             "sync": self._sync_name(),
+            "legs": len(self.legs),
+            "legs_in_sync": in_sync,
+            "redundancy": max(0, in_sync - 1),  # in-sync copies beyond the first
             "generation": rec.generation,
             "identity": str(self.identity) if self.identity else None,
             "bitmap": {
