@@ -292,7 +292,7 @@ def test_assume_clean_skips_the_first_sync_and_verify_checks_it(
     att, uri = m.attach("--assume-clean", "--control", str(ctl), bitmap=sockdir / "bm")
     att.wait_for(r"--assume-clean: the legs are taken as identical", timeout=10)
     qemu_io(uri, "write -P 0x5a 1M 1M", "flush")
-    cp = dst_run("ctl", "--control", str(ctl), "verify", timeout=60)
+    cp = dst_run("ctl", "--control", str(ctl), "verify", "--json", timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert json.loads(cp.stdout)["differing_bytes"] == 0
     assert "resync started" not in att.output
