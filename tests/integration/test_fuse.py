@@ -466,7 +466,7 @@ def test_third_sigterm_aborts_the_fuse_connection(procs: Procs, host: Host, sock
 def test_stale_mount_after_kill_is_reported_then_cleared(
     procs: Procs, host: Host, sockdir: Path
 ) -> None:
-    start_export(procs, sockdir, size="16M")
+    exp = start_export(procs, sockdir, size="16M")
     att = attach_fuse(procs, host, sockdir, mnt_name="stale mnt")  # mountinfo escapes the space
     mnt = sockdir / "stale mnt"
     fd = os.open(mnt / "disk", os.O_RDONLY)
@@ -478,8 +478,10 @@ def test_stale_mount_after_kill_is_reported_then_cleared(
         assert ei.value.errno == errno.ENOTCONN
         # held by our descriptor: reported with the holder and the commands that clear it
         addr = member_uri(f"unix:{sockdir / 'e.sock'}")
+        sessions = exp.output.count("attached export")
         again = procs.dst("attach", addr, "--client-id", CLIENT, "--fuse", str(mnt))
         assert again.wait(30) == 1, again.output
+        assert exp.output.count("attached export") == sessions  # its member was not contacted
         out = again.output
         assert "dst: error: --fuse" in out and "stale mount" in out, out
         assert f"process {os.getpid()}" in out and f"fusermount3 -uz '{mnt}'" in out, out
@@ -497,11 +499,12 @@ def test_a_second_attach_on_a_live_mount_is_refused(
 ) -> None:
     start_export(procs, sockdir, size="8M")
     attach_fuse(procs, host, sockdir)
-    _, addr2 = procs.export(f"file:{sockdir / 'd2.img'}", "--size", "8M")
+    exp2, addr2 = procs.export(f"file:{sockdir / 'd2.img'}", "--size", "8M")
     cp = dst_run("attach", member_uri(addr2), "--fuse", str(sockdir / "mnt"))
     assert cp.returncode == 1, cp.stderr
     assert "dst: error: --fuse" in cp.stderr and "already a mount point" in cp.stderr, cp.stderr
     assert (sockdir / "mnt" / "disk").stat().st_size == 8 * MiB  # the first one still serves
+    assert "attached export" not in exp2.output  # refused before it contacted its member
 
 
 def test_unmounting_from_outside_stops_a_fuse_only_attach(

@@ -80,6 +80,17 @@ def _load_mfusepy() -> Any:
     return mfusepy
 
 
+def prepare_mount(mountpoint: str) -> None:
+    """Everything a mount on ``mountpoint`` needs, checked before the device exists (so
+    before any member is contacted): an empty directory (UsageError), no live mount there
+    (a stale one is cleared), /dev/fuse and the FUSE library (DstError)."""
+    check_mountpoint(mountpoint)
+    clear_stale_mount(os.path.abspath(mountpoint))
+    if not os.path.exists("/dev/fuse"):
+        raise DstError("--fuse: /dev/fuse is missing; load the module with `modprobe fuse`")
+    _load_mfusepy()
+
+
 class _DiskOps:
     """The filesystem: a root directory holding one file, ``disk``, the device.
 
@@ -353,12 +364,9 @@ class FuseFrontend:
         """Mount, wait until the kernel talks to us, check DIR/disk, log ``serving``."""
         if self._thread is not None:
             raise RuntimeError("this FUSE front end is already started")
-        check_mountpoint(self.mountpoint)
-        clear_stale_mount(self.mountpoint)
+        prepare_mount(self.mountpoint)
         if os.listdir(self.mountpoint):
             raise UsageError(f"--fuse {self.mountpoint}: the directory is not empty")
-        if not os.path.exists("/dev/fuse"):
-            raise DstError("--fuse: /dev/fuse is missing; load the module with `modprobe fuse`")
         mfusepy = _load_mfusepy()
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
