@@ -32,16 +32,15 @@ from dst.crypto.keys import load_key_file, load_keys_file
 from dst.errors import UsageError
 from dst.proto.client import ClientConfig
 from dst.proto.server import ServerConfig
-from dst.units import Address
+from dst.units import DEFAULT_DST_PORT, Address, format_size
 from dst.uri import MemberUri
 
 Layout = Literal["single", "mirror", "stripe", "linear"]
 LAYOUTS: tuple[Layout, ...] = ("single", "mirror", "stripe", "linear")
 
-DEFAULT_DST_PORT = 10810
-DEFAULT_NBD_PORT = 10809
 DEFAULT_METRICS_PORT = 9810
 DEFAULT_LISTEN = Address(host="0.0.0.0", port=DEFAULT_DST_PORT)
+MIN_STRIPE_CHUNK = 4096  # a chunk smaller than a page splits every 4 KiB request
 DEFAULT_BITMAP_GRANULARITY = 64 << 10
 DEFAULT_LEG_TIMEOUT = 5.0
 
@@ -175,7 +174,7 @@ class AttachConfig:
     """A client node (`dst attach`): its members, how they combine, and its front ends.
 
     ``layout`` is ``single`` (one member served as it is), ``mirror``, ``stripe`` (in
-    chunks of ``stripe`` bytes) or ``linear``. ``nbd``
+    chunks of ``stripe`` bytes, a power of two of at least 4 KiB) or ``linear``. ``nbd``
     and ``fuse`` (an absolute directory) are the front ends; at least one is needed.
     ``bitmap``, ``bitmap_granularity``, ``resync_rate`` and ``assume_clean`` apply to a
     mirror; ``leg_timeout`` is how long a mirror write waits for a leg that has not acked
@@ -259,8 +258,15 @@ class AttachConfig:
 
 
 def check_stripe_chunk(chunk: int | None) -> int:
+    """A stripe chunk is a power of two of at least 4 KiB (so requests split on page
+    boundaries and the device's size is a whole number of pages)."""
     if chunk is None:
         raise UsageError("--stripe needs a chunk size, e.g. --stripe 64K")
+    if chunk < MIN_STRIPE_CHUNK or chunk & (chunk - 1):
+        raise UsageError(
+            f"invalid --stripe {format_size(chunk)}: the chunk must be a power of two of at "
+            f"least {format_size(MIN_STRIPE_CHUNK)}, e.g. 64K"
+        )
     return chunk
 
 

@@ -125,6 +125,9 @@ class Address:
             return False
 
 
+_HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+
+
 def parse_address(
     text: str, default_port: int = DEFAULT_DST_PORT, what: str = "address"
 ) -> Address:
@@ -138,6 +141,12 @@ def parse_address(
         return Address(path=path)
     if not t:
         raise UsageError(f"invalid {what} {text!r}: {hint}")
+    if "://" in t:
+        raise UsageError(f"invalid {what} {text!r}: give an address, not a URI; {hint}")
+    if "/" in t:  # a path is never looked up as a host name
+        raise UsageError(
+            f"invalid {what} {text!r}: a unix socket needs the unix: prefix, e.g. unix:{t}"
+        )
     if t.startswith("["):
         end = t.find("]")
         if end < 0:
@@ -161,6 +170,8 @@ def parse_address(
         host, port_text = t, ""
     if not host:
         raise UsageError(f"invalid {what} {text!r}: the host is empty; {hint}")
+    if not t.startswith("[") and not _HOST_RE.fullmatch(host):
+        raise UsageError(f"invalid {what} {text!r}: {host!r} is not a host name; {hint}")
     if port_text == "":
         port = default_port
     else:

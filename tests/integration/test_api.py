@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import dst
-from dst.errors import DstError, IoError
+from dst.config import MemberOptions
+from dst.errors import DstError, IoError, UsageError
 from tests.procs import Procs, member_uri
 
 pytestmark = pytest.mark.integration
@@ -62,3 +64,25 @@ def test_unknown_export_raises_a_clear_error(procs: Procs, sockdir: Path) -> Non
     _, addr = procs.export("memory:1M")
     with pytest.raises(DstError, match="unknown export 'nope'"):
         dst.open_device(member_uri(addr, "nope"), connect_timeout=5)
+
+
+def test_member_options_are_the_attach_options(procs: Procs, sockdir: Path) -> None:
+    """One MemberOptions value opens devices; wrong values are refused before connecting."""
+    (sockdir / "o.img").write_bytes(bytes(1 << 20))
+    exp, addr = procs.export(f"file:{sockdir / 'o.img'}", "--read-only")
+    opts = MemberOptions.create(client_id="api-options", resends=2, resend_timeout=1.5)
+    assert (opts.resends, opts.resend_timeout, opts.connect_timeout) == (2, 1.5, 10.0)
+    with dst.open_device(member_uri(addr), opts) as dev:
+        assert dev.read_only and dev.size == 1 << 20
+    assert "client 'api-options'" in exp.output
+    with pytest.raises(UsageError, match="not both"):
+        dst.open_device(member_uri(addr), opts, client_id="x")
+    bads: list[tuple[dict[str, Any], str]] = [
+        ({"resend_timeout": 0}, "--resend-timeout must be greater than 0"),
+        ({"ciphers": ["rot13"]}, "unknown cipher 'rot13'"),
+        ({"key_file": str(sockdir / "nokey")}, "does not exist"),
+    ]
+    for bad, needle in bads:
+        with pytest.raises(UsageError, match=needle):
+            dst.open_device(member_uri(addr), client_id="api-bad", **bad)
+    assert "client 'api-bad'" not in exp.output

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from dst.cli.main import build_parser
 from dst.cli.options import ATTACH_OPTS, EXPORT_OPTS, merge
 from tests.integration.test_control import error_line, status
-from tests.procs import Proc, Procs, dst_run, member_uri
+from tests.procs import Proc, Procs, dst_run, member_uri, run
 
 pytestmark = pytest.mark.integration
 
@@ -212,6 +214,8 @@ def test_config_file_and_command_line_give_the_same_running_state(
         "checksum": ["xxh3"],
         "cipher": ["none"],
         "read-only": True,
+        "leg-timeout": 7,
+        "takeover": True,
     }
     states = []
     for use_file in (False, True):
@@ -230,6 +234,7 @@ def test_config_file_and_command_line_give_the_same_running_state(
     (e1, a1), (e2, a2) = states
     assert e1 == e2 and a1 == a2
     assert a1["settings"]["resend_timeout"] == 2.5 and a1["device"]["read_only"] is True
+    assert a1["settings"]["leg_timeout"] == 7 and a1["settings"]["takeover"] is True
     assert a1["members"][0]["checksum"] == "xxh3" and a1["members"][0]["state"] == "connected"
     assert e1["settings"]["allow"] == ["eq-client", "other"]
     assert [x["name"] for x in e1["exports"]] == ["a", "b"]
@@ -283,3 +288,76 @@ def test_documented_config_files_are_valid(tmp_path: Path) -> None:
         for command, body in configs
         if command == "attach"
     ), "the docs show a two-node mirror"
+
+
+README = DOCS.parents[1] / "README.md"
+STANDARD_DIRS = ("/etc", "/run", "/tmp", "/dev", "/srv", "/var/lib")
+
+
+def _toml_blocks_with_what_follows(path: Path) -> list[tuple[str, str]]:
+    """Each TOML block of a document and the text after it, up to the next heading."""
+    text = path.read_text()
+    out = []
+    for m in re.finditer(r"```toml\n(.*?)```", text, re.S):
+        rest = text[m.end() :]
+        heading = re.search(r"^#", rest, re.M)
+        out.append((m.group(1), rest[: heading.start()] if heading else rest))
+    return out
+
+
+@pytest.mark.parametrize("doc", [README, DOCS], ids=["README", "operations"])
+def test_documented_paths_exist_or_are_created(doc: Path) -> None:
+    """A path a documented config file names is in a standard directory, or the document
+    says to create its directory (`mkdir -p`)."""
+    text = doc.read_text()
+    commands = re.findall(r"`mkdir -p ([^`]+)`", text)  # in the text, maybe over two lines
+    commands += re.findall(r"^mkdir -p ([^#\n]+)", text, re.M)  # in a shell block
+    made = {d for cmd in commands for d in cmd.split()}
+    blocks = _toml_blocks_with_what_follows(doc)
+    assert blocks
+    for body, _ in blocks:
+        for value in re.findall(r'"(?:unix:)?(/[^"?]+)"', body):
+            directory = os.path.dirname(value)
+            assert directory in STANDARD_DIRS or directory in made, (
+                f"{doc.name}: {value} is in {directory}, which a fresh machine lacks and the "
+                "document does not create"
+            )
+
+
+@pytest.mark.parametrize("doc", [README, DOCS], ids=["README", "operations"])
+def test_documented_control_sockets_are_in_the_config(doc: Path) -> None:
+    """The text after an attach config that talks to `--control PATH` finds PATH in it."""
+    for body, after in _toml_blocks_with_what_follows(doc):
+        if not body.lstrip().startswith("#") or "attach" not in body.splitlines()[0]:
+            continue
+        for path in re.findall(r"--control (/[^\s`]+)", after):
+            assert f'control = "{path}"' in body, f"{doc.name}: {path} is not in\n{body}"
+
+
+def test_readme_config_file_is_valid(tmp_path: Path) -> None:
+    (body, _) = _toml_blocks_with_what_follows(README)[0]
+    path = tmp_path / "readme.toml"
+    path.write_text(body)
+    ns = build_parser().parse_args(["attach", "--config", str(path)])
+    o = merge(ns, ATTACH_OPTS, "members", "members")
+    assert o["mirror"] is True and len(o["members"]) == 2
+
+
+def test_readme_python_example_runs(procs: Procs, sockdir: Path) -> None:
+    """The README's Python snippet, run as it is against a real export node (both URIs
+    pointed at it), sync and asyncio parts."""
+    _, addr = procs.export(f"file:{sockdir / 'py.img'}", "--size", "4M")
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert code, "README has no Python API example"
+    text = code.group(1)
+    assert "asyncio.run(main())" in text
+    text = text.replace('"dst://node1:10810/default"', repr(member_uri(addr)))
+    text = text.replace('"dst+unix:///default?socket=/run/dst-export.sock"', repr(member_uri(addr)))
+    assert "node1" not in text and "/run/" not in text
+    script = sockdir / "readme_example.py"
+    script.write_text(text)
+    cp = run([sys.executable, str(script)], check=False, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == str(4 << 20)  # print(dev.size); its asserts held
+    # the asyncio part ran: it trimmed (and zeroed) what the sync part wrote
+    assert (sockdir / "py.img").read_bytes()[: 2 << 20] == bytes(2 << 20)

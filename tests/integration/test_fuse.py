@@ -9,6 +9,7 @@ fdatasync(2) calls on the backing file with strace (see `SyscallCounter`).
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import errno
 import filecmp
 import hashlib
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import IN_CI, Proc, Procs, dst_run, member_uri, need_tool, run
+from tests.procs import DST, IN_CI, Proc, Procs, dst_run, member_uri, need_tool, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -42,13 +43,15 @@ def need_fuse() -> None:
         pytest.skip("the kernel offers no loop devices: /dev/loop-control is missing")
     need_tool("fusermount3")
     need_tool("losetup")
+    from dst.errors import DstError
+    from dst.frontends.fuse import _load_mfusepy
+
     try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as exc:
-        msg = f"mfusepy cannot load libfuse3 ({exc}); install it with: pip install mfusepy"
+        _load_mfusepy()
+    except DstError as exc:
         if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 class Host:
@@ -233,6 +236,70 @@ def test_disk_file_reads_writes_fsync_and_punch_hole_reach_the_export(
         assert os.stat(disk).st_size == 64 * MiB
     finally:
         os.close(fd)
+
+
+def test_libfuse3_is_used_where_libfuse2_is_installed_too(
+    procs: Procs, host: Host, sockdir: Path
+) -> None:
+    """find_library("fuse") names libfuse.so.2 here; the mount must still use libfuse3."""
+    if ctypes.util.find_library("fuse") != "libfuse.so.2":
+        msg = "libfuse2 is not installed; install it with: apt-get install libfuse2"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    start_export(procs, sockdir, size="8M")
+    att = attach_fuse(procs, host, sockdir)
+    maps = Path(f"/proc/{att.pid}/maps").read_text()
+    assert "libfuse3.so.3" in maps and "libfuse.so.2" not in maps
+    disk = sockdir / "mnt" / "disk"
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"libfuse3" * 512, 4096) == 4096
+        os.fsync(fd)
+        assert os.pread(fd, 4096, 4096) == b"libfuse3" * 512
+    finally:
+        os.close(fd)
+    assert "unknown option" not in att.output and "dst: error" not in att.output
+    assert att.stop() == 0
+
+
+def _library_file(soname: str) -> Path | None:
+    """The file the dynamic linker loads for ``soname`` (as this process maps it)."""
+    try:
+        ctypes.CDLL(soname)
+    except OSError:
+        return None
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if os.path.basename(path).startswith(soname):
+            return Path(os.path.realpath(path))
+    return None
+
+
+def test_missing_libfuse3_is_one_line_naming_the_package(procs: Procs, sockdir: Path) -> None:
+    """Hide libfuse3 from one `dst attach` (its own mount namespace, /dev/null over the
+    library file): one error line naming the package, before the member is contacted."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a mount namespace that hides libfuse3")
+    unshare = need_tool("unshare")
+    lib = _library_file("libfuse3.so.3")
+    if lib is None:
+        pytest.skip("libfuse3 is not installed, so there is nothing to hide")
+    exp = start_export(procs, sockdir, size="8M")
+    mnt = sockdir / "mnt"
+    mnt.mkdir()
+    attach = [*DST, "attach", member_uri(f"unix:{sockdir / 'e.sock'}"), "--fuse", str(mnt)]
+    script = 'mount --bind /dev/null "$0" && exec "$@"'
+    cp = run(
+        [unshare, "--mount", "--propagation", "private", "sh", "-c", script, str(lib), *attach],
+        check=False,
+    )
+    assert cp.returncode == 1, cp.stderr
+    lines = cp.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dst: error: --fuse needs libfuse3"), lines
+    assert "apt-get install libfuse3-3" in lines[0]
+    assert "attached export" not in exp.output
+    assert not is_mounted(mnt)
 
 
 def test_read_only_export_gives_a_read_only_file(procs: Procs, host: Host, sockdir: Path) -> None:
@@ -466,7 +533,7 @@ def test_third_sigterm_aborts_the_fuse_connection(procs: Procs, host: Host, sock
 def test_stale_mount_after_kill_is_reported_then_cleared(
     procs: Procs, host: Host, sockdir: Path
 ) -> None:
-    start_export(procs, sockdir, size="16M")
+    exp = start_export(procs, sockdir, size="16M")
     att = attach_fuse(procs, host, sockdir, mnt_name="stale mnt")  # mountinfo escapes the space
     mnt = sockdir / "stale mnt"
     fd = os.open(mnt / "disk", os.O_RDONLY)
@@ -478,8 +545,10 @@ def test_stale_mount_after_kill_is_reported_then_cleared(
         assert ei.value.errno == errno.ENOTCONN
         # held by our descriptor: reported with the holder and the commands that clear it
         addr = member_uri(f"unix:{sockdir / 'e.sock'}")
+        sessions = exp.output.count("attached export")
         again = procs.dst("attach", addr, "--client-id", CLIENT, "--fuse", str(mnt))
         assert again.wait(30) == 1, again.output
+        assert exp.output.count("attached export") == sessions  # its member was not contacted
         out = again.output
         assert "dst: error: --fuse" in out and "stale mount" in out, out
         assert f"process {os.getpid()}" in out and f"fusermount3 -uz '{mnt}'" in out, out
@@ -497,11 +566,12 @@ def test_a_second_attach_on_a_live_mount_is_refused(
 ) -> None:
     start_export(procs, sockdir, size="8M")
     attach_fuse(procs, host, sockdir)
-    _, addr2 = procs.export(f"file:{sockdir / 'd2.img'}", "--size", "8M")
+    exp2, addr2 = procs.export(f"file:{sockdir / 'd2.img'}", "--size", "8M")
     cp = dst_run("attach", member_uri(addr2), "--fuse", str(sockdir / "mnt"))
     assert cp.returncode == 1, cp.stderr
     assert "dst: error: --fuse" in cp.stderr and "already a mount point" in cp.stderr, cp.stderr
     assert (sockdir / "mnt" / "disk").stat().st_size == 8 * MiB  # the first one still serves
+    assert "attached export" not in exp2.output  # refused before it contacted its member
 
 
 def test_unmounting_from_outside_stops_a_fuse_only_attach(

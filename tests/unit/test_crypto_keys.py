@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dst.crypto.keys import KEY_BYTES, generate_key_file, load_key_file, load_keys_file
-from dst.errors import UsageError
+from dst.errors import DstError, UsageError
 
 HEX_A = "ab" * 32
 HEX_B = "0123456789abcdef" * 4
@@ -80,17 +80,25 @@ def test_keygen_force_creates_a_missing_file(tmp_path: Path) -> None:
     assert len(load_key_file(p)) == KEY_BYTES
 
 
+def runtime_error(fn: object, *args: object) -> str:
+    """A problem found by trying: DstError, exit code 1 (not a usage error)."""
+    with pytest.raises(DstError) as ei:
+        fn(*args)  # type: ignore[operator]
+    assert not isinstance(ei.value, UsageError) and ei.value.exit_code == 1
+    return str(ei.value)
+
+
 def test_keygen_into_missing_directory(tmp_path: Path) -> None:
     p = str(tmp_path / "nodir" / "k")
     for force in (False, True):
-        assert usage_error(generate_key_file, p, force) == (
+        assert runtime_error(generate_key_file, p, force) == (
             f"cannot write key file {p}: No such file or directory; choose a path in an "
             "existing directory that you may write to"
         )
 
 
 def test_keygen_force_onto_a_directory(tmp_path: Path) -> None:
-    msg = usage_error(generate_key_file, str(tmp_path), True)
+    msg = runtime_error(generate_key_file, str(tmp_path), True)
     assert msg.startswith(f"cannot write key file {tmp_path}: Is a directory;")
 
 

@@ -1,4 +1,13 @@
-"""`dst attach`: run a client node over one or more members and serve the device."""
+"""`dst attach`: run a client node over one or more members and serve the device.
+
+Three steps, in this order, so that a wrong command line or a busy address never
+reaches a member (an export node would otherwise see, and record, a session):
+
+1. :func:`prepare` checks the whole command line and config file (exit 2);
+2. :func:`bind` takes every address the node serves (NBD, control socket, metrics) and
+   checks the FUSE directory and library (exit 1 for a port in use, a live mount...);
+3. :func:`_serve` connects the members, assembles the device and serves it.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +15,22 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from dst.aio import workers
+from dst.aio.listen import bind_listener, unlink_unix
 from dst.cli.options import ATTACH_OPTS, given, merge
 from dst.cli.runtime import Stopper, run
-from dst.config import (
-    DEFAULT_METRICS_PORT,
-    DEFAULT_NBD_PORT,
-    AttachConfig,
-    Layout,
-    MemberOptions,
-)
+from dst.config import DEFAULT_METRICS_PORT, AttachConfig, Layout, MemberOptions
 from dst.control.handlers import AttachControl
 from dst.control.ops import NodeOps
 from dst.control.runtime import control_socket
 from dst.device import BlockDevice
 from dst.errors import UsageError
 from dst.layers.stack import build_stack
-from dst.units import format_size, parse_address
+from dst.units import DEFAULT_NBD_PORT, Address, format_size, parse_address
 from dst.uri import parse_member
 
 log = logging.getLogger("dst.attach")
@@ -113,6 +119,48 @@ def prepare(ns: argparse.Namespace) -> AttachConfig:
     )
 
 
+@dataclass
+class Bound:
+    """What the node took before contacting any member; given up if it does not start."""
+
+    ops: NodeOps
+    nbd_addr: Address | None = None
+    nbd: socket.socket | None = None
+
+    def take_nbd(self) -> socket.socket | None:
+        """The NBD listener, now owned by the front end that serves it."""
+        sock, self.nbd = self.nbd, None
+        return sock
+
+    def release(self) -> None:
+        """Close (and unlink) what was bound but never served: no "stopped serving" for it."""
+        sock, self.nbd = self.nbd, None
+        if sock is not None:
+            sock.close()
+            if self.nbd_addr is not None:
+                unlink_unix(self.nbd_addr)
+        self.ops.release()
+
+
+def bind(cfg: AttachConfig) -> Bound:
+    """Take the NBD, control and metrics addresses and check the FUSE mount point and
+    libfuse3, before any member is contacted; raises DstError (exit 1) when one is taken."""
+    control = control_socket(cfg.control, "attach", cfg.nbd or cfg.fuse)
+    bound = Bound(NodeOps(control, cfg.metrics), cfg.nbd)
+    try:
+        if cfg.nbd is not None:
+            bound.nbd = bind_listener(cfg.nbd, "serve NBD")
+        bound.ops.bind()
+        if cfg.fuse is not None:
+            from dst.frontends.fuse import prepare_mount
+
+            prepare_mount(cfg.fuse)
+    except BaseException:
+        bound.release()
+        raise
+    return bound
+
+
 async def build_device(cfg: AttachConfig) -> BlockDevice:
     """Connect the members and assemble them.
 
@@ -173,10 +221,14 @@ def member_opener(options: MemberOptions) -> Callable[[str], Awaitable[BlockDevi
 def run_attach(ns: argparse.Namespace) -> int:
     cfg = prepare(ns)
     workers.configure(cfg.crypto_workers)
-    return run(lambda: _serve(cfg))
+    bound = bind(cfg)
+    try:
+        return run(lambda: _serve(cfg, bound))
+    finally:
+        bound.release()
 
 
-async def _serve(cfg: AttachConfig) -> int:
+async def _serve(cfg: AttachConfig, bound: Bound) -> int:
     from dst.frontends.fuse import FuseFrontend
     from dst.frontends.nbd import NbdFrontend
 
@@ -184,7 +236,7 @@ async def _serve(cfg: AttachConfig) -> int:
     dev: BlockDevice | None = None
     front: NbdFrontend | None = None
     fuse: FuseFrontend | None = None
-    ops = NodeOps(control_socket(cfg.control, "attach", cfg.nbd or cfg.fuse), cfg.metrics)
+    ops = bound.ops
     try:
         await ops.start(AttachControl(cfg.settings(), member_opener(cfg.member)))
         dev = await build_device(cfg)
@@ -195,8 +247,9 @@ async def _serve(cfg: AttachConfig) -> int:
             dev.size,
             ", read-only" if dev.capabilities.read_only else "",
         )
-        if cfg.nbd is not None:
-            front = NbdFrontend(dev, cfg.nbd)
+        listener = bound.take_nbd()
+        if cfg.nbd is not None and listener is not None:
+            front = NbdFrontend(dev, cfg.nbd, listener=listener)
             await front.start()
             ops.add_frontend(front)
         if cfg.fuse is not None:
@@ -217,6 +270,7 @@ async def _serve(cfg: AttachConfig) -> int:
             await fuse.aclose()
         if front is not None:
             await front.aclose()
+        bound.release()
         if dev is not None:
             try:
                 if not dev.capabilities.read_only:

@@ -1,11 +1,18 @@
-"""`dst export`: run an export node."""
+"""`dst export`: run an export node.
+
+The command line is checked first (exit 2); then the node takes its addresses (the
+listening socket, the control socket, metrics), so a busy port is found before any
+backing file is created or opened; then it opens the backends and serves.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 
 from dst.aio import workers
+from dst.aio.listen import bind_listener, unlink_unix
 from dst.backends import open_backend
 from dst.backends.device import BackendDevice
 from dst.cli.options import EXPORT_OPTS, given, merge
@@ -75,18 +82,28 @@ def open_exports(cfg: ExportConfig) -> dict[str, Export]:
 
 def run_export(ns: argparse.Namespace) -> int:
     cfg = prepare(ns)
-    exports = open_exports(cfg)
-    return run(lambda: _serve(cfg, exports))
-
-
-async def _serve(cfg: ExportConfig, exports: dict[str, Export]) -> int:
     workers.configure(cfg.crypto_workers)
-    node = ExportNode(exports, cfg.server_config(), allow=set(cfg.allow) if cfg.allow else None)
-    stopper = Stopper()
+    listener = bind_listener(cfg.listen, "listen")
     ops = NodeOps(control_socket(cfg.control, "export", cfg.listen), cfg.metrics)
     try:
-        addr = await node.start(cfg.listen)
+        ops.bind()
+        exports = open_exports(cfg)
+    except BaseException:
+        ops.release()
+        listener.close()
+        unlink_unix(cfg.listen)
+        raise
+    return run(lambda: _serve(cfg, exports, listener, ops))
+
+
+async def _serve(
+    cfg: ExportConfig, exports: dict[str, Export], listener: socket.socket, ops: NodeOps
+) -> int:
+    node = ExportNode(exports, cfg.server_config(), allow=set(cfg.allow) if cfg.allow else None)
+    stopper = Stopper()
+    try:
         await ops.start(ExportControl(node, cfg.settings()))
+        addr = await node.start(cfg.listen, sock=listener)
         for e in exports.values():
             log.info(
                 "export %r: %s, %d bytes, %s, identity %s",
@@ -104,5 +121,8 @@ async def _serve(cfg: ExportConfig, exports: dict[str, Export]) -> int:
         stopper.close()
         await ops.aclose()
         await node.aclose()
+        if node.address is None:  # never served: the listener is still ours
+            listener.close()
+            unlink_unix(cfg.listen)
     log.info("stopped")
     return 0

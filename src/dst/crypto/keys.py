@@ -4,8 +4,9 @@ A key file holds 64 hexadecimal characters (256 bits) and an optional trailing
 newline.  A keys file holds one ``CLIENT_ID HEXKEY`` line per client, with
 blank lines and ``#`` comment lines allowed.  Like ssh with private keys, both
 are refused when group or others may access them: a key anyone on the host can
-read authenticates nobody.  Every problem is a UsageError (exit code 2) that
-names the file, says what is wrong and how to fix it.
+read authenticates nobody.  Every problem reading one is a UsageError (exit code 2)
+that names the file, says what is wrong and how to fix it; a key file that cannot be
+written is a DstError (exit code 1).
 """
 
 from __future__ import annotations
@@ -78,14 +79,18 @@ def generate_key_file(path: str, force: bool = False) -> None:
         else:
             _write_new(path, data)
     except FileExistsError:
+        if os.path.isdir(path):
+            raise DstError(
+                f"cannot write key file {path}: Is a directory; give a file path"
+            ) from None
         raise UsageError(f"key file {path} exists; use --force to overwrite it") from None
-    except _USER_ERRORS as e:
-        raise UsageError(
-            f"cannot write key file {path}: {e.strerror}; choose a path in an existing "
-            "directory that you may write to"
-        ) from None
-    except OSError as e:
-        raise DstError(f"cannot write key file {path}: {e.strerror}") from None
+    except OSError as e:  # found by trying to write: a run-time fact (exit 1)
+        hint = (
+            "; choose a path in an existing directory that you may write to"
+            if isinstance(e, _USER_ERRORS)
+            else ""
+        )
+        raise DstError(f"cannot write key file {path}: {e.strerror}{hint}") from None
 
 
 def _read_private(path: str, what: str, create_hint: str) -> bytes:

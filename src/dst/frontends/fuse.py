@@ -5,7 +5,8 @@ Why a file and not a block device: a FUSE file needs no kernel module beyond
 ``mkfs`` and ``mount``.
 
 The binding is mfusepy (ctypes over libfuse3's high-level API, a pure-Python
-wheel that needs only the ``fuse3`` package at run time). ``fuse_main`` blocks, so it
+wheel that needs only the ``fuse3`` package at run time), always bound to
+libfuse3 even where libfuse2 is installed too (:func:`_load_mfusepy`). ``fuse_main`` blocks, so it
 runs in its own thread; libfuse's worker threads call the operations below, and each
 one runs its device call on the asyncio loop that started the front end
 (``run_coroutine_threadsafe``) and waits for it. Nothing on that loop may touch the
@@ -30,6 +31,7 @@ import logging
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -53,6 +55,8 @@ log = logging.getLogger("dst.fuse")
 
 T = TypeVar("T")
 
+LIBFUSE3 = "libfuse3.so.3"  # the soname: dlopen finds it without ldconfig or a compiler
+LIBFUSE3_DEB = "libfuse3-3"
 MAX_IO = 1 << 20  # libfuse3 3.14 caps requests at 256 pages; the kernel's default limit too
 MAX_THREADS = 64  # libfuse workers: each waits on one device request (queue depth)
 COUNTERS: tuple[str, ...] = ("opens", "reads", "writes", "flushes", "trims", "zeroes")
@@ -66,18 +70,61 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 
 def _load_mfusepy() -> Any:
-    """Import mfusepy late: it loads libfuse3 when imported."""
-    try:
-        import mfusepy
-    except ImportError:
+    """Import mfusepy bound to libfuse3, whatever else is installed.
+
+    mfusepy loads its library when imported, and left to itself it asks
+    ``find_library("fuse")`` first, which finds libfuse.so.2 wherever libfuse2 is
+    installed next to libfuse3 (common: many desktop tools need it); every mount then
+    fails on libfuse3's options (``fuse: unknown option 'max_threads=64'``). So the
+    library is named by its soname through ``FUSE_LIBRARY_PATH``, set only for the
+    import, and checked to be version 3 afterwards.
+    """
+    loaded = sys.modules.get("mfusepy")
+    if loaded is None:
+        try:
+            ctypes.CDLL(LIBFUSE3)
+        except OSError as exc:
+            raise DstError(
+                f"--fuse needs libfuse3, which cannot be loaded ({exc}); install Debian's "
+                f"{LIBFUSE3_DEB} package: apt-get install {LIBFUSE3_DEB} fuse3"
+            ) from None
+        previous = os.environ.get("FUSE_LIBRARY_PATH")
+        os.environ["FUSE_LIBRARY_PATH"] = LIBFUSE3
+        try:
+            import mfusepy
+        except ImportError:
+            raise DstError(
+                "--fuse needs the mfusepy package; install it with `pip install mfusepy`"
+            ) from None
+        except OSError as exc:
+            raise DstError(
+                f"--fuse: mfusepy cannot use {LIBFUSE3} ({exc}); reinstall Debian's "
+                f"{LIBFUSE3_DEB} package"
+            ) from None
+        finally:
+            if previous is None:
+                del os.environ["FUSE_LIBRARY_PATH"]
+            else:
+                os.environ["FUSE_LIBRARY_PATH"] = previous
+        loaded = mfusepy
+    major = getattr(loaded, "fuse_version_major", None)
+    if major != 3:
         raise DstError(
-            "--fuse needs the mfusepy package; install it with `pip install mfusepy`"
-        ) from None
-    except OSError as exc:
-        raise DstError(
-            f"--fuse needs libfuse3 ({exc}); install it with `apt-get install fuse3`"
-        ) from None
-    return mfusepy
+            f"--fuse needs libfuse3 but this process already loaded mfusepy with libfuse "
+            f"{major}; start the FUSE front end before anything else imports mfusepy"
+        )
+    return loaded
+
+
+def prepare_mount(mountpoint: str) -> None:
+    """Everything a mount on ``mountpoint`` needs, checked before the device exists (so
+    before any member is contacted): an empty directory (UsageError), no live mount there
+    (a stale one is cleared), /dev/fuse and the FUSE library (DstError)."""
+    check_mountpoint(mountpoint)
+    clear_stale_mount(os.path.abspath(mountpoint))
+    if not os.path.exists("/dev/fuse"):
+        raise DstError("--fuse: /dev/fuse is missing; load the module with `modprobe fuse`")
+    _load_mfusepy()
 
 
 class _DiskOps:
@@ -353,12 +400,9 @@ class FuseFrontend:
         """Mount, wait until the kernel talks to us, check DIR/disk, log ``serving``."""
         if self._thread is not None:
             raise RuntimeError("this FUSE front end is already started")
-        check_mountpoint(self.mountpoint)
-        clear_stale_mount(self.mountpoint)
+        prepare_mount(self.mountpoint)
         if os.listdir(self.mountpoint):
             raise UsageError(f"--fuse {self.mountpoint}: the directory is not empty")
-        if not os.path.exists("/dev/fuse"):
-            raise DstError("--fuse: /dev/fuse is missing; load the module with `modprobe fuse`")
         mfusepy = _load_mfusepy()
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
@@ -420,8 +464,7 @@ class FuseFrontend:
         self._error = err
         self._ended.set()
         if self._ready is not None and not self._ready.done():
-            msg = f"mounting FUSE on {self.mountpoint} failed"
-            self._ready.set_exception(DstError(f"{msg}: {err}" if err else msg))
+            self._ready.set_exception(DstError(self._mount_failure(err)))
             return
         if self._closing:
             return
@@ -437,6 +480,17 @@ class FuseFrontend:
         )
         if self.on_unmounted is not None:
             self.on_unmounted()
+
+    def _mount_failure(self, err: BaseException | None) -> str:
+        """One line for a mount that did not come up (mfusepy reports fuse_main's bare
+        return code; libfuse has printed its own reason just before)."""
+        msg = f"mounting FUSE on {self.mountpoint} failed"
+        if isinstance(err, RuntimeError) and err.args and isinstance(err.args[0], int):
+            return (
+                f"{msg}: libfuse could not mount it (fuse_main returned {err.args[0]}; its "
+                "reason, if it gave one, is on the line above)"
+            )
+        return f"{msg}: {err}" if err else msg
 
     async def _abort_start(self, exc: BaseException) -> None:
         """A start that failed half-way: take the mount down again if it came up."""

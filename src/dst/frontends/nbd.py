@@ -450,7 +450,10 @@ class NbdFrontend:
         max_inflight: int = MAX_INFLIGHT,
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         close_timeout: float = CLOSE_TIMEOUT,
+        listener: socket.socket | None = None,
     ) -> None:
+        """``listener``: a socket already bound to ``address`` (``bind_listener``), so a
+        caller can take the address before it has a device to serve."""
         self.device = device
         self.requested = address
         self.address = address
@@ -471,6 +474,7 @@ class NbdFrontend:
             "read_pauses": 0,
         }
         self._conns: set[_Connection] = set()
+        self._listener = listener
         self._sock: socket.socket | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -484,7 +488,9 @@ class NbdFrontend:
         """Bind and start accepting; logs ``serving NBD on URI``."""
         if self._sock is not None:
             raise RuntimeError("this NBD front end is already started")
-        sock = bind_listener(self.requested, what="serve NBD")
+        sock, self._listener = self._listener, None
+        if sock is None:
+            sock = bind_listener(self.requested, what="serve NBD")
         self._sock = sock
         self.address = bound_address(sock, self.requested)
         self._serve_task = asyncio.get_running_loop().create_task(serve(sock, self._on_client))
@@ -524,6 +530,12 @@ class NbdFrontend:
         if self._closed:
             return
         self._closed = True
+        if self._listener is not None:  # never started: nothing was served
+            self._listener.close()
+            self._listener = None
+            unlink_unix(self.requested)
+        if self._sock is None:
+            return
         if self._serve_task is not None:
             self._serve_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -423,8 +423,9 @@ class ExportNode:
         self.address: Address | None = None
         self._requested: Address | None = None
 
-    async def start(self, listen: Address) -> Address:
-        self._sock = bind_listener(listen, "listen")
+    async def start(self, listen: Address, sock: socket.socket | None = None) -> Address:
+        """Serve on ``listen`` (``sock``: already bound there by the caller)."""
+        self._sock = sock if sock is not None else bind_listener(listen, "listen")
         self._requested = listen
         self.address = bound_address(self._sock, listen)
         self._serve_task = asyncio.create_task(serve(self._sock, self._on_client))
