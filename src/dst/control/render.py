@@ -49,6 +49,19 @@ def _state(state: Any) -> Text:
     return Text(s, style=STATE_STYLE.get(s, "magenta"))
 
 
+def _session_state(ses: dict[str, Any]) -> Text:
+    """An export node's session: connected, or lost and still holding its claim until when."""
+    if ses.get("connected"):
+        return _state("connected")
+    left = ses.get("claim_expires_in")
+    if isinstance(left, (int, float)):
+        text = (
+            f"lost, claim expires in {human_seconds(left)}" if left > 0 else "lost, claim expired"
+        )
+        return Text(text, style="yellow" if left > 0 else "")
+    return Text("disconnected")
+
+
 _COUNTS = ("in_flight", "completed", "resends", "failed", "checksum_errors")
 
 
@@ -217,7 +230,7 @@ def render_export(st: dict[str, Any]) -> RenderableType:
             str(ses.get("address") or "-"),
             f"{human_seconds(now - since)} ago" if isinstance(since, (int, float)) else "-",
             str(ses.get("generation", "-")),
-            _state("connected" if ses.get("connected") else "disconnected"),
+            _session_state(ses),
         )
         served.add_row(
             str(i),
