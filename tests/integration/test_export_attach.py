@@ -233,18 +233,6 @@ def test_second_client_id_is_refused_while_a_writer_is_attached(
     assert "Traceback" not in cp.stderr
 
 
-def test_restarted_client_node_replaces_its_old_session(procs: Procs, sockdir: Path) -> None:
-    img = sockdir / "d.img"
-    _, addr = procs.export(f"file:{img}", "--size", "8M")
-    old, _ = procs.attach(
-        member_uri(addr), "--client-id", "alpha", "--resend-timeout", "1", "--resends", "1"
-    )
-    _, uri2 = procs.attach(member_uri(addr), "--client-id", "alpha")
-    qemu_io(uri2, "write -P 0x99 0 64k", "flush")
-    assert read_file(img, 0, 65536) == b"\x99" * 65536
-    old.wait_for(r"replaced by a newer session", timeout=30)
-
-
 def test_two_export_nodes_on_one_backing_file(procs: Procs, sockdir: Path) -> None:
     img = sockdir / "d.img"
     procs.export(f"file:{img}", "--size", "8M")

@@ -71,6 +71,19 @@ def link_text(m: dict[str, Any], now: float) -> Text:
     return Text(link + detail, style=STATE_STYLE.get(link, "magenta"))
 
 
+def _session_state(ses: dict[str, Any]) -> Text:
+    """An export node's session: connected, or lost and still holding its claim until when."""
+    if ses.get("connected"):
+        return _state("connected")
+    left = ses.get("claim_expires_in")
+    if isinstance(left, (int, float)):
+        text = (
+            f"lost, claim expires in {human_seconds(left)}" if left > 0 else "lost, claim expired"
+        )
+        return Text(text, style="yellow" if left > 0 else "")
+    return Text("disconnected")
+
+
 _COUNTS = ("in_flight", "completed", "resends", "failed", "checksum_errors")
 
 
@@ -308,7 +321,7 @@ def render_export(st: dict[str, Any]) -> RenderableType:
             str(ses.get("address") or "-"),
             f"{human_seconds(now - since)} ago" if isinstance(since, (int, float)) else "-",
             str(ses.get("generation", "-")),
-            _state("connected" if ses.get("connected") else "disconnected"),
+            _session_state(ses),
         )
         served.add_row(
             str(i),

@@ -108,6 +108,7 @@ class ClientStats:
     checksum_errors: int = 0
     late_replies: int = 0
     pings: int = 0
+    probes: int = 0  # probe pings of the export node answered
     connections: int = 0
 
 
@@ -176,6 +177,11 @@ class ClientCore:
             queue_depth=cfg.queue_depth,
             nonce=self._nonce,
             auth=cfg.key is not None,
+            # asked only until the session is first welcomed: a reconnect of a session the
+            # export node knows is never subject to the one-writer rule, and one it forgot
+            # (the node restarted) must not take the export from anyone
+            takeover=cfg.takeover and self.first_welcome is None,
+            ping_timeout=cfg.ping_timeout,
         )
         frame = pack_handshake(MsgType.HELLO, hello.encode())
         self._transcript.add(frame)
@@ -377,7 +383,11 @@ class ClientCore:
         magic, command, status, txn_id, attempt, length = REP_HEADER.unpack(chunk)
         if magic != REP_MAGIC:
             raise ProtocolError(f"bad reply magic {bytes(magic)!r}")
-        if txn_id >= self._next_id or txn_id == 0:
+        if txn_id == 0 and command == Command.PING:
+            # the export node's probe: is this client alive?  Answered once verified.
+            if length:
+                raise ProtocolError(f"probe ping claims {length} payload bytes")
+        elif txn_id >= self._next_id or txn_id == 0:
             raise ProtocolError(f"reply for transaction {txn_id}, which was never sent")
         self._rep = (command, status, txn_id, attempt, length)
         self._rep_head = bytes(chunk)
@@ -416,7 +426,7 @@ class ClientCore:
             self._on_reply_complete(b"")
 
     def _on_reply_complete(self, digest: bytes) -> None:
-        command, status, txn_id, _attempt, _length = self._rep
+        command, status, txn_id, attempt, _length = self._rep
         view, buf, head = self._rep_view, self._rep_buf, self._rep_head
         self._rep_buf = None
         self._rep_view = None
@@ -438,7 +448,10 @@ class ClientCore:
             good = bool(job.result) if job is not None and job.error is None else ok
             if buf is not None:
                 buf.release()
-            self._reply_verified(command, status, txn_id, good)
+            if txn_id == 0:
+                self._answer_probe(attempt, good)
+            else:
+                self._reply_verified(command, status, txn_id, good)
 
         self._order.add(job, complete)
 
@@ -484,6 +497,19 @@ class ClientCore:
         if command == Command.DISCONNECT:
             self._die("disconnected")
         self._send_pending()
+
+    def _answer_probe(self, probe: int, ok: bool) -> None:
+        """Answer the export node's probe at once, outside the queue-depth limit: a session
+        that does not answer within the probing node's wait may be replaced."""
+        if not ok:
+            self.stats.checksum_errors += 1
+            self._events.append(ChecksumMismatch(0, "probe"))
+            return
+        if self.state != State.READY or self._dead:
+            return
+        self.stats.probes += 1
+        head = RequestHeader(Command.PING, 0, 0, probe, 0, 0).pack()
+        self._channel.send([head], self._checksum if self._digest_size else None)
 
     def _finish(self, t: Txn, status: int, message: str, timed_out: bool = False) -> None:
         if self._txns.pop(t.id, None) is None:

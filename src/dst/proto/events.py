@@ -100,6 +100,13 @@ class Disconnecting:
     txn: int
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeAnswered:
+    """Export node: the client answered the probe ping number ``probe`` (it is alive)."""
+
+    probe: int
+
+
 Event = (
     Ready
     | Refused
@@ -111,4 +118,5 @@ Event = (
     | Request
     | Rejected
     | Disconnecting
+    | ProbeAnswered
 )

@@ -33,6 +33,8 @@ class F(IntEnum):
     QUEUE_DEPTH = 10  # u32
     NONCE = 11  # 32 bytes
     AUTH = 12  # u8: the client holds a key
+    TAKEOVER = 13  # u8: fence a live session of the same client id instead of being refused
+    PING_TIMEOUT = 14  # u32 ms: the client answers probe pings; how long a probe may wait
     SIZE = 20  # u64 export size
     MIN_BLOCK = 21  # u32
     PREFERRED_BLOCK = 22  # u32
@@ -74,6 +76,9 @@ class Hello:
     auth: bool = False
     min_version: int = MIN_VERSION
     max_version: int = MAX_VERSION
+    takeover: bool = False
+    # None: an older client that does not answer the export node's probe pings
+    ping_timeout: float | None = None
 
     def encode(self) -> bytes:
         fields: list[tuple[int, bytes]] = [
@@ -90,6 +95,11 @@ class Hello:
             (F.NONCE, self.nonce),
             (F.AUTH, tlv.u8(int(self.auth))),
         ]
+        if self.takeover:
+            fields.append((F.TAKEOVER, tlv.u8(1)))
+        if self.ping_timeout is not None:
+            ms = min(0xFFFFFFFF, max(1, round(self.ping_timeout * 1000)))
+            fields.append((F.PING_TIMEOUT, tlv.u32(ms)))
         return tlv.encode(fields)
 
     @classmethod
@@ -125,6 +135,13 @@ class Hello:
                 kw["nonce"] = bytes(v)
             elif t == F.AUTH:
                 kw["auth"] = bool(tlv.get_int(t, v))
+            elif t == F.TAKEOVER:
+                kw["takeover"] = bool(tlv.get_int(t, v))
+            elif t == F.PING_TIMEOUT:
+                ms = tlv.get_int(t, v)
+                if ms == 0:
+                    raise ProtocolError("the ping timeout field must not be 0")
+                kw["ping_timeout"] = ms / 1000
             else:
                 _check_unknown(t)
         for required in ("export", "client_id", "session", "generation"):

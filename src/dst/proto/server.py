@@ -31,6 +31,7 @@ from dst.proto.events import (
     Disconnecting,
     Event,
     HelloReceived,
+    ProbeAnswered,
     Refused,
     Rejected,
     Request,
@@ -104,6 +105,7 @@ class ServerStats:
     rejected: int = 0
     checksum_errors: int = 0
     pings: int = 0
+    probes: int = 0
 
 
 class ServerCore:
@@ -133,6 +135,7 @@ class ServerCore:
         self._skip_left = 0
         self._scratch: bytearray | None = None
         self.in_flight = 0
+        self._probes = 0
         self._order = InOrder()
         self._channel.offload = config.offload
 
@@ -458,6 +461,11 @@ class ServerCore:
             self._reject(txn, command, problem[0], problem[1], attempt)
             return
         if command == Command.PING:
+            if txn == 0:
+                # the answer to our probe (a client never uses transaction id 0)
+                if 0 < attempt <= self._probes:
+                    self._events.append(ProbeAnswered(attempt))
+                return
             self.stats.pings += 1
             self._send_reply(command, Status.OK, txn, attempt, None)
             return
@@ -540,6 +548,19 @@ class ServerCore:
         if data is not None and n:
             parts.append(data)
         self._channel.send(parts, self._checksum if self._digest else None, on_handed)
+
+    def probe(self) -> int | None:
+        """Ask the client for a sign of life: a PING reply frame with transaction id 0 that a
+        client announcing PING_TIMEOUT answers with a PING request of id 0 and the same
+        attempt number (:class:`ProbeAnswered`).  Returns that number, or None when this
+        connection cannot be probed (not serving, or the client does not answer probes)."""
+        hello = self.hello
+        if self._dead or self.state != SState.READY or hello is None or hello.ping_timeout is None:
+            return None
+        self._probes += 1
+        self.stats.probes += 1
+        self._send_reply(Command.PING, Status.OK, 0, self._probes, None)
+        return self._probes
 
     def reply_disconnect(self, txn: int) -> None:
         if not self._dead:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,19 +24,23 @@ from dst.proto.events import (
     ConnectionDead,
     Disconnecting,
     HelloReceived,
+    ProbeAnswered,
     Refused,
     Rejected,
     Request,
 )
+from dst.proto.handshake import Hello
 from dst.proto.jobs import Job
 from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
 from dst.proto.wire import Command, Refusal, ReqFlags, Status
-from dst.server.sessions import Decision, Session, SessionTable
+from dst.server.sessions import Decision, Session, SessionTable, probe_key
 from dst.units import Address
 
 log = logging.getLogger("dst.export")
 
 MAX_UNAUTHENTICATED = 64
+DEFAULT_PROBE_WAIT = 2.0  # for a client that does not say its ping timeout
+MAX_PROBE_ROUNDS = 4  # sessions that keep changing while we probe: give up, the client retries
 
 
 @dataclass
@@ -78,7 +83,7 @@ class Connection:
         self.node = node
         self.core = ServerCore(node.server_config, node.pool)
         self.stream = SocketStream(sock, self)
-        self.peer = self.stream.peer
+        self.peer = _peer(sock, self.stream.peer)
         self.export: Export | None = None
         self.session: Session | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -87,6 +92,10 @@ class Connection:
         self._disconnect_txn: int | None = None
         self._authenticated = False
         self.running: set[int] = set()
+        self.clean = False  # the client detached with DISCONNECT
+        self.fenced = False  # closed by us for a newer connection or session
+        self._probe: asyncio.Future[bool] | None = None
+        self._probe_no = 0
 
     # Receiver protocol for SocketStream
     def get_buffer(self) -> memoryview:
@@ -105,6 +114,8 @@ class Connection:
         if not self._authenticated:
             self.node.pending.pop(self, None)
             self._authenticated = True
+        if self._probe is not None and not self._probe.done():
+            self._probe.set_result(False)
         self.closed.set()
 
     def start(self) -> None:
@@ -152,6 +163,10 @@ class Connection:
                 t = asyncio.create_task(self._on_hello(ev))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
+            elif isinstance(ev, ProbeAnswered):
+                probe = self._probe
+                if ev.probe == self._probe_no and probe is not None and not probe.done():
+                    probe.set_result(True)
             elif isinstance(ev, Rejected):
                 log.warning(
                     "%s: rejected transaction %d from %s: %s",
@@ -220,74 +235,154 @@ class Connection:
             self._pump()
             return
         read_only = export.read_only or hello.read_only
-        async with export.lock:
-            d: Decision = export.sessions.decide(hello, read_only, time.time())
-            if d.refusal is not None:
-                self.core.refuse(d.refusal, d.message)
-                self._pump()
-                return
-            for old in d.fence:
-                conn = old.conn
-                if conn is not None and conn is not self:
-                    why = (
-                        "a newer connection of the same session"
-                        if old is d.session
-                        else ("a newer session of the same client")
-                    )
-                    log.info(
-                        "fencing connection from %s (generation %d) of client %r: replaced by %s",
-                        conn.peer,
-                        old.generation,
-                        old.client_id,
-                        why,
-                    )
-                    if trace.on.proto:
-                        trace.emit(
-                            "proto",
-                            "fence",
-                            client=old.client_id,
-                            generation=old.generation,
-                            export=export.name,
-                        )
-                    await conn.fence()
+        answered: dict[tuple[bytes, int], bool] = {}
+        for _ in range(MAX_PROBE_ROUNDS):
+            async with export.lock:
+                d: Decision = export.sessions.decide(hello, read_only, time.time(), answered)
+                if d.probe is None:
+                    await self._admit(export, hello, d, read_only, answered)
+                    return
+            # Probe outside the lock: the export serves everyone else meanwhile, and the
+            # table may change (the old session may reconnect), so decide again afterwards.
+            old = d.probe
+            wait = self._probe_wait(hello)
+            conn = old.conn
+            alive = await conn.probe(wait) if conn is not None else False
+            answered[probe_key(old)] = alive
+            log.info(
+                "client %r from %s asks for export %r, held by %s from %s: %s",
+                hello.client_id,
+                self.peer,
+                export.name,
+                "another session of the same client id"
+                if old.client_id == hello.client_id
+                else f"client {old.client_id!r}",
+                old.address,
+                "it answered a probe ping" if alive else f"no answer to a probe ping in {wait:g} s",
+            )
             if self.stream.closed:
                 return
-            s = export.sessions.install(d, hello)
-            s.conn = self
-            s.address = self.peer
-            self.export = export
-            self.session = s
-            self.core.accept(export.terms(read_only))
-            if self.core.state == SState.READY:
-                self._authenticated = True
-                node.pending.pop(self, None)
-                w = self.core.welcome
-                assert w is not None
+        self.core.refuse(
+            Refusal.TOO_MANY,
+            f"the sessions of export {export.name!r} kept changing while this node probed them; "
+            "try again",
+        )
+        self._pump()
+
+    def _probe_wait(self, hello: Hello) -> float:
+        """How long an older session gets to answer: the new client's ping timeout, within
+        the time the new connection's handshake may take."""
+        wait = DEFAULT_PROBE_WAIT if hello.ping_timeout is None else hello.ping_timeout
+        return max(0.1, min(wait, self.node.server_config.handshake_timeout / 2))
+
+    async def _admit(
+        self,
+        export: Export,
+        hello: Hello,
+        d: Decision,
+        read_only: bool,
+        answered: dict[tuple[bytes, int], bool],
+    ) -> None:
+        """Carry out a decision (the export's lock is held): refuse, or fence and serve."""
+        node = self.node
+        for lost in d.drop:
+            if lost.conn is not None:
+                lost.conn.stream.close(flush=False)  # counted as lost: the claim lingers
+        if d.refusal is not None:
+            self.core.refuse(d.refusal, d.message)
+            self._pump()
+            return
+        for old in d.fence:
+            if old is d.session:
+                why = "a newer connection of the same session"
+            elif hello.takeover:
+                why = f"a new session of client {hello.client_id!r} that asked for --takeover"
+            elif answered.get(probe_key(old)) is False:
+                why = f"a new session of client {hello.client_id!r}: it did not answer a probe ping"
+            elif old.client_id == hello.client_id:
+                why = "a new session of the same client id: its connection was gone"
+            else:
+                why = f"client {hello.client_id!r}: its claim had expired"
+            conn = old.conn
+            if conn is not None and conn is not self:
                 log.info(
-                    "client %r from %s attached export %r (%s, generation %d, cipher %s, checksum %s)",
-                    hello.client_id,
-                    self.peer,
-                    export.name,
-                    "read-only" if read_only else "read-write",
-                    hello.generation,
-                    w.cipher,
-                    w.checksum,
+                    "fencing connection from %s (generation %d) of client %r: replaced by %s",
+                    conn.peer,
+                    old.generation,
+                    old.client_id,
+                    why,
                 )
                 if trace.on.proto:
                     trace.emit(
                         "proto",
-                        "attached",
-                        client=hello.client_id,
+                        "fence",
+                        client=old.client_id,
+                        generation=old.generation,
                         export=export.name,
-                        generation=hello.generation,
-                        read_only=read_only,
-                        cipher=w.cipher,
-                        checksum=w.checksum,
                     )
+                await conn.fence()
+            elif old is not d.session:
+                log.info(
+                    "session of client %r on export %r (lost its connection) replaced by %s",
+                    old.client_id,
+                    export.name,
+                    why,
+                )
+        if self.stream.closed:
+            return
+        s = export.sessions.install(d, hello)
+        s.conn = self
+        s.address = self.peer
+        self.export = export
+        self.session = s
+        self.core.accept(export.terms(read_only))
+        if self.core.state == SState.READY:
+            self._authenticated = True
+            node.pending.pop(self, None)
+            w = self.core.welcome
+            assert w is not None
+            log.info(
+                "client %r from %s attached export %r (%s, generation %d, cipher %s, checksum %s)",
+                hello.client_id,
+                self.peer,
+                export.name,
+                "read-only" if read_only else "read-write",
+                hello.generation,
+                w.cipher,
+                w.checksum,
+            )
+            if trace.on.proto:
+                trace.emit(
+                    "proto",
+                    "attached",
+                    client=hello.client_id,
+                    export=export.name,
+                    generation=hello.generation,
+                    read_only=read_only,
+                    cipher=w.cipher,
+                    checksum=w.checksum,
+                )
         self._pump()
+
+    async def probe(self, wait: float) -> bool:
+        """True when the client answers a probe ping within ``wait`` seconds; False when it
+        does not, or the connection is gone (or cannot be probed).  Concurrent askers share
+        one probe."""
+        if self._probe is None or self._probe.done():
+            n = self.core.probe()
+            if n is None or self.stream.closed:
+                return False
+            self._probe_no = n
+            self._probe = asyncio.get_running_loop().create_future()
+            self._pump()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._probe), wait)
+        except TimeoutError:
+            return False
 
     async def fence(self) -> None:
         """Stop reading this connection and wait for every request it started."""
+        self.fenced = True
         self.stream.close(flush=False)
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
@@ -390,6 +485,7 @@ class Connection:
             await asyncio.gather(*others, return_exceptions=True)
         if self._disconnect_txn is not None:
             self.core.reply_disconnect(self._disconnect_txn)
+        self.clean = True
         self._flush_out()
         self.stream.close()
 
@@ -465,13 +561,26 @@ class ExportNode:
             self.connections.discard(conn)
             s = conn.session
             if s is not None and conn.export is not None and s.conn is conn:
-                conn.export.sessions.disconnected(s, time.time())
-                log.info(
-                    "client %r from %s detached from export %r",
-                    s.client_id,
-                    conn.peer,
-                    conn.export.name,
-                )
+                table = conn.export.sessions
+                table.disconnected(s, time.time(), clean=conn.clean)
+                if conn.fenced:
+                    pass  # said when it was fenced
+                elif conn.clean or s.read_only:
+                    log.info(
+                        "client %r from %s detached from export %r",
+                        s.client_id,
+                        conn.peer,
+                        conn.export.name,
+                    )
+                else:
+                    log.info(
+                        "client %r from %s lost its connection to export %r without detaching; "
+                        "its session keeps the claim for %g s",
+                        s.client_id,
+                        conn.peer,
+                        conn.export.name,
+                        table.linger,
+                    )
 
     async def aclose(self) -> None:
         """Stop accepting, finish in-flight requests, flush and close every export."""
@@ -510,8 +619,9 @@ class ExportNode:
                     "statistics": stats,
                 }
             )
+            now = time.time()
             for s in e.sessions.all():
-                d = s.describe()
+                d = s.describe(now, e.sessions.linger)
                 d["export"] = e.name
                 sessions.append(d)
         return {
@@ -523,6 +633,19 @@ class ExportNode:
             "connections": len(self.connections),
             "enospc": self.enospc,
         }
+
+
+def _peer(sock: socket.socket, name: str) -> str:
+    """The peer for messages; on a unix socket, the client's process id (SO_PEERCRED), so
+    that "stop that client node" names the process."""
+    if sock.family != socket.AF_UNIX:
+        return name
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return name
+    pid = struct.unpack("3i", creds)[0]
+    return f"unix (pid {pid})" if pid > 0 else name
 
 
 __all__ = ["Connection", "Export", "ExportNode", "ReqFlags"]
