@@ -444,6 +444,29 @@ def test_refused_writes_consume_their_payload() -> None:
     assert pool.asked == []  # nothing was allocated for refused payloads
 
 
+@pytest.mark.parametrize(
+    "export",
+    [ExportInfo(size=SIZE, read_only=True), ExportInfo(size=SIZE, max_block=MiB)],
+    ids=["read-only", "over-max"],
+)
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_refused_write_is_answered_after_its_payload(
+    export: ExportInfo, structured: bool
+) -> None:
+    core = connected(export, structured=structured)
+    n = 8 * MiB
+    core.receive_data(request(1, 1, 0, n) + bytes(n // 2))
+    assert out(core) == b""  # the client is still sending: no reply yet
+    core.receive_data(bytes(n // 2 - 1))
+    assert out(core) == b""
+    core.receive_data(bytes(1) + request(0, 2, 0, 512))
+    reply = out(core)
+    assert struct.unpack(">Q", reply[8:16])[0] == 1  # the handle, in either reply form
+    code = reply[20:24] if structured else reply[4:8]
+    assert struct.unpack(">I", code)[0] == (errno.EPERM if export.read_only else errno.EINVAL)
+    assert [e.handle for e in events(core) if isinstance(e, Request)] == [2]
+
+
 def test_structured_error_carries_the_message() -> None:
     core = connected(structured=True)
     core.receive_data(request(0, 5, SIZE, 512))

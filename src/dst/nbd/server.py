@@ -13,7 +13,10 @@ be tested directly. One instance serves one client connection:
   :class:`Disconnect`, :class:`ProtocolViolation` (then close the connection).
   Requests are validated first: a bad offset, length, flag or command, or a write
   to a read-only export, is answered by the core itself and never becomes an
-  event. Lengths are checked against the caps before anything is allocated.
+  event. Lengths are checked against the caps before anything is allocated. A
+  refused WRITE's payload is skipped, and its error reply is queued only once the
+  last payload byte arrived: the client may still be sending it, and a reply to a
+  request it has not finished sending is one it cannot match (libnbd hangs up).
 - sending: ``reply_read`` / ``reply_ok`` / ``reply_error`` for each request, in any
   order; ``data_to_send()`` returns the queued buffers (headers as ``bytes``, read
   data as the caller's memoryview: keep it alive until it is sent).
@@ -97,6 +100,7 @@ class NbdServerConnection:
         self._body_request: tuple[int, IoFlags, int] | None = None  # handle, flags, offset
         self._direct = False  # the last get_buffer() handed out the body itself
         self._discard = 0  # bytes still to skip (an unwanted payload or option data)
+        self._discard_reply: bytes | None = None  # the refusal sent once that payload is skipped
         self._inflight: dict[int, list[_Pending]] = {}
         self._recv_closed = False
         self._send_closed = False
@@ -164,6 +168,7 @@ class NbdServerConnection:
     def connection_lost(self) -> None:
         """The transport is gone: give back every buffer still held, answer nothing more."""
         self._recv_closed = self._send_closed = True
+        self._discard_reply = None
         self._release_body()
         self._inflight.clear()
         self._out.clear()
@@ -198,6 +203,9 @@ class NbdServerConnection:
                     return
                 self._start += take
                 self._discard -= take
+                if not self._discard and self._discard_reply is not None:
+                    self._out.append(self._discard_reply)
+                    self._discard_reply = None
                 continue
             need = self._header
             if avail < need:
@@ -295,9 +303,15 @@ class NbdServerConnection:
         if rejection is not None:
             self.requests_rejected += 1
             code, message = rejection
-            self._out.append(self._error_reply(handle, code, message))
-            if ctype == Command.WRITE:
+            reply = self._error_reply(handle, code, message)
+            if ctype == Command.WRITE and length:
+                # The client may still be sending the payload: a reply now would come before
+                # the request is complete on its side (libnbd then drops the connection), so
+                # it goes out once the payload has been skipped.
                 self._discard = length
+                self._discard_reply = reply
+            else:
+                self._out.append(reply)
             return
         command = Command(ctype)
         flags = IoFlags.NONE
