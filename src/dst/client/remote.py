@@ -18,7 +18,7 @@ from dst import trace
 from dst.aio import workers
 from dst.buffers import BufferPool
 from dst.client.link import LinkedDevice, LinkOptions
-from dst.device import Buffer, Capabilities, IoFlags, check_range
+from dst.device import Buffer, Capabilities, Extent, IoFlags, check_range, checked_extents
 from dst.errors import DstError, IoError
 from dst.proto.client import ClientConfig, ClientCore, State
 from dst.proto.events import (
@@ -30,7 +30,7 @@ from dst.proto.events import (
     Resent,
 )
 from dst.proto.jobs import Job
-from dst.proto.wire import Command, Status
+from dst.proto.wire import MAX_EXTENTS_LENGTH, Command, Status
 from dst.uri import MemberUri
 
 log = logging.getLogger("dst.member")
@@ -43,6 +43,7 @@ OPS = {
     Command.FLUSH: "flush",
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
+    Command.EXTENTS: "extents",
     Command.DISCONNECT: "disconnect",
 }
 
@@ -64,6 +65,7 @@ class RemoteDevice(LinkedDevice):
         self.pool = pool or BufferPool()
         self.core: ClientCore = ClientCore(config, self.pool)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
+        self._extents: dict[int, tuple[Extent, ...]] = {}  # answers of finished EXTENTS
 
     @property
     def _ever_connected(self) -> bool:
@@ -178,6 +180,8 @@ class RemoteDevice(LinkedDevice):
         op = OPS.get(Command(cmd), "other")
         elapsed = time.monotonic() - started
         if ev.status == 0:
+            if cmd == Command.EXTENTS and not fut.done():  # a cancelled caller takes nothing
+                self._extents[ev.txn] = ev.extents
             self.latency[op].add(elapsed)
             if trace.on.txn:
                 trace.emit(
@@ -229,7 +233,8 @@ class RemoteDevice(LinkedDevice):
         flags: IoFlags,
         payload: memoryview | None = None,
         into: memoryview | None = None,
-    ) -> None:
+    ) -> int:
+        """Run one transaction to its end; returns its id."""
         if self.state == "failed" or self.core.state == State.CLOSED:
             raise IoError(errno.EIO, f"{self.name} has failed: {self.last_error}")
         loop = asyncio.get_running_loop()
@@ -252,6 +257,7 @@ class RemoteDevice(LinkedDevice):
             )
         self._pump()
         await fut
+        return tid
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         check_range(self.size, offset, length)
@@ -322,6 +328,24 @@ class RemoteDevice(LinkedDevice):
                 for p in range(0, length, step)
             )
         )
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """The export node's allocation status (EXTENTS), or all data from an export node
+        that does not offer the command (an older version): always a correct answer."""
+        self._check(offset, length, False)
+        w = self.core.welcome
+        if not length or w is None or not w.commands & (1 << Command.EXTENTS):
+            return await super().extents(offset, length)
+        block = max(self.capabilities.min_block, 1)
+        n = min(length, MAX_EXTENTS_LENGTH // block * block)
+        try:
+            tid = await self._txn(Command.EXTENTS, offset, n, IoFlags.NONE)
+        except IoError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            return await super().extents(offset, length)  # replaced by an older export node
+        got = list(self._extents.pop(tid, ()))
+        return checked_extents(self.name, offset, length, got)
 
     # ---- status and knobs ------------------------------------------------------------
     def set_knob(self, key: str, value: float) -> None:
