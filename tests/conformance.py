@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from dst.device import BlockDevice, IoFlags
+from dst.device import BlockDevice, Extent, ExtentFlags, IoFlags, all_extents
 from dst.errors import IoError
 
 MIB = 1 << 20
@@ -46,6 +47,7 @@ class Expect:
     stores_data: bool = True  # False for a null device: every read stays zeroes
     fresh_zeroes: bool = True  # a fresh device reads zeroes where nothing was written
     trim_reads_zeroes: bool = False  # a trimmed range reads back as zeroes
+    knows_holes: bool = False  # extents reports unwritten and trimmed ranges as holes
 
 
 @dataclass(frozen=True)
@@ -337,3 +339,54 @@ async def check_close_twice(factory: Factory, expect: Expect) -> None:
     await dev.read(0, 512)
     await dev.aclose()
     await dev.aclose()
+
+
+def flags_at(extents: list[Extent], offset: int, length: int) -> set[ExtentFlags]:
+    """Every flag value the map ``extents`` gives to bytes of ``[offset, offset + length)``."""
+    return {e.flags for e in extents if e.offset < offset + length and offset < e.end}
+
+
+@check(ro=True)
+async def check_extents(factory: Factory, expect: Expect) -> None:
+    async with opened(factory) as dev:
+        size = dev.size
+        written = [(MIB, 64 * 1024), (3 * MIB + 4096, 8192)]
+        trimmed = (5 * MIB, MIB)
+        if not expect.read_only:
+            for i, (offset, length) in enumerate(written):
+                await dev.write(offset, pattern(length, 200 + i))
+            await dev.write(trimmed[0], pattern(trimmed[1], 210))
+            if dev.capabilities.can_trim:
+                await dev.trim(*trimmed)
+            await dev.flush()
+        whole = await all_extents(dev, 0, size)
+        assert whole[0].offset == 0 and whole[-1].end == size, "extents do not cover the device"
+        for a, b in itertools.pairwise(whole):
+            assert a.end == b.offset and a.flags != b.flags, f"{a} and {b}: not merged or apart"
+        for e in whole:  # the one promise a copy relies on: ZERO means it reads zeroes
+            if e.flags & ExtentFlags.ZERO:
+                for pos in range(e.offset, e.end, MIB):
+                    n = min(MIB, e.end - pos)
+                    await assert_reads(dev, pos, bytes(n), f"{e} says zeroes")
+        if expect.knows_holes and not expect.read_only:
+            data = (
+                {ExtentFlags.DATA} if expect.stores_data else {ExtentFlags.HOLE | ExtentFlags.ZERO}
+            )
+            for offset, length in written:
+                assert flags_at(whole, offset, length) == data, f"written [{offset}, +{length})"
+            hole = {ExtentFlags.HOLE | ExtentFlags.ZERO}
+            assert flags_at(whole, 7 * MIB, MIB) == hole, "never written, yet not a hole"
+            if dev.capabilities.can_trim and expect.trim_reads_zeroes:
+                assert flags_at(whole, *trimmed) == hole, "trimmed, yet not a hole"
+        for offset, length in [(0, size), (1, 4095), (MIB + 100, 3 * MIB), (size - 1, 1)]:
+            got = await dev.extents(offset, length)
+            assert got and got[0].offset == offset, f"extents({offset}, {length}) = {got}"
+            for a, b in itertools.pairwise(got):
+                assert a.end == b.offset, f"extents({offset}, {length}): a gap after {a}"
+            assert all(e.length > 0 for e in got) and got[-1].end <= offset + length
+            if expect.knows_holes:  # the same answer as the whole map, byte for byte
+                for e in got:
+                    assert flags_at(whole, e.offset, e.length) == {e.flags}, (offset, length, e)
+        for offset, length in [(size, 1), (size - 1, 2), (-1, 1)]:
+            await assert_errno(errno.EINVAL, dev.extents(offset, length), f"extents {offset}")
+        assert await dev.extents(size, 0) == [], "an empty query at the end is allowed"

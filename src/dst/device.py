@@ -11,7 +11,7 @@ import asyncio
 import errno
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
@@ -32,6 +32,75 @@ class IoFlags(IntFlag):
     FUA = 1  # durable on stable storage before the ack
     PREFLUSH = 2  # every write acked before this request is durable before it runs
     NO_HOLE = 4  # WRITE_ZEROES must allocate, not punch
+
+
+class ExtentFlags(IntFlag):
+    """The allocation status of a range; the values are NBD's ``base:allocation`` bits."""
+
+    DATA = 0  # allocated, or the device cannot tell: read it
+    HOLE = 1  # not allocated in the backing store (writing there may need space)
+    ZERO = 2  # reads back as zeroes
+
+
+HOLE_ZERO = ExtentFlags.HOLE | ExtentFlags.ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """``length`` bytes from ``offset`` that share one allocation status."""
+
+    offset: int
+    length: int
+    flags: ExtentFlags = ExtentFlags.DATA
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
+    """Join touching neighbours with the same flags: fewer, longer extents, same meaning."""
+    out: list[Extent] = []
+    for e in extents:
+        if e.length <= 0:
+            continue
+        if out and out[-1].end == e.offset and out[-1].flags == e.flags:
+            out[-1] = Extent(out[-1].offset, out[-1].length + e.length, e.flags)
+        else:
+            out.append(e)
+    return out
+
+
+def checked_extents(name: str, offset: int, length: int, extents: list[Extent]) -> list[Extent]:
+    """The extents a device answered, verified against the ``extents`` contract: consecutive
+    from ``offset``, none empty, none past ``offset + length``, at least one. A device that
+    breaks it is failing (EIO), not something a caller could work around."""
+    pos, end = offset, offset + length
+    for e in extents:
+        if e.offset != pos or e.length <= 0 or e.end > end:
+            raise IoError(
+                errno.EIO,
+                f"{name}: extents of [{offset}, {end}) answered [{e.offset}, {e.end}) where "
+                f"[{pos}, ...) was due",
+            )
+        pos = e.end
+    if length and not extents:
+        raise IoError(errno.EIO, f"{name}: no extents for [{offset}, {end})")
+    return extents
+
+
+async def all_extents(dev: BlockDevice, offset: int, length: int) -> list[Extent]:
+    """Every extent of the range, asking again where a device's answer stopped short; merged.
+
+    Each answer covers at least one byte, so this ends after at most ``length`` calls
+    (in practice after one or a few)."""
+    out: list[Extent] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        got = checked_extents(dev.name, pos, end - pos, await dev.extents(pos, end - pos))
+        out.extend(got)
+        pos = got[-1].end
+    return merge_extents(out)
 
 
 @dataclass(frozen=True)
@@ -147,6 +216,15 @@ class BlockDevice(ABC):
             )
             pos += n
 
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """The allocation status of ``[offset, offset + length)``: consecutive extents from
+        ``offset`` on, none empty, none past the range, at least one when ``length`` > 0.
+        They may stop short of the range's end (ask again from there, or use
+        :func:`all_extents`). The default, for devices that cannot tell, is all data, which
+        is always a correct answer: readers then read it instead of skipping it."""
+        check_range(self.size, offset, length)
+        return [Extent(offset, length)] if length else []
+
     async def read(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> bytes:
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf), flags)
@@ -224,6 +302,9 @@ class Layer(BlockDevice):
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         await self.inner.write_zeroes(offset, length, flags)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return await self.inner.extents(offset, length)
 
     def statistics(self) -> dict[str, Any]:
         return self.inner.statistics()

@@ -253,11 +253,13 @@ def test_error_replies_go_to_the_caller_and_are_not_resent(procs: Procs, sockdir
 
 
 # ---- the conformance suite ---------------------------------------------------------------
-@pytest.mark.parametrize("check", conformance.names(Expect(size=SIZE, trim_reads_zeroes=True)))
+NBDKIT_MEMORY = Expect(size=SIZE, trim_reads_zeroes=True, knows_holes=True)
+
+
+@pytest.mark.parametrize("check", conformance.names(NBDKIT_MEMORY))
 def test_conformance_over_nbdkit_memory(check: str, memory_sock: tuple[Path, Proc]) -> None:
     sock, _ = memory_sock
-    expect = Expect(size=SIZE, trim_reads_zeroes=True)
-    run(conformance.run_check(check, lambda: opened(uri(sock)), expect))
+    run(conformance.run_check(check, lambda: opened(uri(sock)), NBDKIT_MEMORY))
 
 
 def test_conformance_over_qemu_nbd(procs: Procs, sockdir: Path) -> None:

@@ -21,11 +21,11 @@ from tests.conformance import Expect, Factory
 
 SIZE = 16 << 20
 
-RW_FILE = Expect(size=SIZE, trim_reads_zeroes=True)
+RW_FILE = Expect(size=SIZE, trim_reads_zeroes=True, knows_holes=True)
 RO_FILE = Expect(size=SIZE, read_only=True, fresh_zeroes=False)
-RW_MEMORY = Expect(size=SIZE, trim_reads_zeroes=True)
+RW_MEMORY = Expect(size=SIZE, trim_reads_zeroes=True, knows_holes=True)
 RO_MEMORY = Expect(size=SIZE, read_only=True)
-RW_NULL = Expect(size=SIZE, stores_data=False, trim_reads_zeroes=True)
+RW_NULL = Expect(size=SIZE, stores_data=False, trim_reads_zeroes=True, knows_holes=True)
 RO_NULL = Expect(size=SIZE, read_only=True, stores_data=False)
 RW_DISK = Expect(size=SIZE, fresh_zeroes=False)
 RO_DISK = Expect(size=SIZE, read_only=True, fresh_zeroes=False)

@@ -243,14 +243,14 @@ def test_structured_reply_negotiation_adds_send_df() -> None:
 def test_unknown_options_and_starttls_are_unsupported() -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(5) + option(10, b"\x00" * 8) + option(999))
+    core.receive_data(struct.pack(">I", 1) + option(5) + option(11) + option(999))
     reply = out(core)
     kinds = []
     while reply:
         length = struct.unpack(">I", reply[16:20])[0]
         kinds.append(struct.unpack(">II", reply[8:16]))
         reply = reply[20 + length :]
-    assert kinds == [(5, ERR + 1), (10, ERR + 1), (999, ERR + 1)]
+    assert kinds == [(5, ERR + 1), (11, ERR + 1), (999, ERR + 1)]  # 11: extended headers
 
 
 def test_oversized_option_is_skipped_without_allocating() -> None:
@@ -442,6 +442,29 @@ def test_refused_writes_consume_their_payload() -> None:
     assert out(rw) == simple_error(7, errno.EINVAL)
     assert [e.handle for e in events(rw) if isinstance(e, Request)] == [6, 8]
     assert pool.asked == []  # nothing was allocated for refused payloads
+
+
+@pytest.mark.parametrize(
+    "export",
+    [ExportInfo(size=SIZE, read_only=True), ExportInfo(size=SIZE, max_block=MiB)],
+    ids=["read-only", "over-max"],
+)
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_refused_write_is_answered_after_its_payload(
+    export: ExportInfo, structured: bool
+) -> None:
+    core = connected(export, structured=structured)
+    n = 8 * MiB
+    core.receive_data(request(1, 1, 0, n) + bytes(n // 2))
+    assert out(core) == b""  # the client is still sending: no reply yet
+    core.receive_data(bytes(n // 2 - 1))
+    assert out(core) == b""
+    core.receive_data(bytes(1) + request(0, 2, 0, 512))
+    reply = out(core)
+    assert struct.unpack(">Q", reply[8:16])[0] == 1  # the handle, in either reply form
+    code = reply[20:24] if structured else reply[4:8]
+    assert struct.unpack(">I", code)[0] == (errno.EPERM if export.read_only else errno.EINVAL)
+    assert [e.handle for e in events(core) if isinstance(e, Request)] == [2]
 
 
 def test_structured_error_carries_the_message() -> None:

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from dst.device import HOLE_ZERO, Extent
 from dst.errors import StorageError, UsageError
 from dst.units import format_size, parse_size
 
@@ -74,6 +75,11 @@ class Backend(ABC):
         """Make a range read back as zeroes; the default writes zeroes."""
         write_zeroes(self, offset, length)
 
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation status from ``offset`` on (``length`` > 0), as
+        :meth:`dst.device.BlockDevice.extents` describes; the default is all data."""
+        return [Extent(offset, length)]
+
     def close(self) -> None:
         """Release the store; idempotent."""
         return None
@@ -117,6 +123,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+MAX_SEEK_EXTENTS = 4096  # one extents call walks at most this many data/hole pairs
 
 RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
 RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
@@ -174,6 +182,7 @@ class FdBackend(Backend):
         self._rwf_dsync = RWF_DSYNC != 0
         self._nowait_read = RWF_NOWAIT != 0
         self._nowait_write = RWF_NOWAIT != 0
+        self._seek_holes = True  # until the filesystem says it has no SEEK_DATA/SEEK_HOLE
         self.identity_store = "none"
         self.identity = uuid.UUID(int=0)
 
@@ -280,6 +289,53 @@ class FdBackend(Backend):
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
+
+    def _seek_end(self) -> int:
+        """Where SEEK_DATA/SEEK_HOLE answers end: the file's current end (a file someone
+        shortened reads zeroes beyond it, like a hole)."""
+        return self._file_size()
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Data and holes from ``lseek(SEEK_DATA/SEEK_HOLE)``; a hole reads back as zeroes.
+
+        A filesystem without them (or a block device, where the kernel calls everything
+        data) answers all data, which is always correct."""
+        if not self._seek_holes:
+            return [Extent(offset, length)]
+        fd, end = self._fd, offset + length
+        stop = min(end, self._seek_end())
+        out: list[Extent] = []
+        pos = offset
+        while pos < stop and len(out) < MAX_SEEK_EXTENTS:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but hole from pos to the end of the file
+                    data = stop
+                elif e.errno in UNSUPPORTED:
+                    self._seek_holes = False
+                    out.append(Extent(pos, end - pos))
+                    return out
+                else:
+                    raise
+            data = min(data, stop)
+            if data > pos:
+                out.append(Extent(pos, data - pos, HOLE_ZERO))
+                pos = data
+            if pos >= stop or len(out) >= MAX_SEEK_EXTENTS:
+                break
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: the file shrank meanwhile
+                    raise
+                hole = stop
+            hole = min(max(hole, pos + 1), end)  # always progress, never past the range
+            out.append(Extent(pos, hole - pos))
+            pos = hole
+        if pos < end and len(out) < MAX_SEEK_EXTENTS:
+            out.append(Extent(pos, end - pos, HOLE_ZERO))  # beyond the end of a shorter file
+        return out
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

@@ -22,9 +22,12 @@ from dst.device import (
     Buffer,
     Capabilities,
     Done,
+    Extent,
     IoCounters,
     IoFlags,
     check_range,
+    checked_extents,
+    merge_extents,
 )
 from dst.errors import IoError
 
@@ -279,6 +282,15 @@ class BackendDevice(BlockDevice):
         run = self._wrap(flags, lambda: backend.zero(offset, length, may_trim), True)
         await self._call("write_zeroes", offset, length, run)
         self.counters.zeroes += 1
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """The backend's view of allocation (SEEK_DATA/SEEK_HOLE, its own map, ...)."""
+        self._check("extents", offset, length, change=False, limit=False)
+        if not length:
+            return []
+        backend = self.backend
+        got = await self._call("extents", offset, length, lambda: backend.extents(offset, length))
+        return merge_extents(checked_extents(self.name, offset, length, got))
 
     def statistics(self) -> dict[str, Any]:
         stats = self.counters.as_dict()

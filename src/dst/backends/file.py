@@ -314,6 +314,9 @@ class DiskBackend(FdBackend):
         except OSError:
             return os.lseek(fd, 0, os.SEEK_END)
 
+    def _seek_end(self) -> int:
+        return self.size  # fstat says 0 for a block device; the kernel calls it all data
+
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         """The largest block-aligned part of a range (the ioctls refuse anything else)."""
         bs = self.block_size

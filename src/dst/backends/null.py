@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from dst.backends.base import Backend, fill_zeroes
+from dst.device import HOLE_ZERO, Extent
 
 
 class NullBackend(Backend):
@@ -36,6 +37,10 @@ class NullBackend(Backend):
 
     def zero(self, offset: int, length: int, may_trim: bool) -> None:
         pass
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Nothing is ever stored: one hole that reads as zeroes (nbdkit's null does this)."""
+        return [Extent(offset, length, HOLE_ZERO)]
 
     def statistics(self) -> dict[str, Any]:
         stats = super().statistics()

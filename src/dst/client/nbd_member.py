@@ -17,6 +17,8 @@ What NBD cannot give, and what this device does instead:
   still runs late from the broken connection.
 - **Liveness**: NBD has no pings; a connection with requests in flight that receives
   nothing for ``resend_timeout`` is closed and re-established.
+- **Allocation**: ``extents`` passes the server's own ``base:allocation`` through
+  (NBD_CMD_BLOCK_STATUS) when it offers that context, and reports all data otherwise.
 
 A request fails with EIO at the latest ``(resends + 1) * resend_timeout`` after it
 was submitted; an error reply from the server (EIO, ENOSPC, EPERM) goes to the
@@ -34,7 +36,15 @@ import uuid
 from typing import Any
 
 from dst.client.link import LinkedDevice, LinkOptions
-from dst.device import MAX_REQUEST, Buffer, Capabilities, IoFlags, check_range
+from dst.device import (
+    MAX_REQUEST,
+    Buffer,
+    Capabilities,
+    Extent,
+    IoFlags,
+    check_range,
+    checked_extents,
+)
 from dst.errors import DstError, IoError
 from dst.nbd.client import (
     Completed,
@@ -46,6 +56,7 @@ from dst.nbd.client import (
 )
 from dst.nbd.constants import Command, CommandFlags
 from dst.nbd.constants import TransmissionFlags as TF
+from dst.nbd.meta import BASE_ALLOCATION
 from dst.uri import MemberUri, format_uri
 
 log = logging.getLogger("dst.member")
@@ -56,8 +67,10 @@ OPS = {
     Command.FLUSH: "flush",
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
+    Command.BLOCK_STATUS: "extents",
 }
 _RANGE_STEP = 1 << 31  # TRIM and WRITE_ZEROES lengths are 32-bit on the wire
+_STATUS_MAX = 0xFFFFFFFF  # so is a BLOCK_STATUS length
 
 
 def nbd_identity(uri: MemberUri, size: int) -> uuid.UUID:
@@ -95,10 +108,12 @@ class NbdDevice(LinkedDevice):
                 resend_timeout=resend_timeout,
                 handshake_timeout=self.options.connect_timeout,
                 queue_depth=queue_depth,
+                contexts=(BASE_ALLOCATION,),
             )
         )
         self._flags = TF(0)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
+        self._extents: dict[int, tuple[Extent, ...]] = {}  # answers of finished BLOCK_STATUS
 
     @property
     def _ever_connected(self) -> bool:
@@ -170,6 +185,8 @@ class NbdDevice(LinkedDevice):
         if ev.error == 0:
             self.latency[op].add(time.monotonic() - started)
             if not fut.done():
+                if cmd == Command.BLOCK_STATUS:
+                    self._extents[ev.handle] = ev.extents
                 fut.set_result(None)
             return
         if ev.timed_out:
@@ -188,7 +205,8 @@ class NbdDevice(LinkedDevice):
         flags: int = 0,
         payload: memoryview | None = None,
         into: memoryview | None = None,
-    ) -> None:
+    ) -> int:
+        """Run one request to its end; returns its handle."""
         if self.state == "failed" or self.core.closed:
             raise IoError(errno.EIO, f"{self.name} has failed: {self.last_error}")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -198,6 +216,7 @@ class NbdDevice(LinkedDevice):
         self.counts[OPS[cmd]] += 1
         self._pump()
         await fut
+        return handle
 
     async def _ranged(self, cmd: Command, offset: int, length: int, flags: int) -> None:
         """TRIM or WRITE_ZEROES, in parallel pieces when the length exceeds 32 bits."""
@@ -275,6 +294,24 @@ class NbdDevice(LinkedDevice):
         if length:
             await self._ranged(Command.WRITE_ZEROES, offset, length, wflags)
         await self._after_write(flags)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """The server's ``base:allocation`` (BLOCK_STATUS), or all data from a server that
+        does not offer it; a request longer than 32 bits asks for its first part."""
+        self._check(offset, length, False)
+        x = self.core.export
+        if not length or x is None or x.context_id(BASE_ALLOCATION) is None:
+            return await super().extents(offset, length)
+        block = max(self.capabilities.min_block, 1)
+        n = min(length, _STATUS_MAX // block * block)
+        try:
+            handle = await self._txn(Command.BLOCK_STATUS, offset, n)
+        except IoError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            return await super().extents(offset, length)  # the server stopped offering it
+        got = list(self._extents.pop(handle, ()))
+        return checked_extents(self.name, offset, length, got)
 
     # ---- status and knobs --------------------------------------------------------------
     def set_knob(self, key: str, value: float) -> None:

@@ -18,7 +18,15 @@ from dst import trace
 from dst.aio import workers
 from dst.buffers import BufferPool
 from dst.client.link import LinkedDevice, LinkOptions
-from dst.device import Buffer, Capabilities, Done, IoFlags, check_range
+from dst.device import (
+    Buffer,
+    Capabilities,
+    Done,
+    Extent,
+    IoFlags,
+    check_range,
+    checked_extents,
+)
 from dst.errors import DstError, IoError
 from dst.proto.client import ClientConfig, ClientCore, State
 from dst.proto.events import (
@@ -30,7 +38,7 @@ from dst.proto.events import (
     Resent,
 )
 from dst.proto.jobs import Job
-from dst.proto.wire import Command, Status
+from dst.proto.wire import MAX_EXTENTS_LENGTH, Command, Status
 from dst.uri import MemberUri
 
 log = logging.getLogger("dst.member")
@@ -43,6 +51,7 @@ OPS = {
     Command.FLUSH: "flush",
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
+    Command.EXTENTS: "extents",
     Command.DISCONNECT: "disconnect",
 }
 
@@ -65,6 +74,7 @@ class RemoteDevice(LinkedDevice):
         self.core: ClientCore = ClientCore(config, self.pool)
         # transaction id -> (what to call when it ends, command, offset, length, start time)
         self._pending: dict[int, tuple[Done, int, int, int, float]] = {}
+        self._extents: dict[int, tuple[Extent, ...]] = {}  # answers of finished EXTENTS
 
     @property
     def _ever_connected(self) -> bool:
@@ -179,6 +189,8 @@ class RemoteDevice(LinkedDevice):
         op = OPS.get(Command(cmd), "other")
         elapsed = time.monotonic() - started
         if ev.status == 0:
+            if cmd == Command.EXTENTS:  # taken by the caller (dropped if it was cancelled)
+                self._extents[ev.txn] = ev.extents
             self.latency[op].add(elapsed)
             if trace.on.txn:
                 trace.emit(
@@ -228,18 +240,22 @@ class RemoteDevice(LinkedDevice):
         flags: IoFlags,
         payload: memoryview | None = None,
         into: memoryview | None = None,
-    ) -> None:
+    ) -> int:
+        """Run one transaction to its end; returns its id."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        tid = 0
 
         def done(err: BaseException | None) -> None:
-            if not fut.done():
-                if err is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(err)
+            if fut.done():  # the caller was cancelled: nobody takes an EXTENTS answer
+                self._extents.pop(tid, None)
+            elif err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
 
-        self._start(cmd, offset, length, flags, done, payload, into)
+        tid = self._start(cmd, offset, length, flags, done, payload, into)
         await fut
+        return tid
 
     def _start(
         self,
@@ -250,7 +266,7 @@ class RemoteDevice(LinkedDevice):
         done: Done,
         payload: memoryview | None = None,
         into: memoryview | None = None,
-    ) -> None:
+    ) -> int:
         """Submit one transaction; ``done`` runs from the pump that sees its reply."""
         if self.state == "failed" or self.core.state == State.CLOSED:
             raise IoError(errno.EIO, f"{self.name} has failed: {self.last_error}")
@@ -271,6 +287,7 @@ class RemoteDevice(LinkedDevice):
                 flags=int(flags),
             )
         self._pump()
+        return tid
 
     def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
         n = len(buf)
@@ -367,6 +384,24 @@ class RemoteDevice(LinkedDevice):
                 for p in range(0, length, step)
             )
         )
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """The export node's allocation status (EXTENTS), or all data from an export node
+        that does not offer the command (an older version): always a correct answer."""
+        self._check(offset, length, False)
+        w = self.core.welcome
+        if not length or w is None or not w.commands & (1 << Command.EXTENTS):
+            return await super().extents(offset, length)
+        block = max(self.capabilities.min_block, 1)
+        n = min(length, MAX_EXTENTS_LENGTH // block * block)
+        try:
+            tid = await self._txn(Command.EXTENTS, offset, n, IoFlags.NONE)
+        except IoError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            return await super().extents(offset, length)  # replaced by an older export node
+        got = list(self._extents.pop(tid, ()))
+        return checked_extents(self.name, offset, length, got)
 
     # ---- status and knobs ------------------------------------------------------------
     def set_knob(self, key: str, value: float) -> None:

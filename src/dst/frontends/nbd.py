@@ -29,7 +29,7 @@ from urllib.parse import quote
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
 from dst.aio.stream import Receiver, SocketStream
 from dst.buffers import BufferPool, PooledBuffer
-from dst.device import BlockDevice, IoFlags
+from dst.device import BlockDevice, Extent, IoFlags
 from dst.errors import IoError
 from dst.nbd import (
     MAX_BLOCK,
@@ -41,6 +41,7 @@ from dst.nbd import (
     ProtocolViolation,
     Request,
 )
+from dst.nbd.meta import BASE_ALLOCATION
 from dst.units import Address
 
 log = logging.getLogger("dst.nbd")
@@ -55,7 +56,9 @@ _OPS = {
     Command.FLUSH: "flush",
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
+    Command.BLOCK_STATUS: "block_status",
 }
+CONTEXTS = (BASE_ALLOCATION,)  # the metadata contexts every device answers (see _status)
 
 
 def nbd_uri(addr: Address, export: str = "") -> str:
@@ -84,6 +87,7 @@ def export_info(device: BlockDevice, description: str = "") -> ExportInfo:
         preferred_block=caps.preferred_block,
         max_block=min(caps.max_request, MAX_BLOCK),
         description=description,
+        contexts=CONTEXTS,
     )
 
 
@@ -190,10 +194,11 @@ class _Connection:
                 self._dispatch(ev)
             elif isinstance(ev, ExportChosen):
                 log.debug(
-                    "NBD client %s chose export %r (structured replies: %s)",
+                    "NBD client %s chose export %r (structured replies: %s, contexts: %s)",
                     self.peer,
                     ev.name,
                     ev.structured,
+                    ", ".join(ev.contexts) or "none",
                 )
             elif isinstance(ev, Disconnect):
                 log.debug("NBD client %s disconnects: %s", self.peer, ev.reason)
@@ -398,8 +403,18 @@ class _Connection:
             await self._in_chunks(dev.trim, req)
         elif req.command == Command.WRITE_ZEROES:
             await self._in_chunks(dev.write_zeroes, req)
+        elif req.command == Command.BLOCK_STATUS:
+            statuses = {name: await self._status(name, req) for name in core.contexts}
+            core.reply_block_status(req.handle, statuses)
+            return None
         core.reply_ok(req.handle)
         return None
+
+    async def _status(self, context: str, req: Request) -> list[Extent]:
+        """The extents of one metadata context; the core makes the reply valid."""
+        if context == BASE_ALLOCATION:
+            return await self.front.device.extents(req.offset, req.length)
+        return []  # a context offered without an answer here: the core reports data
 
     async def _in_chunks(self, op: Callable[[int, int, IoFlags], Any], req: Request) -> None:
         """TRIM and WRITE_ZEROES may exceed the device's request limit: split them."""

@@ -14,20 +14,24 @@ import errno
 import logging
 from abc import abstractmethod
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from dst.device import (
     BlockDevice,
     Buffer,
     Capabilities,
+    Extent,
     IoCounters,
     IoFlags,
     check_range,
+    checked_extents,
+    merge_extents,
 )
 from dst.errors import DstError, IoError, UsageError
 from dst.units import format_size
 
 log = logging.getLogger("dst.stack")
+T = TypeVar("T")
 
 
 def merge_capabilities(caps: Sequence[Capabilities]) -> Capabilities:
@@ -62,6 +66,15 @@ async def gather_all(aws: Sequence[Awaitable[None]]) -> None:
     for r in results:
         if isinstance(r, BaseException):
             raise r
+
+
+async def gather_results(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """Run queries concurrently, wait for all of them, then raise the first error."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return cast(list[T], results)
 
 
 def member_summary(dev: BlockDevice) -> dict[str, Any]:
@@ -245,3 +258,18 @@ class LinearDevice(Composite):
             [m.write_zeroes(mo, n, flags) for m, mo, _, n in self._pieces(offset, length)]
         )
         self.counters.zeroes += 1
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Each member's extents for its piece, shifted to the device's offsets; an answer
+        that stops short ends the result there (the caller asks again from that point)."""
+        self._check("extents", offset, length, change=False, limit=False)
+        pieces = self._pieces(offset, length)
+        answers = await gather_results([m.extents(mo, n) for m, mo, _, n in pieces])
+        out: list[Extent] = []
+        for (m, mo, r, n), got in zip(pieces, answers, strict=True):
+            checked_extents(m.name, mo, n, got)
+            shift = offset + r - mo
+            out.extend(Extent(e.offset + shift, e.length, e.flags) for e in got)
+            if got[-1].end < mo + n:
+                break
+        return merge_extents(out)

@@ -31,7 +31,16 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from dst.device import BlockDevice, Buffer, Capabilities, IoCounters, IoFlags, check_range
+from dst.device import (
+    BlockDevice,
+    Buffer,
+    Capabilities,
+    Extent,
+    IoCounters,
+    IoFlags,
+    check_range,
+    checked_extents,
+)
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.bitmap import MAX_LEGS, ActivityLog, Record
 from dst.layers.linear import as_bytes_view, merge_capabilities
@@ -805,3 +814,32 @@ class MirrorCore(BlockDevice):
         self._closed = True
         await self._stop_tasks(everything=True)
         await self.record.abandon()
+
+    # ---- allocation status -----------------------------------------------------------------
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation status from an in-sync leg: in-sync legs hold the same bytes, so what
+        one reads as zeroes all do. Another in-sync leg answers if that one fails; legs that
+        are behind (degraded, resyncing) never answer."""
+        self._check("extents", offset, length, change=False, limit=False)
+        tried: set[Leg] = set()
+        failures: list[tuple[Leg, BaseException]] = []
+        while (leg := self._pick_reader(tried)) is not None:
+            tried.add(leg)
+            answer: list[Extent] = []
+
+            async def query(dev: BlockDevice = leg.dev, into: list[Extent] = answer) -> None:
+                into.extend(await dev.extents(offset, length))
+
+            try:
+                await self._on_leg(leg, query())
+            except OSError as e:
+                failures.append((leg, e))
+                continue
+            return checked_extents(leg.name, offset, length, answer)
+        first = failures[0][1] if failures else None
+        self.counters.errors += 1
+        raise IoError(
+            getattr(first, "errno", None) or errno.EIO,
+            f"{self.name}: extents at {offset}+{length} failed on every in-sync leg: "
+            f"{self._errors('no in-sync leg', failures)}",
+        )

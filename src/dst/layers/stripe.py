@@ -10,13 +10,14 @@ whole chunks: the smallest member decides, the rest of the larger ones is unused
 
 from __future__ import annotations
 
+import bisect
 import errno
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, IoFlags
+from dst.device import BlockDevice, Buffer, Extent, IoFlags, all_extents, merge_extents
 from dst.errors import DstError, IoError, UsageError
-from dst.layers.linear import Composite, as_bytes_view, gather_all, log
+from dst.layers.linear import Composite, as_bytes_view, gather_all, gather_results, log
 from dst.units import format_size
 
 Piece = tuple[int, int, int]  # offset in member, offset in request, length
@@ -156,6 +157,48 @@ class StripeDevice(Composite):
             [m.write_zeroes(mo, n, flags) for m, mo, n in self._ranges(offset, length)]
         )
         self.counters.zeroes += 1
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Every member's extents over its one range, dealt back chunk by chunk; whole rows
+        on which all members agree become one extent without visiting their chunks (a hole
+        of many gigabytes is one step, not one per chunk)."""
+        self._check("extents", offset, length, change=False, limit=False)
+        if not length:
+            return []
+        ranges = self._ranges(offset, length)
+        answers = await gather_results([all_extents(m, mo, n) for m, mo, n in ranges])
+        maps: dict[int, tuple[list[int], list[Extent]]] = {}
+        for (m, _, _), got in zip(ranges, answers, strict=True):
+            maps[self.members.index(m)] = ([e.offset for e in got], got)
+
+        def at(member: int, mo: int) -> Extent:
+            starts, exts = maps[member]
+            return exts[bisect.bisect_right(starts, mo) - 1]
+
+        c, n, end = self.chunk, len(self.members), offset + length
+        row = c * n
+        out: list[Extent] = []
+        pos = offset
+        while pos < end:
+            unit, within = divmod(pos, c)
+            mo = (unit // n) * c + within
+            if within == 0 and unit % n == 0 and end - pos >= row:
+                first = at(0, mo)
+                rows = (end - pos) // row
+                for j in range(n):
+                    e = first if j == 0 else at(j, mo)
+                    rows = 0 if e.flags != first.flags else min(rows, (e.end - mo) // c)
+                    if not rows:
+                        break
+                if rows:
+                    out.append(Extent(pos, rows * row, first.flags))
+                    pos += rows * row
+                    continue
+            e = at(unit % n, mo)
+            size = min(c - within, e.end - mo, end - pos)
+            out.append(Extent(pos, size, e.flags))
+            pos += size
+        return merge_extents(out)
 
     def statistics(self) -> dict[str, Any]:
         stats = super().statistics()

@@ -3,7 +3,11 @@
 One :class:`NbdClientCore` lives for a whole member session, across connections,
 like the DST :class:`~dst.proto.client.ClientCore`: bytes and ``now`` go in; bytes
 to send, events and the next timer deadline come out. It asks for structured
-replies, then NBD_OPT_GO (NBD_OPT_EXPORT_NAME only when GO is unsupported).
+replies and the configured metadata contexts, then NBD_OPT_GO (NBD_OPT_EXPORT_NAME
+only when GO is unsupported); the option phase is in :mod:`dst.nbd.client_handshake`.
+A BLOCK_STATUS is only sent on a connection whose server selected
+``base:allocation`` (otherwise it completes at once with EOPNOTSUPP), and its reply
+is checked against the specification's rules before the extents are handed over.
 
 Requests carry 64-bit handles (the request id, stable across resends); many are in
 flight and replies may come in any order. Read data is received straight into the
@@ -27,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dst.device import Extent
 from dst.nbd import wire
 from dst.nbd.client_events import (
     Completed as Completed,
@@ -49,40 +54,40 @@ from dst.nbd.client_events import (
 from dst.nbd.client_events import (
     ServerViolation as ServerViolation,
 )
+from dst.nbd.client_handshake import Handshake
 from dst.nbd.constants import (
-    IHAVEOPT,
-    NBDMAGIC,
-    OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
-    ClientFlags,
     Command,
-    HandshakeFlags,
-    Info,
+    CommandFlags,
     NbdError,
     Option,
-    OptionReply,
     ReplyFlags,
     ReplyType,
-    TransmissionFlags,
 )
 from dst.nbd.events import Event
+from dst.nbd.meta import BASE_ALLOCATION, parse_block_status
 
-OLDSTYLE_MAGIC = 0x00420281861253
 STAGE_SIZE = 64 << 10  # staging buffer for headers, option replies and chunk metadata
 DIRECT_THRESHOLD = 16 << 10  # read data at least this big is received in place
-MAX_OPTION_REPLY = 32 << 10  # option reply data beyond this is a protocol violation
 MAX_CHUNK_META = 16 << 10  # the same for the payload of an error chunk
+MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)  # a block status chunk of more descriptors: violation
 _MIN_FREE = 4096
 _ERROR_BIT = 1 << 15
-_REP_ERROR = 1 << 31
 _SIMPLE_REST = struct.Struct(">IQ")  # error, handle (after the magic)
 _CHUNK_REST = struct.Struct(">HHQI")  # flags, type, handle, length (after the magic)
 _U64 = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")
 _ZEROES = bytes(1 << 20)
-_COMMANDS = (Command.READ, Command.WRITE, Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES)
+_COMMANDS = (
+    Command.READ,
+    Command.WRITE,
+    Command.FLUSH,
+    Command.TRIM,
+    Command.WRITE_ZEROES,
+    Command.BLOCK_STATUS,
+)
 _NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
 
 
@@ -101,6 +106,7 @@ class _Req:
     reported: bool = False  # the caller has its Completed event (a reply is then dropped)
     in_reply: bool = False  # structured chunks arrived, the final one not yet
     covered: list[tuple[int, int]] = field(default_factory=list)
+    statuses: dict[int, list[Extent]] = field(default_factory=dict)  # BLOCK_STATUS, by id
     error: int = 0
     message: str = ""
 
@@ -117,7 +123,7 @@ class ClientStats:
     connections: int = 0
 
 
-class NbdClientCore:
+class NbdClientCore(Handshake):
     """Sans-IO NBD client for one member: feed it bytes and time, take bytes and events."""
 
     def __init__(self, config: NbdClientConfig) -> None:
@@ -152,6 +158,7 @@ class NbdClientCore:
         self._info: dict[int, tuple[int, ...]] = {}
         self._structured = False
         self._no_zeroes = False
+        self._meta: dict[int, str] = {}  # metadata contexts of this connection, by id
 
     # ---- connection lifecycle ------------------------------------------------
     def connection_made(self, now: float) -> None:
@@ -162,6 +169,7 @@ class NbdClientCore:
         self.ready = self._dead = self._structured = False
         self._start = self._end = self._sink_left = self._inflight = 0
         self._sink, self._out, self._info, self._option = None, [], {}, 0
+        self._meta = {}
         self._expect(wire.GREETING.size, self._on_greeting)
         self._hs_deadline = now + self.config.handshake_timeout
 
@@ -180,7 +188,7 @@ class NbdClientCore:
             if r.reported:
                 del self._reqs[r.handle]
             r.sent = r.in_reply = False
-            r.covered, r.error = [], 0
+            r.covered, r.statuses, r.error = [], {}, 0
         self._queue = deque(self._reqs.values())
 
     def close(self) -> None:
@@ -266,6 +274,10 @@ class NbdClientCore:
             if r.attempts > self.config.resends:
                 self._fail(r, f"sent {r.attempts} time(s) without a reply (--resends)")
                 continue
+            if r.command == Command.BLOCK_STATUS and BASE_ALLOCATION not in self._meta.values():
+                self._reqs.pop(r.handle, None)  # never sent: this server has no such context
+                self._report(r, errno.EOPNOTSUPP, "the NBD server has no base:allocation now")
+                continue
             if self._inflight == 0:
                 self._progress = self._now
             r.sent = True
@@ -333,9 +345,18 @@ class NbdClientCore:
             self._sink = None  # the rest of its data is dropped, not written into the buffer
         r.into = r.payload = None
 
-    def _report(self, r: _Req, error: int, message: str, timed_out: bool = False) -> None:
+    def _report(
+        self,
+        r: _Req,
+        error: int,
+        message: str,
+        timed_out: bool = False,
+        extents: tuple[Extent, ...] = (),
+    ) -> None:
         r.reported = True
-        self._events.append(Completed(r.handle, error, message, max(r.attempts, 1), timed_out))
+        self._events.append(
+            Completed(r.handle, error, message, max(r.attempts, 1), timed_out, extents)
+        )
 
     def _die(self, reason: str, violation: bool = False) -> None:
         if not self._dead:
@@ -419,131 +440,6 @@ class NbdClientCore:
             self._start += self._need
             self._handler(chunk)
 
-    # ---- handshake ---------------------------------------------------------------------
-    def _send_option(self, option: Option, data: bytes = b"") -> None:
-        self._option = option
-        self._out.append(wire.OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data)
-        if option == Option.EXPORT_NAME:
-            size = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else 124)
-            self._expect(size, self._on_export_name_reply)
-        else:
-            self._expect(wire.OPTION_REPLY.size, self._on_option_reply)
-
-    def _send_go(self) -> None:
-        name = self.config.export.encode("utf-8")
-        data = wire.U32.pack(len(name)) + name + struct.pack(">HH", 1, Info.BLOCK_SIZE)
-        self._send_option(Option.GO, data)
-
-    def _on_greeting(self, v: memoryview) -> None:
-        magic, second, hflags = wire.GREETING.unpack(v)
-        if magic != NBDMAGIC:
-            return self._violation(f"bad greeting magic 0x{magic:016x}: is this an NBD server?")
-        if second == OLDSTYLE_MAGIC:
-            return self._refuse("the server uses the oldstyle handshake; run it in newstyle mode")
-        if second != IHAVEOPT:
-            return self._violation(f"bad greeting 0x{second:016x} (expected IHAVEOPT)")
-        fixed = bool(hflags & HandshakeFlags.FIXED_NEWSTYLE)
-        self._no_zeroes = bool(hflags & HandshakeFlags.NO_ZEROES)
-        cflags = (ClientFlags.FIXED_NEWSTYLE if fixed else 0) | (
-            ClientFlags.NO_ZEROES if self._no_zeroes else 0
-        )
-        self._out.append(wire.CLIENT_FLAGS.pack(cflags))
-        if not fixed:
-            self._send_option(Option.EXPORT_NAME, self.config.export.encode("utf-8"))
-        elif self.config.structured:
-            self._send_option(Option.STRUCTURED_REPLY)
-        else:
-            self._send_go()
-
-    def _on_option_reply(self, v: memoryview) -> None:
-        magic, option, rtype, length = wire.OPTION_REPLY.unpack(v)
-        if magic != OPTION_REPLY_MAGIC:
-            return self._violation(f"bad option reply magic 0x{magic:016x}")
-        if option != self._option:
-            return self._violation(f"a reply to option {option}, but {self._option} was sent")
-        if length > MAX_OPTION_REPLY:
-            return self._violation(f"option reply of {length} bytes (limit {MAX_OPTION_REPLY})")
-        self._expect(length, lambda data: self._on_option_data(rtype, bytes(data)))
-
-    def _on_option_data(self, rtype: int, data: bytes) -> None:
-        option = self._option
-        if rtype & _REP_ERROR:
-            text = data.decode("utf-8", "replace")
-            if option == Option.STRUCTURED_REPLY:
-                return self._send_go()  # carry on with simple replies
-            if option == Option.GO and rtype == OptionReply.ERR_UNSUP:
-                return self._send_option(Option.EXPORT_NAME, self.config.export.encode("utf-8"))
-            return self._refuse_go(rtype, text)
-        if rtype == OptionReply.ACK and not data and option == Option.STRUCTURED_REPLY:
-            self._structured = True
-            return self._send_go()
-        if option != Option.GO or rtype not in (OptionReply.ACK, OptionReply.INFO):
-            return self._violation(f"unexpected reply type {rtype:#x} to option {option}")
-        if rtype == OptionReply.INFO:
-            self._expect(wire.OPTION_REPLY.size, self._on_option_reply)
-            return self._on_info(data)
-        if data or Info.EXPORT not in self._info:
-            return self._violation("NBD_OPT_GO ended without NBD_INFO_EXPORT")
-        size, flags = self._info[Info.EXPORT]
-        blocks = self._info.get(Info.BLOCK_SIZE, (1, 4096, 32 << 20))
-        self._connected(size, flags, *blocks)
-
-    def _on_info(self, data: bytes) -> None:
-        kind = wire.U16.unpack_from(data)[0] if len(data) >= 2 else -1
-        if kind == Info.EXPORT:
-            if len(data) != wire.INFO_EXPORT.size:
-                return self._violation(f"NBD_INFO_EXPORT of {len(data)} bytes")
-            self._info[kind] = wire.INFO_EXPORT.unpack(data)[1:]
-        elif kind == Info.BLOCK_SIZE:
-            if len(data) != wire.INFO_BLOCK_SIZE.size:
-                return self._violation(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
-            lo, pref, hi = wire.INFO_BLOCK_SIZE.unpack(data)[1:]
-            if not _pow2(lo) or lo > 1 << 16 or not _pow2(pref) or (hi % lo and hi != 0xFFFFFFFF):
-                return self._violation(f"block sizes min {lo}, preferred {pref}, max {hi}")
-            self._info[kind] = (lo, pref, hi)
-        elif kind < 0:
-            self._violation("an NBD_REP_INFO shorter than 2 bytes")
-
-    def _on_export_name_reply(self, v: memoryview) -> None:
-        size, flags = wire.EXPORT_NAME_REPLY.unpack_from(v)
-        self._connected(size, flags, 1, 4096, 32 << 20)
-
-    def _refuse(self, message: str, permanent: bool = True) -> None:
-        if not self._dead:
-            self._dead = True
-            self._hs_deadline = None
-            self._events.append(ExportRefused(message, permanent))
-
-    def _refuse_go(self, rtype: int, text: str) -> None:
-        name = self.config.export
-        reasons: dict[int, str] = {
-            OptionReply.ERR_UNKNOWN: f"the server has no export {name!r}",
-            OptionReply.ERR_POLICY: f"the server's policy refuses export {name!r}",
-            OptionReply.ERR_TLS_REQD: "the server requires TLS, which dst does not speak",
-            OptionReply.ERR_SHUTDOWN: "the server is shutting down",
-        }
-        why = reasons.get(rtype, f"the server refused export {name!r} (reply {rtype:#x})")
-        self._out.append(wire.OPTION_HEADER.pack(IHAVEOPT, Option.ABORT, 0))
-        self._refuse(f"{why}: {text}" if text else why, rtype != OptionReply.ERR_SHUTDOWN)
-
-    def _connected(self, size: int, flags: int, lo: int, pref: int, hi: int) -> None:
-        if not flags & TransmissionFlags.HAS_FLAGS:
-            flags = 0
-        if size >= 1 << 63:
-            return self._violation(f"export size {size} is out of range")
-        export = ServerExport(size, TransmissionFlags(flags), self._structured, lo, pref, hi)
-        first = self.export
-        if first is not None and first.size != size:
-            return self._refuse(
-                f"the export's size changed from {first.size} to {size} bytes: a different "
-                "export answers at this address now"
-            )
-        self.export = export
-        self.ready, self._hs_deadline = True, None
-        self._events.append(Connected(export, self.generation, first is not None))
-        self._expect_header()
-        self._send_pending()
-
     # ---- replies -----------------------------------------------------------------------
     def _expect_header(self) -> None:
         self._current = None
@@ -572,6 +468,8 @@ class NbdClientCore:
             return
         if r.in_reply:
             return self._violation(f"a simple reply inside the structured reply to {handle:#x}")
+        if r.command == Command.BLOCK_STATUS and not err:
+            return self._violation(f"a simple reply without error to BLOCK_STATUS {handle:#x}")
         if err or r.command != Command.READ:
             return self._finish(r, err, "")
         self._current = r
@@ -593,6 +491,11 @@ class NbdClientCore:
             return self._expect(8, lambda d: self._on_data(r, _U64.unpack(d)[0], length - 8, done))
         if ctype == ReplyType.OFFSET_HOLE and read and length == _HOLE.size:
             return self._expect(_HOLE.size, lambda d: self._on_hole(r, d, done))
+        if ctype == ReplyType.BLOCK_STATUS and r.command == Command.BLOCK_STATUS:
+            if not 12 <= length <= MAX_STATUS_CHUNK:
+                return self._violation(f"a block status chunk of {length} bytes")
+            payload = memoryview(bytearray(length))
+            return self._expect_data(payload, length, lambda: self._on_status(r, payload, done))
         if ctype & _ERROR_BIT and 6 <= length <= MAX_CHUNK_META:
             return self._expect(length, lambda d: self._on_error_chunk(r, ctype, bytes(d), done))
         self._violation(f"chunk type {ctype} of {length} bytes for {Command(r.command).name}")
@@ -633,6 +536,17 @@ class NbdClientCore:
             pos += step
         self._end_chunk(r, done)
 
+    def _on_status(self, r: _Req, payload: memoryview, done: bool) -> None:
+        req_one = bool(r.flags & CommandFlags.REQ_ONE)
+        parsed = parse_block_status(payload, r.offset, r.length, req_one)
+        if isinstance(parsed, str):
+            return self._violation(f"{parsed} (handle {r.handle:#x})")
+        ident, extents = parsed
+        if ident not in self._meta or ident in r.statuses:
+            return self._violation(f"block status for context id {ident}, unknown or repeated")
+        r.statuses[ident] = extents
+        self._end_chunk(r, done)
+
     def _on_error_chunk(self, r: _Req, ctype: int, data: bytes, done: bool) -> None:
         err, mlen = struct.unpack_from(">IH", data)
         rest = len(data) - 6 - mlen
@@ -652,6 +566,8 @@ class NbdClientCore:
         covered = sum(b - a for a, b in r.covered)
         if not r.error and r.command == Command.READ and covered != r.length:
             return self._violation(f"success after {covered} of {r.length} bytes were sent")
+        if not r.error and r.command == Command.BLOCK_STATUS and len(r.statuses) != len(self._meta):
+            return self._violation(f"success with status for {len(r.statuses)} of the contexts")
         self._finish(r, r.error, r.message)
 
     def _finish(self, r: _Req, err: int, message: str) -> None:
@@ -671,9 +587,7 @@ class NbdClientCore:
             message = f"the NBD server answered {name}" + (f": {message}" if message else "")
         else:
             self.stats.completed += 1
-        self._report(r, code, message)
+        ident = next((i for i, n in self._meta.items() if n == BASE_ALLOCATION), None)
+        extents = () if err or ident is None else tuple(r.statuses.get(ident, ()))
+        self._report(r, code, message, extents=extents)
         r.payload = r.into = None
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0

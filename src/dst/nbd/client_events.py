@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dst.device import Extent
 from dst.nbd.constants import TransmissionFlags
 from dst.nbd.events import Event
 
@@ -18,6 +19,7 @@ class NbdClientConfig:
     resend_timeout: float = 5.0
     handshake_timeout: float = 10.0
     queue_depth: int = 128
+    contexts: tuple[str, ...] = ()  # metadata contexts to ask for, e.g. (BASE_ALLOCATION,)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class ServerExport:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = 32 << 20
+    contexts: tuple[tuple[str, int], ...] = ()  # (name, id) of the selected metadata contexts
+
+    def context_id(self, name: str) -> int | None:
+        return next((i for n, i in self.contexts if n == name), None)
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,15 @@ class Connected(Event):
 
 @dataclass(frozen=True)
 class Completed(Event):
-    """A request ended: ``error`` is 0 or an errno value."""
+    """A request ended: ``error`` is 0 or an errno value; a successful BLOCK_STATUS carries
+    the ``base:allocation`` extents, validated and clipped to the request."""
 
     handle: int
     error: int
     message: str = ""
     attempts: int = 1
     timed_out: bool = False
+    extents: tuple[Extent, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,17 @@ class ExportChosen(Event):
     name: str
     export: ExportInfo
     structured: bool
+    contexts: tuple[str, ...] = ()  # the metadata contexts selected; id i + 1 is the i-th
 
 
 @dataclass(frozen=True, eq=False)
 class Request(Event):
     """A validated request the shell must answer with exactly one reply.
 
-    ``command`` is READ, WRITE, FLUSH, TRIM or WRITE_ZEROES; offset and length are
-    already checked against the export. A WRITE carries its ``payload``, lent by
-    the pool: the shell releases it once the data is written.
+    ``command`` is READ, WRITE, FLUSH, TRIM, WRITE_ZEROES or BLOCK_STATUS; offset and
+    length are already checked against the export. A WRITE carries its ``payload``,
+    lent by the pool: the shell releases it once the data is written. A BLOCK_STATUS is
+    answered with the extents of every selected context (``reply_block_status``).
     """
 
     handle: int

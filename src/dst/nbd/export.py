@@ -32,6 +32,7 @@ class ExportInfo:
     preferred_block: int = 4096
     max_block: int = MAX_BLOCK
     description: str = ""
+    contexts: tuple[str, ...] = ()  # metadata contexts offered, e.g. ("base:allocation",)
 
     def __post_init__(self) -> None:
         if not 0 <= self.size < 1 << 63:

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from dst.nbd import wire
 from dst.nbd.constants import Info, Option, OptionReply
 from dst.nbd.export import ExportInfo
+from dst.nbd.meta import (
+    MetaInvalid,
+    MetaTooBig,
+    list_contexts,
+    parse_meta_request,
+    select_contexts,
+)
 
 MAX_OPTION_LENGTH = 64 << 10  # option data beyond this is skipped without being stored
 
@@ -68,7 +75,8 @@ class OptionOutcome:
 
 
 class Negotiation:
-    """Option-phase state: exports, structured replies, NO_ZEROES, shutdown."""
+    """Option-phase state: exports, structured replies, metadata contexts, NO_ZEROES,
+    shutdown."""
 
     def __init__(self, exports: Mapping[str, ExportInfo], default_export: str) -> None:
         self.exports = dict(exports)
@@ -76,6 +84,13 @@ class Negotiation:
         self.structured = False
         self.no_zeroes = False
         self.shutting_down = False
+        self.meta_export: str | None = None  # the export the last SET_META_CONTEXT named
+        self.meta: tuple[str, ...] = ()  # what it selected
+
+    def contexts_for(self, canonical: str) -> tuple[str, ...]:
+        """The contexts of a transmission phase on ``canonical``: the last selection, if it
+        named the same export (the specification's rule for NBD_CMD_BLOCK_STATUS)."""
+        return self.meta if self.structured and self.meta_export == canonical else ()
 
     def lookup(self, name: str) -> tuple[str, ExportInfo] | None:
         canonical = name or self.default_export
@@ -115,10 +130,14 @@ class Negotiation:
                     raise OptionInvalid("NBD_OPT_STRUCTURED_REPLY takes no data")
                 self.structured = True
                 return OptionOutcome([wire.option_reply(option, OptionReply.ACK)])
+            if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+                return self._meta(option, data)
             if option == Option.STARTTLS:
                 return self._error(option, OptionReply.ERR_UNSUP, "TLS is not supported")
-        except OptionInvalid as exc:
+        except (OptionInvalid, MetaInvalid) as exc:
             return self._error(option, OptionReply.ERR_INVALID, str(exc))
+        except MetaTooBig as exc:
+            return self._error(option, OptionReply.ERR_TOO_BIG, str(exc))
         return self._error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
 
     @staticmethod
@@ -138,6 +157,31 @@ class Negotiation:
         return OptionOutcome(
             [wire.export_name_reply(export.size, flags, self.no_zeroes)], chosen=canonical
         )
+
+    def _meta(self, option: int, data: bytes) -> OptionOutcome:
+        """LIST_META_CONTEXT (ids 0) or SET_META_CONTEXT (replaces the selection, even when
+        it fails; ids from 1), each answered with META_CONTEXT replies and an ACK."""
+        setting = option == Option.SET_META_CONTEXT
+        if setting:
+            self.meta_export, self.meta = None, ()
+        if not self.structured:
+            raise OptionInvalid(
+                "metadata contexts need structured replies: send NBD_OPT_STRUCTURED_REPLY first"
+            )
+        req = parse_meta_request(data)
+        found = self.lookup(req.export)
+        if found is None:
+            return self._error(option, OptionReply.ERR_UNKNOWN, self.unknown_export(req.export))
+        canonical, export = found
+        if setting:
+            names = select_contexts(export.contexts, req.queries)
+            self.meta_export, self.meta = canonical, names
+            replies = [wire.meta_context(option, i + 1, n) for i, n in enumerate(names)]
+        else:
+            names = tuple(list_contexts(export.contexts, req.queries))
+            replies = [wire.meta_context(option, 0, n) for n in names]
+        replies.append(wire.option_reply(option, OptionReply.ACK))
+        return OptionOutcome(replies)
 
     def _list(self, data: bytes) -> OptionOutcome:
         if data:

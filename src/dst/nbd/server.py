@@ -13,10 +13,19 @@ be tested directly. One instance serves one client connection:
   :class:`Disconnect`, :class:`ProtocolViolation` (then close the connection).
   Requests are validated first: a bad offset, length, flag or command, or a write
   to a read-only export, is answered by the core itself and never becomes an
-  event. Lengths are checked against the caps before anything is allocated.
-- sending: ``reply_read`` / ``reply_ok`` / ``reply_error`` for each request, in any
-  order; ``data_to_send()`` returns the queued buffers (headers as ``bytes``, read
-  data as the caller's memoryview: keep it alive until it is sent).
+  event. Lengths are checked against the caps before anything is allocated. A
+  refused WRITE's payload is skipped, and its error reply is queued only once the
+  last payload byte arrived: the client may still be sending it, and a reply to a
+  request it has not finished sending is one it cannot match (libnbd hangs up).
+- sending: ``reply_read`` / ``reply_ok`` / ``reply_block_status`` / ``reply_error``
+  for each request, in any order; ``data_to_send()`` returns the queued buffers
+  (headers as ``bytes``, read data as the caller's memoryview: keep it alive until it
+  is sent). A block status reply is whatever the shell's device answered made valid
+  here (see :func:`dst.nbd.meta.block_status_descriptors`).
+- metadata contexts: an export offers names (``ExportInfo.contexts``); the client
+  selects some with NBD_OPT_SET_META_CONTEXT after structured replies; ``contexts``
+  holds the selection for the transmission phase (context id ``i + 1`` is the
+  ``i``-th), and BLOCK_STATUS without one is refused.
 
 There are no timers: NBD has none, so unlike the DST core this one takes no ``now``.
 """
@@ -24,11 +33,11 @@ There are no timers: NBD has none, so unlike the DST core this one takes no ``no
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dst.buffers import BufferPool, PooledBuffer
-from dst.device import IoFlags
+from dst.device import Extent, IoFlags
 from dst.nbd import wire
 from dst.nbd.constants import (
     IHAVEOPT,
@@ -43,6 +52,7 @@ from dst.nbd.constants import (
 )
 from dst.nbd.events import Disconnect, Event, ExportChosen, ProtocolViolation, Request
 from dst.nbd.export import ExportInfo
+from dst.nbd.meta import block_status_descriptors
 from dst.nbd.options import MAX_OPTION_LENGTH, Negotiation, OptionOutcome
 
 STAGE_SIZE = 64 << 10  # staging buffer for headers and small payloads
@@ -55,6 +65,7 @@ _ALLOWED_FLAGS: dict[int, int] = {
     Command.FLUSH: CommandFlags.FUA,
     Command.TRIM: CommandFlags.FUA,
     Command.WRITE_ZEROES: CommandFlags.FUA | CommandFlags.NO_HOLE,
+    Command.BLOCK_STATUS: CommandFlags.FUA | CommandFlags.REQ_ONE,
 }
 
 
@@ -63,6 +74,7 @@ class _Pending:
     command: Command
     offset: int
     length: int
+    req_one: bool = False
 
 
 class NbdServerConnection:
@@ -81,6 +93,7 @@ class NbdServerConnection:
         self.pool = pool if pool is not None else BufferPool()
         self.export: ExportInfo | None = None
         self.export_name: str | None = None
+        self.contexts: tuple[str, ...] = ()  # selected metadata contexts; id i + 1 is the i-th
         self.requests_rejected = 0
         self._events: deque[Event] = deque()
         self._out: list[bytes | memoryview] = [
@@ -97,6 +110,7 @@ class NbdServerConnection:
         self._body_request: tuple[int, IoFlags, int] | None = None  # handle, flags, offset
         self._direct = False  # the last get_buffer() handed out the body itself
         self._discard = 0  # bytes still to skip (an unwanted payload or option data)
+        self._discard_reply: bytes | None = None  # the refusal sent once that payload is skipped
         self._inflight: dict[int, list[_Pending]] = {}
         self._recv_closed = False
         self._send_closed = False
@@ -164,6 +178,7 @@ class NbdServerConnection:
     def connection_lost(self) -> None:
         """The transport is gone: give back every buffer still held, answer nothing more."""
         self._recv_closed = self._send_closed = True
+        self._discard_reply = None
         self._release_body()
         self._inflight.clear()
         self._out.clear()
@@ -198,6 +213,9 @@ class NbdServerConnection:
                     return
                 self._start += take
                 self._discard -= take
+                if not self._discard and self._discard_reply is not None:
+                    self._out.append(self._discard_reply)
+                    self._discard_reply = None
                 continue
             need = self._header
             if avail < need:
@@ -278,8 +296,11 @@ class NbdServerConnection:
         elif outcome.chosen is not None:
             self.export_name = outcome.chosen
             self.export = self._nego.exports[outcome.chosen]
+            self.contexts = self._nego.contexts_for(outcome.chosen)
             self._header = wire.REQUEST.size
-            self._events.append(ExportChosen(outcome.chosen, self.export, self.structured))
+            self._events.append(
+                ExportChosen(outcome.chosen, self.export, self.structured, self.contexts)
+            )
 
     # ---- transmission ----------------------------------------------------
     def _on_request(self, header: memoryview) -> None:
@@ -295,9 +316,15 @@ class NbdServerConnection:
         if rejection is not None:
             self.requests_rejected += 1
             code, message = rejection
-            self._out.append(self._error_reply(handle, code, message))
-            if ctype == Command.WRITE:
+            reply = self._error_reply(handle, code, message)
+            if ctype == Command.WRITE and length:
+                # The client may still be sending the payload: a reply now would come before
+                # the request is complete on its side (libnbd then drops the connection), so
+                # it goes out once the payload has been skipped.
                 self._discard = length
+                self._discard_reply = reply
+            else:
+                self._out.append(reply)
             return
         command = Command(ctype)
         flags = IoFlags.NONE
@@ -313,7 +340,8 @@ class NbdServerConnection:
             return
         if command == Command.FLUSH:
             offset = length = 0
-        self._inflight.setdefault(handle, []).append(_Pending(command, offset, length))
+        req_one = bool(cflags & CommandFlags.REQ_ONE)
+        self._inflight.setdefault(handle, []).append(_Pending(command, offset, length, req_one))
         if command == Command.WRITE:
             self._body_request = (handle, flags, offset)
             self._expect_body(length)
@@ -351,6 +379,14 @@ class NbdServerConnection:
             return NbdError.EINVAL, "TRIM is not supported by this export"
         if command == Command.WRITE_ZEROES and not advertised & TransmissionFlags.SEND_WRITE_ZEROES:
             return NbdError.EINVAL, "WRITE_ZEROES is not supported by this export"
+        if command == Command.BLOCK_STATUS:
+            if not self.contexts:
+                return NbdError.EINVAL, (
+                    "BLOCK_STATUS needs a metadata context: select base:allocation with "
+                    "NBD_OPT_SET_META_CONTEXT (after NBD_OPT_STRUCTURED_REPLY)"
+                )
+            if length == 0:
+                return NbdError.EINVAL, "BLOCK_STATUS of 0 bytes: ask for at least one byte"
         if command in (Command.READ, Command.WRITE) and length > export.max_block:
             return NbdError.EINVAL, (
                 f"{name} of {length} bytes exceeds the maximum block size {export.max_block}"
@@ -377,21 +413,22 @@ class NbdServerConnection:
         out, self._out = self._out, []
         return out
 
-    def _pop(self, handle: int, read: bool | None = None, length: int = 0) -> _Pending | None:
-        """The oldest unanswered request with ``handle``; checks the reply fits it."""
+    def _pop(self, handle: int, kind: str = "error", length: int = 0) -> _Pending | None:
+        """The oldest unanswered request with ``handle``; checks that a ``kind`` of reply
+        ("read", "ok", "status" or "error") fits it."""
         if self._send_closed:
             return None
         pending = self._inflight.get(handle)
         if not pending:
             raise ValueError(f"no request with handle {handle:#x} is waiting for a reply")
         entry = pending[0]
-        is_read = entry.command == Command.READ
-        if read is True and (not is_read or length != entry.length):
-            raise ValueError(
-                f"reply_read with {length} bytes for {entry.command.name} of {entry.length}"
-            )
-        if read is False and is_read:
-            raise ValueError("a READ is answered with reply_read or reply_error")
+        command = entry.command
+        if kind == "read" and (command != Command.READ or length != entry.length):
+            raise ValueError(f"reply_read with {length} bytes for {command.name} of {entry.length}")
+        if kind == "ok" and command in (Command.READ, Command.BLOCK_STATUS):
+            raise ValueError(f"a {command.name} is answered with its data or reply_error")
+        if kind == "status" and command != Command.BLOCK_STATUS:
+            raise ValueError(f"reply_block_status for {command.name}")
         pending.pop(0)
         if not pending:
             del self._inflight[handle]
@@ -399,7 +436,7 @@ class NbdServerConnection:
 
     def reply_read(self, handle: int, data: memoryview) -> None:
         """Answer a READ with its data (one OFFSET_DATA chunk when structured)."""
-        entry = self._pop(handle, read=True, length=data.nbytes)
+        entry = self._pop(handle, "read", data.nbytes)
         if entry is None:
             return
         if self.structured:
@@ -410,13 +447,34 @@ class NbdServerConnection:
 
     def reply_ok(self, handle: int) -> None:
         """Answer a request without data with success."""
-        if self._pop(handle, read=False) is None:
+        if self._pop(handle, "ok") is None:
             return
         self._out.append(wire.simple_reply(handle))
 
+    def reply_block_status(self, handle: int, statuses: Mapping[str, Sequence[Extent]]) -> None:
+        """Answer a BLOCK_STATUS with the extents of each selected context (by name), from
+        the request's offset on; one chunk per context, the last with DONE. Extents are
+        clipped, aligned and merged here, a context without any is answered as data (always
+        true), and REQ_ONE leaves one descriptor."""
+        entry = self._pop(handle, "status")
+        if entry is None:
+            return
+        export = self.export
+        assert export is not None
+        last = len(self.contexts)
+        for i, name in enumerate(self.contexts, start=1):
+            descriptors = block_status_descriptors(
+                entry.offset,
+                entry.length,
+                statuses.get(name, ()),
+                min_block=export.min_block,
+                req_one=entry.req_one,
+            )
+            self._out.append(wire.block_status_chunk(handle, i, descriptors, i == last))
+
     def reply_error(self, handle: int, errno_value: int, message: str) -> None:
         """Answer with an error; the errno value is mapped to the NBD error set."""
-        if self._pop(handle) is None:
+        if self._pop(handle, "error") is None:
             return
         code = nbd_error(errno_value)
         self._out.append(self._error_reply(handle, code, message))

@@ -35,6 +35,7 @@ SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
 OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured header + data offset
 ERROR_CHUNK = struct.Struct(">IHHQIIH")  # structured header + error + message length
+BLOCK_STATUS = struct.Struct(">IHHQII")  # structured header + metadata context id
 INFO_EXPORT = struct.Struct(">HQH")
 INFO_BLOCK_SIZE = struct.Struct(">HIII")
 U16 = struct.Struct(">H")
@@ -110,6 +111,27 @@ def offset_data_header(handle: int, offset: int, length: int) -> bytes:
 def structured_done(handle: int) -> bytes:
     """A final NONE chunk: success without payload."""
     return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, ReplyFlags.DONE, ReplyType.NONE, handle, 0)
+
+
+def block_status_chunk(
+    handle: int, context: int, descriptors: list[tuple[int, int]], done: bool
+) -> bytes:
+    """One NBD_REPLY_TYPE_BLOCK_STATUS chunk: the context id, then (length, flags) pairs."""
+    flat = [v for d in descriptors for v in d]
+    head = BLOCK_STATUS.pack(
+        STRUCTURED_REPLY_MAGIC,
+        ReplyFlags.DONE if done else 0,
+        ReplyType.BLOCK_STATUS,
+        handle,
+        4 + 8 * len(descriptors),
+        context,
+    )
+    return head + struct.pack(f">{len(flat)}I", *flat)
+
+
+def meta_context(option: int, context: int, name: str) -> bytes:
+    """An NBD_REP_META_CONTEXT reply: the id (0 in a LIST) and the context's name."""
+    return option_reply(option, OptionReply.META_CONTEXT, U32.pack(context) + clip_text(name))
 
 
 def error_chunk(handle: int, error: int, message: str) -> bytes:

@@ -21,6 +21,7 @@ from dst.buffers import BufferPool, PooledBuffer
 from dst.crypto.aead import Opener, Sealer, derive_session_keys, get_cipher
 from dst.crypto.auth import Transcript, proof, verify_proof
 from dst.crypto.checksums import Checksum, get_checksum
+from dst.device import Extent
 from dst.errors import ProtocolError
 from dst.proto.channel import Buf, Channel
 from dst.proto.events import (
@@ -35,8 +36,10 @@ from dst.proto.events import (
 from dst.proto.handshake import Challenge, Hello, Proof, Refuse, Welcome
 from dst.proto.jobs import InOrder, Job
 from dst.proto.wire import (
+    EXTENT,
     HS_HEADER,
     HS_MAGIC,
+    MAX_EXTENTS,
     MAX_HANDSHAKE_BODY,
     PERMANENT_REFUSALS,
     REP_HEADER,
@@ -49,6 +52,7 @@ from dst.proto.wire import (
     pack_handshake,
     reply_carries_payload,
     status_name,
+    unpack_extents,
 )
 
 
@@ -400,7 +404,10 @@ class ClientCore:
         if not carries and length:
             raise ProtocolError(f"reply without data claims {length} payload bytes")
         if carries:
-            if t is not None and length != t.length:
+            if command == Command.EXTENTS:
+                if length % EXTENT.size or not 0 < length <= EXTENT.size * MAX_EXTENTS:
+                    raise ProtocolError(f"an EXTENTS reply of {length} bytes")
+            elif t is not None and length != t.length:
                 raise ProtocolError(f"read reply of {length} bytes for a {t.length}-byte read")
             if length > self.config.max_request:
                 raise ProtocolError(
@@ -446,12 +453,18 @@ class ClientCore:
         def complete() -> None:
             self._verifying.discard(txn_id)
             good = bool(job.result) if job is not None and job.error is None else ok
-            if buf is not None:
-                buf.release()
+            extents: tuple[Extent, ...] = ()
+            t = self._txns.get(txn_id) if txn_id else None
+            try:
+                if good and command == Command.EXTENTS and view is not None and t is not None:
+                    extents = tuple(unpack_extents(t.offset, t.length, view))
+            finally:
+                if buf is not None:
+                    buf.release()
             if txn_id == 0:
                 self._answer_probe(attempt, good)
             else:
-                self._reply_verified(command, status, txn_id, good)
+                self._reply_verified(command, status, txn_id, good, extents)
 
         self._order.add(job, complete)
 
@@ -467,7 +480,9 @@ class ClientCore:
     def take_jobs(self) -> list[Job]:
         return self._channel.take_jobs()
 
-    def _reply_verified(self, command: int, status: int, txn_id: int, ok: bool) -> None:
+    def _reply_verified(
+        self, command: int, status: int, txn_id: int, ok: bool, extents: tuple[Extent, ...] = ()
+    ) -> None:
         t = self._txns.get(txn_id)
         if not ok:
             self.stats.checksum_errors += 1
@@ -493,7 +508,7 @@ class ClientCore:
             t.sent = False
             self._die("the export node says this connection was replaced by a newer one")
             return
-        self._finish(t, status, "" if status == 0 else status_name(status))
+        self._finish(t, status, "" if status == 0 else status_name(status), extents=extents)
         if command == Command.DISCONNECT:
             self._die("disconnected")
         self._send_pending()
@@ -511,7 +526,14 @@ class ClientCore:
         head = RequestHeader(Command.PING, 0, 0, probe, 0, 0).pack()
         self._channel.send([head], self._checksum if self._digest_size else None)
 
-    def _finish(self, t: Txn, status: int, message: str, timed_out: bool = False) -> None:
+    def _finish(
+        self,
+        t: Txn,
+        status: int,
+        message: str,
+        timed_out: bool = False,
+        extents: tuple[Extent, ...] = (),
+    ) -> None:
         if self._txns.pop(t.id, None) is None:
             return
         if t.sent:
@@ -523,7 +545,7 @@ class ClientCore:
             self.stats.failed += 1
         else:
             self.stats.errors += 1
-        self._events.append(Completed(t.id, status, t.attempt, message, timed_out))
+        self._events.append(Completed(t.id, status, t.attempt, message, timed_out, extents))
 
     # ---- submit and send ---------------------------------------------------
     def submit(

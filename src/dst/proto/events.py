@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dst.buffers import PooledBuffer
+from dst.device import Extent
 from dst.proto.handshake import Hello, Welcome
 
 
@@ -29,13 +30,15 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Completed:
-    """Client: a transaction ended with an ack (status 0) or an error."""
+    """Client: a transaction ended with an ack (status 0) or an error; a successful
+    EXTENTS carries the extents the export node reported (validated)."""
 
     txn: int
     status: int
     attempts: int
     message: str = ""
     timed_out: bool = False
+    extents: tuple[Extent, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

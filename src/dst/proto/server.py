@@ -498,6 +498,8 @@ class ServerCore:
                 f"read of {length} bytes exceeds the negotiated maximum of "
                 f"{self.welcome.max_request}"
             )
+        if cmd == Command.EXTENTS and length == 0:
+            return Status.EINVAL, "EXTENTS of 0 bytes: ask for at least one byte"
         if offset + length > terms.size:
             status = Status.ENOSPC if cmd in WRITE_COMMANDS else Status.EINVAL
             return status, (

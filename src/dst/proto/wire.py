@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+
+from dst.device import Extent, ExtentFlags
+from dst.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MIN_VERSION = 1
@@ -26,6 +30,8 @@ REQ_HEADER = struct.Struct("<4sHHQIIQ")
 REP_HEADER = struct.Struct("<4sHHQII")
 # record (encrypted channel): sealed length
 REC_HEADER = struct.Struct("<I")
+# one descriptor of an EXTENTS reply: length, flags
+EXTENT = struct.Struct("<II")
 
 MAX_HANDSHAKE_BODY = 16 << 10
 DEFAULT_MAX_REQUEST = 32 << 20
@@ -48,10 +54,14 @@ class Command(IntEnum):
     WRITE_ZEROES = 5
     PING = 6
     DISCONNECT = 7
+    EXTENTS = 8  # allocation status; only sent when the WELCOME's COMMANDS has bit 8
 
 
 ALL_COMMANDS = frozenset(Command)
 WRITE_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+QUERY_COMMANDS = frozenset({Command.READ, Command.EXTENTS})  # change nothing: never replayed
+MAX_EXTENTS = 1 << 16  # descriptors in one EXTENTS reply (512 KiB)
+MAX_EXTENTS_LENGTH = 0xFFFFFFFF  # the request's 32-bit length field
 
 
 class ReqFlags(IntFlag):
@@ -167,4 +177,41 @@ def request_carries_payload(command: int) -> bool:
 
 
 def reply_carries_payload(command: int, status: int) -> bool:
-    return command == Command.READ and status == Status.OK
+    return command in QUERY_COMMANDS and status == Status.OK
+
+
+def pack_extents(offset: int, length: int, extents: Sequence[Extent]) -> bytes:
+    """The payload of an EXTENTS reply for ``[offset, offset + length)``: descriptors from
+    ``offset`` on, at most MAX_EXTENTS, none past the range; the extents must be consecutive
+    from ``offset`` (what a device answers)."""
+    out = bytearray()
+    end = offset + length
+    for e in extents[:MAX_EXTENTS]:
+        n = min(e.end, end) - e.offset
+        if n <= 0:
+            break
+        out += EXTENT.pack(n, int(e.flags) & 0xFFFFFFFF)
+    return bytes(out)
+
+
+def unpack_extents(offset: int, length: int, payload: bytes | memoryview) -> list[Extent]:
+    """The extents of an EXTENTS reply to ``[offset, offset + length)``; ProtocolError when
+    it breaks the rules (empty, an empty descriptor, more than asked). Unknown flag bits are
+    dropped."""
+    n, rest = divmod(len(payload), EXTENT.size)
+    if rest or not 0 < n <= MAX_EXTENTS:
+        raise ProtocolError(
+            f"an EXTENTS reply of {len(payload)} bytes is not 1 to {MAX_EXTENTS} "
+            f"descriptors of {EXTENT.size} bytes"
+        )
+    known = int(ExtentFlags.HOLE | ExtentFlags.ZERO)
+    out: list[Extent] = []
+    pos, end = offset, offset + length
+    for size, flags in EXTENT.iter_unpack(payload):
+        if size == 0 or pos + size > end:
+            raise ProtocolError(
+                f"an EXTENTS reply for [{offset}, {end}) has a descriptor of {size} bytes at {pos}"
+            )
+        out.append(Extent(pos, size, ExtentFlags(flags & known)))
+        pos += size
+    return out

@@ -32,7 +32,7 @@ from dst.proto.events import (
 from dst.proto.handshake import Hello
 from dst.proto.jobs import Job
 from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
-from dst.proto.wire import Command, Refusal, ReqFlags, Status
+from dst.proto.wire import QUERY_COMMANDS, Command, Refusal, ReqFlags, Status, pack_extents
 from dst.server.sessions import Decision, Session, SessionTable, probe_key
 from dst.units import Address
 
@@ -62,7 +62,13 @@ class Export:
 
     def terms(self, read_only: bool) -> ExportTerms:
         caps: Capabilities = self.device.capabilities
-        commands = {Command.READ, Command.WRITE, Command.FLUSH, Command.WRITE_ZEROES}
+        commands = {
+            Command.READ,
+            Command.WRITE,
+            Command.FLUSH,
+            Command.WRITE_ZEROES,
+            Command.EXTENTS,
+        }
         if caps.can_trim:
             commands.add(Command.TRIM)
         return ExportTerms(
@@ -392,7 +398,7 @@ class Connection:
         s = self.session
         assert s is not None
         s.requests += 1
-        if req.command != Command.READ:
+        if req.command not in QUERY_COMMANDS:
             cached = s.completed.get(req.txn)
             if cached is not None:
                 # a resend of a request we already applied: ack it again, do not redo it
@@ -439,6 +445,14 @@ class Connection:
                 await dev.trim(req.offset, req.length, flags)
             elif cmd == Command.WRITE_ZEROES:
                 await dev.write_zeroes(req.offset, req.length, flags)
+            elif cmd == Command.EXTENTS:
+                payload = pack_extents(
+                    req.offset, req.length, await dev.extents(req.offset, req.length)
+                )
+                if payload:
+                    data = memoryview(payload)
+                else:  # a device that answered nothing for the range
+                    status = Status.EIO
             else:
                 status = Status.ENOTSUP
         except IoError as exc:
@@ -458,7 +472,7 @@ class Connection:
             self.running.discard(req.txn)
             if req.payload is not None:
                 req.payload.release()
-        if req.command != Command.READ:
+        if req.command not in QUERY_COMMANDS:
             s.remember(req.txn, status)
         if status and status == Status.ENOSPC:
             self.node.enospc += 1
