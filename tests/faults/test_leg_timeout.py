@@ -18,7 +18,7 @@ import pytest
 
 from tests.faults.test_mirror import Mirror, qemu_io, wait_in_sync
 from tests.integration.test_control import status
-from tests.procs import Procs, need_tool
+from tests.procs import Procs, dst_run, need_tool
 from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -158,3 +158,18 @@ def test_the_last_leg_keeps_the_transaction_budget(procs: Procs, sockdir: Path) 
     out, _ = writer.communicate(timeout=30)
     assert writer.returncode == 0 and "failed" not in out.lower(), out
     assert "a.sock: degraded" not in att.output
+
+
+def test_the_leg_timeout_is_a_live_knob(procs: Procs, sockdir: Path) -> None:
+    """`dst ctl set leg-timeout=S` changes it on a running mirror; a wrong value is refused."""
+    m = Mirror(procs, sockdir)
+    ctl = sockdir / "ctl.sock"
+    att, _ = m.attach("--control", str(ctl), "--leg-timeout", "3")
+    assert status(ctl)["device"]["leg_timeout"] == 3.0
+    cp = dst_run("ctl", "--control", str(ctl), "set", "leg-timeout=1.5")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert status(ctl)["device"]["leg_timeout"] == 1.5
+    att.wait_for(r"leg timeout 1.5 s", timeout=5)
+    bad = dst_run("ctl", "--control", str(ctl), "set", "leg-timeout=0")
+    assert bad.returncode != 0 and "leg-timeout" in bad.stderr, bad.stderr
+    assert status(ctl)["device"]["leg_timeout"] == 1.5
