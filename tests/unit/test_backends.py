@@ -86,7 +86,7 @@ def read(b: Backend, offset: int, length: int) -> bytes:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("", "use file:PATH, disk:/dev/X, memory:SIZE or null:SIZE"),
+        ("", "use file:PATH, disk:/dev/X, memory:SIZE, null:SIZE or rbd:POOL/IMAGE"),
         ("foo:bar", "unknown kind 'foo'"),
         ("/srv/a.img", "say which kind it is, e.g. file:/srv/a.img"),
         ("file:", "the path is empty; e.g. file:/srv/a.img"),
@@ -95,6 +95,18 @@ def read(b: Backend, offset: int, length: int) -> bytes:
         ("null:lots", "invalid size in backend 'null:lots'"),
         ("memory:0", "the size must be greater than 0"),
         ("memory:1.5", "whole number of bytes"),
+        ("rbd:", "name the image as rbd:POOL/IMAGE"),
+        ("rbd:vm1", "name the image as rbd:POOL/IMAGE"),
+        ("rbd:rbd//vm1", "name the image as rbd:POOL/IMAGE"),
+        ("rbd:a/b/c/d", "or rbd:POOL/NAMESPACE/IMAGE"),
+        ("rbd:rbd/vm1?pool=x", "unknown option 'pool'; rbd: takes conf=PATH"),
+        ("rbd:rbd/vm1?conf", "must be KEY=VALUE joined by '&'"),
+        ("rbd:rbd/vm1?id=", "id= has no value"),
+        ("rbd:rbd/vm1?id=a&id=b", "id= is given twice"),
+        ("rbd:rbd/vm1?timeout=soon", "timeout=soon is not a whole number of seconds"),
+        ("rbd:rbd/vm1?timeout=0", "timeout=0 is not a whole number of seconds"),
+        ("rbd:rbd/vm1?timeout=1.5", "timeout=1.5 is not a whole number of seconds"),
+        ("rbd:rbd/vm1?conf=/nonexistent/ceph.conf", "the config /nonexistent/ceph.conf given"),
     ],
 )
 def test_bad_specs(spec: str, message: str) -> None:
