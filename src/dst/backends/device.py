@@ -443,6 +443,7 @@ class BackendDevice(BlockDevice):
             steps.append(aio.start_flush)
         self._inflight += 1
         self._idle.clear()
+        single = len(steps) == 1  # the common case: one call, no chain to walk
 
         def end(err: BaseException | None) -> None:
             self._inflight -= 1
@@ -464,7 +465,7 @@ class BackendDevice(BlockDevice):
                     run(i + 1)
 
             try:
-                steps[i](next_step)
+                steps[i](end if single else next_step)
             except OSError as e:  # a plugin must not raise; if it does, the request failed
                 end(e)
 

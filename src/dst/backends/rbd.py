@@ -175,7 +175,12 @@ class Handoff:
         with self._lock:
             batch, self._queue = self._queue, []
         for done, err in batch:
-            done(err)
+            try:
+                done(err)
+            except Exception as exc:  # one broken callback must not strand the others
+                self.loop.call_exception_handler(
+                    {"message": "a librbd completion callback failed", "exception": exc}
+                )
 
 
 def _failure(ret: int, what: str) -> OSError | None:
