@@ -724,10 +724,11 @@ class _CephError(Exception):
 
 
 def _opener(spec: str = "rbd:rbd/vm1?id=dst&conf=/etc/ceph/x.conf") -> Any:
-    from dst.backends.rbd import RbdSpec, _Opener
+    from dst.backends.rbd import RbdSpec
+    from dst.backends.rbd_open import Opener
 
     where = RbdSpec.parse(spec, spec.partition(":")[2])
-    return _Opener(spec, where, None, None, None, False)
+    return Opener(spec, where, None, None, None, False)
 
 
 def test_rbd_spec_parts_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
