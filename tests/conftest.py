@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Procs
+from tests import ceph
+from tests.procs import IN_CI, Procs
 
 
 @pytest.fixture
@@ -41,3 +42,21 @@ def procs(sockdir: Path) -> Iterator[Procs]:
         yield ps
     finally:
         ps.stop_all()
+
+
+@pytest.fixture(scope="module")
+def ceph_cluster() -> Iterator[ceph.Cluster]:
+    """A one-node Ceph cluster (1 mon, 1 memstore OSD, pool ``rbd``) shared by a test module.
+
+    Skips (fails under CI=true) with the install command when Ceph is not installed."""
+    why = ceph.missing()
+    if why is not None:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    cluster = ceph.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.dir, ignore_errors=True)

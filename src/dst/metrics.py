@@ -269,6 +269,11 @@ def export_metrics(st: dict[str, Any]) -> Iterator[Metric]:
     fs_size = _gauge("dst_filesystem_size_bytes", "Size of the filesystem under it.", ["export"])
     fs_free = _gauge("dst_filesystem_free_bytes", "Free space of the filesystem.", ["export"])
     sessions = _gauge("dst_sessions", "Connected sessions.", ["export"])
+    rbd = _gauge(
+        "dst_export_rbd_info",
+        "1 for an export on a Ceph RBD image.",
+        ["export", "pool", "image", "cluster"],
+    )
     served = _counter(
         "dst_session_requests_total", "Requests served to a session.", ["export", "client"]
     )
@@ -286,6 +291,10 @@ def export_metrics(st: dict[str, Any]) -> Iterator[Metric]:
             alloc.add_metric([name], _num(fs.get("allocated")))
             fs_size.add_metric([name], _num(fs.get("size")))
             fs_free.add_metric([name], _num(fs.get("free")))
+        backend = stats.get("backend") or {}
+        if backend.get("kind") == "rbd":
+            where = [str(backend.get(k)) for k in ("pool", "image", "cluster")]
+            rbd.add_metric([name, *where], 1.0)
         sessions.add_metric(
             [name],
             float(
@@ -298,7 +307,7 @@ def export_metrics(st: dict[str, Any]) -> Iterator[Metric]:
         )
     for s in st.get("sessions", []):
         served.add_metric([str(s.get("export")), str(s.get("client_id"))], _num(s.get("requests")))
-    yield from (requests, nbytes, errors, size, alloc, fs_size, fs_free, sessions, served)
+    yield from (requests, nbytes, errors, size, alloc, fs_size, fs_free, sessions, rbd, served)
     enospc = _counter("dst_enospc_total", "Writes refused with ENOSPC by a backend.", [])
     enospc.add_metric([], _num(st.get("enospc")))
     conns = _gauge("dst_connections", "Open client connections.", [])

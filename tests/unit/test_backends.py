@@ -86,7 +86,7 @@ def read(b: Backend, offset: int, length: int) -> bytes:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("", "use file:PATH, disk:/dev/X, memory:SIZE or null:SIZE"),
+        ("", "use file:PATH, disk:/dev/X, memory:SIZE, null:SIZE or rbd:POOL/IMAGE"),
         ("foo:bar", "unknown kind 'foo'"),
         ("/srv/a.img", "say which kind it is, e.g. file:/srv/a.img"),
         ("file:", "the path is empty; e.g. file:/srv/a.img"),
@@ -95,6 +95,18 @@ def read(b: Backend, offset: int, length: int) -> bytes:
         ("null:lots", "invalid size in backend 'null:lots'"),
         ("memory:0", "the size must be greater than 0"),
         ("memory:1.5", "whole number of bytes"),
+        ("rbd:", "name the image as rbd:POOL/IMAGE"),
+        ("rbd:vm1", "name the image as rbd:POOL/IMAGE"),
+        ("rbd:rbd//vm1", "name the image as rbd:POOL/IMAGE"),
+        ("rbd:a/b/c/d", "or rbd:POOL/NAMESPACE/IMAGE"),
+        ("rbd:rbd/vm1?pool=x", "unknown option 'pool'; rbd: takes conf=PATH"),
+        ("rbd:rbd/vm1?conf", "must be KEY=VALUE joined by '&'"),
+        ("rbd:rbd/vm1?id=", "id= has no value"),
+        ("rbd:rbd/vm1?id=a&id=b", "id= is given twice"),
+        ("rbd:rbd/vm1?timeout=soon", "timeout=soon is not a whole number of seconds"),
+        ("rbd:rbd/vm1?timeout=0", "timeout=0 is not a whole number of seconds"),
+        ("rbd:rbd/vm1?timeout=1.5", "timeout=1.5 is not a whole number of seconds"),
+        ("rbd:rbd/vm1?conf=/nonexistent/ceph.conf", "the config /nonexistent/ceph.conf given"),
     ],
 )
 def test_bad_specs(spec: str, message: str) -> None:
@@ -698,3 +710,71 @@ def test_a_file_on_tmpfs_is_served_inline(where: Path) -> None:
         await dev.aclose()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- rbd: without a cluster
+
+
+class _CephError(Exception):
+    """What Ceph's binding raises: an errno, not an OSError."""
+
+    def __init__(self, err: int, text: str) -> None:
+        super().__init__(text)
+        self.errno = err
+
+
+def _opener(spec: str = "rbd:rbd/vm1?id=dst&conf=/etc/ceph/x.conf") -> Any:
+    from dst.backends.rbd import RbdSpec
+    from dst.backends.rbd_open import Opener
+
+    where = RbdSpec.parse(spec, spec.partition(":")[2])
+    return Opener(spec, where, None, None, None, False)
+
+
+def test_rbd_spec_parts_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dst.backends.rbd import RbdSpec
+
+    monkeypatch.delenv("CEPH_CONF", raising=False)
+    w = RbdSpec.parse("rbd:rbd/ns1/vm1", "rbd/ns1/vm1")
+    assert (w.pool, w.namespace, w.image, w.path) == ("rbd", "ns1", "vm1", "rbd/ns1/vm1")
+    assert (w.conf, w.client, w.timeout) == ("/etc/ceph/ceph.conf", "admin", 10)
+    monkeypatch.setenv("CEPH_CONF", "/srv/c.conf")
+    w = RbdSpec.parse("x", "p/i?id=client.dst&timeout=3")
+    assert (w.conf, w.client, w.timeout, w.conf_given) == ("/srv/c.conf", "dst", 3, False)
+    w = RbdSpec.parse("x", "p/i?conf=/a.conf")
+    assert (w.conf, w.conf_given) == ("/a.conf", True)
+
+
+@pytest.mark.parametrize(
+    ("step", "err", "message"),
+    [
+        (
+            "connect",
+            errno.ETIMEDOUT,
+            "cannot reach the Ceph cluster of /etc/ceph/x.conf within 10 s",
+        ),
+        ("connect", errno.EACCES, "refused client.dst: permission denied"),
+        ("connect", errno.ENOENT, "no keyring found for it; add `keyring = PATH`"),
+        (
+            "connect",
+            errno.EINVAL,
+            "cannot connect to the Ceph cluster of /etc/ceph/x.conf as client.dst",
+        ),
+        ("pool", errno.ENOENT, "pool 'rbd' does not exist in the cluster FSID; create it"),
+        (
+            "pool",
+            errno.EPERM,
+            "client.dst may not use pool 'rbd': permission denied; give it rbd caps",
+        ),
+        ("image", errno.EACCES, "client.dst may not use image rbd/vm1: permission denied"),
+    ],
+)
+def test_rbd_errors_say_what_to_do(step: str, err: int, message: str) -> None:
+    o = _opener()
+    e = _CephError(err, "boom")
+    made = {
+        "connect": lambda: o._connect_error(e),
+        "pool": lambda: o._pool_error(e, "FSID"),
+        "image": lambda: o._image_error(e, "FSID"),
+    }[step]()
+    assert isinstance(made, StorageError) and message in str(made)

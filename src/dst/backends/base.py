@@ -17,12 +17,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from dst.device import HOLE_ZERO, Extent
+from dst.device import HOLE_ZERO, Done, Extent
 from dst.errors import StorageError, UsageError
 from dst.units import format_size, parse_size
 
-KINDS = ("file", "disk", "memory", "null")
-SPEC_HINT = "use file:PATH, disk:/dev/X, memory:SIZE or null:SIZE"
+KINDS = ("file", "disk", "memory", "null", "rbd")
+SPEC_HINT = "use file:PATH, disk:/dev/X, memory:SIZE, null:SIZE or rbd:POOL/IMAGE"
 
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -95,6 +95,40 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec} {format_size(self.size)}>"
+
+
+class AsyncBackend(Backend):
+    """A plugin over a store with asynchronous calls of its own (librbd): the framework
+    starts each request and is told when it ended, so no worker thread waits for it.
+
+    ``start_*`` run on the event loop and must not block. Each calls ``done`` exactly
+    once, on the event loop's thread (possibly before it returns), with None or the
+    ``OSError`` the request failed with; none raises. The framework checks ranges and
+    emulates PREFLUSH and, where ``can_fua`` is False, FUA with ``start_flush``. The
+    synchronous methods remain for callers without an event loop.
+    """
+
+    blocking = False
+
+    @abstractmethod
+    def start_read(self, buf: memoryview, offset: int, done: Done) -> None:
+        """Fill ``buf`` (owned by the request until ``done``) with the bytes at ``offset``."""
+
+    @abstractmethod
+    def start_write(self, buf: memoryview, offset: int, fua: bool, done: Done) -> None:
+        """Write ``buf`` at ``offset``; with ``fua`` durable before ``done``."""
+
+    @abstractmethod
+    def start_flush(self, done: Done) -> None:
+        """Make every write completed before this call durable."""
+
+    @abstractmethod
+    def start_trim(self, offset: int, length: int, done: Done) -> None:
+        """Discard a range (a hint)."""
+
+    @abstractmethod
+    def start_zero(self, offset: int, length: int, may_trim: bool, done: Done) -> None:
+        """Make a range read back as zeroes; ``may_trim`` False: keep it allocated."""
 
 
 def fill_zeroes(buf: memoryview) -> None:
@@ -377,8 +411,8 @@ def parse_backend_size(spec: str, text: str) -> int:
 def open_backend(spec: str, *, size: int | None = None, read_only: bool = False) -> Backend:
     """Open the store a spec names.
 
-    ``size`` is ``--size``: it creates a missing file sparse and must match an
-    existing file or disk; ``memory:``/``null:`` carry their own size, so it does
+    ``size`` is ``--size``: it creates a missing file sparse (or RBD image) and must
+    match an existing file, disk or image; ``memory:``/``null:`` carry their own size, so it does
     not apply to them. Bad specs raise UsageError, run-time failures StorageError.
     """
     kind, rest = split_spec(spec)
@@ -394,6 +428,10 @@ def open_backend(spec: str, *, size: int | None = None, read_only: bool = False)
         if kind == "file":
             return FileBackend.open(spec, path, size=size, read_only=read_only)
         return DiskBackend.open(spec, path, size=size, read_only=read_only)
+    if kind == "rbd":
+        from dst.backends.rbd import RbdBackend
+
+        return RbdBackend.open(spec, rest, size=size, read_only=read_only)
     nbytes = parse_backend_size(spec, rest)
     if kind == "memory":
         from dst.backends.memory import MemoryBackend

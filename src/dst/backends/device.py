@@ -2,9 +2,10 @@
 
 Like nbdkit's server core, it checks every range before the plugin sees it,
 refuses changes to read-only stores, runs blocking plugins on a bounded worker
-pool (non-blocking ones inline on the loop), emulates what a plugin lacks (FUA
-by a flush after the write) and turns ``OSError`` into ``IoError`` that names
-the request.
+pool (non-blocking ones inline on the loop, asynchronous ones - librbd - started
+on the loop and finished by their completion callback), emulates what a plugin
+lacks (FUA by a flush after the write) and turns ``OSError`` into ``IoError``
+that names the request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from dst.backends.base import Backend
+from dst.backends.base import AsyncBackend, Backend
 from dst.device import (
     BlockDevice,
     Buffer,
@@ -68,6 +69,35 @@ async def _settle(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # retrieved: it goes nowhere, the caller is gone
 
 
+Step = Callable[[Done], None]
+
+
+def _nothing(done: Done) -> None:
+    """An empty request: nothing for the plugin to do (PREFLUSH/FUA still apply)."""
+    done(None)
+
+
+async def _wait(start: Step) -> None:
+    """Start a request and wait for its ``done``; a cancelled caller still waits it out,
+    since the plugin owns the caller's buffer until then."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(err: BaseException | None) -> None:
+        if fut.done():
+            return
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
+
+    start(done)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await _settle(fut)
+        raise
+
+
 # Larger requests go to the pool anyway: copying them inline would stall the loop.
 FAST_PATH_MAX = 256 << 10
 
@@ -102,6 +132,7 @@ class BackendDevice(BlockDevice):
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._aio = backend if isinstance(backend, AsyncBackend) else None
 
     async def _call(self, op: str, offset: int, length: int, fn: Callable[[], T]) -> T:
         """Run one request on the backend, inline or on the pool, mapping its errors."""
@@ -178,6 +209,9 @@ class BackendDevice(BlockDevice):
 
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         view = _as_bytes_view(buf)
+        if self._aio is not None:
+            await _wait(lambda done: self._aio_read(offset, view, flags, done))
+            return
         self._check("read", offset, len(view), change=False, limit=True)
         backend = self.backend
         if not (flags & IoFlags.PREFLUSH) and self._fast(
@@ -192,6 +226,9 @@ class BackendDevice(BlockDevice):
 
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         view = _as_bytes_view(data)
+        if self._aio is not None:
+            await _wait(lambda done: self._aio_write(offset, view, flags, done))
+            return
         self._check("write", offset, len(view), change=True, limit=True)
         backend = self.backend
         native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
@@ -218,6 +255,9 @@ class BackendDevice(BlockDevice):
         the pool otherwise."""
         view = _as_bytes_view(buf)
         n = len(view)
+        if self._aio is not None:
+            self._aio_read(offset, view, flags, done)
+            return
         if flags & IoFlags.PREFLUSH or n > FAST_PATH_MAX or self._closed:
             super().start_read(offset, buf, flags, done)
             return
@@ -245,6 +285,9 @@ class BackendDevice(BlockDevice):
         otherwise (the page-cache fast path for writes stays in :meth:`write`)."""
         view = _as_bytes_view(data)
         n = len(view)
+        if self._aio is not None:
+            self._aio_write(offset, view, flags, done)
+            return
         if self._executor is not None or n > FAST_PATH_MAX or self._closed or not n:
             super().start_write(offset, data, flags, done)
             return
@@ -265,10 +308,16 @@ class BackendDevice(BlockDevice):
         done(None)
 
     async def flush(self) -> None:
+        if self._aio is not None:
+            await _wait(lambda done: self._aio_flush(done))
+            return
         await self._call("flush", 0, 0, self.backend.flush)
         self.counters.flushes += 1
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        if self._aio is not None:
+            await _wait(lambda done: self._aio_trim(offset, length, flags, done))
+            return
         self._check("trim", offset, length, change=True, limit=False)
         backend = self.backend
         run = self._wrap(flags, lambda: backend.trim(offset, length), True)
@@ -276,6 +325,9 @@ class BackendDevice(BlockDevice):
         self.counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        if self._aio is not None:
+            await _wait(lambda done: self._aio_zero(offset, length, flags, done))
+            return
         self._check("write_zeroes", offset, length, change=True, limit=False)
         backend = self.backend
         may_trim = not flags & IoFlags.NO_HOLE
@@ -291,6 +343,145 @@ class BackendDevice(BlockDevice):
         backend = self.backend
         got = await self._call("extents", offset, length, lambda: backend.extents(offset, length))
         return merge_extents(checked_extents(self.name, offset, length, got))
+
+    # ---- asynchronous plugins: started here, ended by the plugin's completion -------------
+    def _aio_read(self, offset: int, view: memoryview, flags: IoFlags, done: Done) -> None:
+        aio, n = self._aio, len(view)
+        assert aio is not None
+
+        def counted(err: BaseException | None) -> None:
+            if err is None:
+                self.counters.reads += 1
+                self.counters.bytes_read += n
+            done(err)
+
+        if self._refused("read", offset, n, False, True, done):
+            return
+        start: Step = (lambda d: aio.start_read(view, offset, d)) if n else _nothing
+        self._begin("read", offset, n, flags, start, False, counted)
+
+    def _aio_write(self, offset: int, view: memoryview, flags: IoFlags, done: Done) -> None:
+        aio, n = self._aio, len(view)
+        assert aio is not None
+        fua = aio.can_fua and bool(flags & IoFlags.FUA)
+
+        def counted(err: BaseException | None) -> None:
+            if err is None:
+                self.counters.writes += 1
+                self.counters.bytes_written += n
+            done(err)
+
+        if self._refused("write", offset, n, True, True, done):
+            return
+        start: Step = (lambda d: aio.start_write(view, offset, fua, d)) if n else _nothing
+        self._begin("write", offset, n, flags, start, not aio.can_fua, counted)
+
+    def _aio_flush(self, done: Done) -> None:
+        aio = self._aio
+        assert aio is not None
+
+        def counted(err: BaseException | None) -> None:
+            if err is None:
+                self.counters.flushes += 1
+            done(err)
+
+        self._begin("flush", 0, 0, IoFlags.NONE, aio.start_flush, False, counted)
+
+    def _aio_trim(self, offset: int, length: int, flags: IoFlags, done: Done) -> None:
+        aio = self._aio
+        assert aio is not None
+
+        def counted(err: BaseException | None) -> None:
+            if err is None:
+                self.counters.trims += 1
+            done(err)
+
+        if self._refused("trim", offset, length, True, False, done):
+            return
+        start: Step = (lambda d: aio.start_trim(offset, length, d)) if length else _nothing
+        self._begin("trim", offset, length, flags, start, True, counted)
+
+    def _aio_zero(self, offset: int, length: int, flags: IoFlags, done: Done) -> None:
+        aio = self._aio
+        assert aio is not None
+        may_trim = not flags & IoFlags.NO_HOLE
+
+        def counted(err: BaseException | None) -> None:
+            if err is None:
+                self.counters.zeroes += 1
+            done(err)
+
+        if self._refused("write_zeroes", offset, length, True, False, done):
+            return
+        start: Step = (
+            (lambda d: aio.start_zero(offset, length, may_trim, d)) if length else _nothing
+        )
+        self._begin("write_zeroes", offset, length, flags, start, True, counted)
+
+    def _refused(
+        self, op: str, offset: int, length: int, change: bool, limit: bool, done: Done
+    ) -> bool:
+        """``_check`` for a started request: True (and ``done`` told) when it is refused."""
+        try:
+            self._check(op, offset, length, change=change, limit=limit)
+        except IoError as e:
+            done(e)
+            return True
+        return False
+
+    def _begin(
+        self,
+        op: str,
+        offset: int,
+        length: int,
+        flags: IoFlags,
+        start: Step,
+        emulate_fua: bool,
+        done: Done,
+    ) -> None:
+        """Run ``start`` on the plugin, after a flush for PREFLUSH and before one for an
+        emulated FUA; ``done`` gets None or the IoError that names the request."""
+        if self._closed:
+            self.counters.errors += 1
+            done(IoError(errno.EIO, f"{self.name}: {op} after the device was closed"))
+            return
+        aio = self._aio
+        assert aio is not None
+        steps: list[Step] = []
+        if flags & IoFlags.PREFLUSH:
+            steps.append(aio.start_flush)
+        steps.append(start)
+        if emulate_fua and flags & IoFlags.FUA:
+            steps.append(aio.start_flush)
+        self._inflight += 1
+        self._idle.clear()
+        single = len(steps) == 1  # the common case: one call, no chain to walk
+
+        def end(err: BaseException | None) -> None:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+            if isinstance(err, IoError):
+                self.counters.errors += 1
+            elif isinstance(err, OSError):
+                err = self._failed(op, offset, length, err)
+            elif err is not None:
+                self.counters.errors += 1
+            done(err)
+
+        def run(i: int) -> None:
+            def next_step(err: BaseException | None) -> None:
+                if err is not None or i + 1 == len(steps):
+                    end(err)
+                else:
+                    run(i + 1)
+
+            try:
+                steps[i](end if single else next_step)
+            except OSError as e:  # a plugin must not raise; if it does, the request failed
+                end(e)
+
+        run(0)
 
     def statistics(self) -> dict[str, Any]:
         stats = self.counters.as_dict()

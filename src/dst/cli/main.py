@@ -41,7 +41,7 @@ def build_parser() -> Parser:
         "exports",
         nargs="*",
         metavar="[NAME=]BACKEND",
-        help="file:PATH, disk:/dev/X, memory:SIZE or null:SIZE; NAME defaults to 'default'",
+        help="file:PATH, disk:/dev/X, memory:SIZE, null:SIZE or rbd:POOL/IMAGE; NAME defaults to 'default'",
     )
     add_options(e, documented(EXPORT_OPTS, "export"))
 
