@@ -339,3 +339,24 @@ def test_stripe_and_linear_get_a_tracker(tmp_path: Path, mode: str) -> None:
         await dev.aclose()
 
     asyncio.run(main())
+
+
+def test_a_verify_repair_counts_as_a_change(tmp_path: Path) -> None:
+    """Legs that differ may have served different data before a repair: the repaired
+    regions are marked, so the next backup copies them; a plain verify marks nothing."""
+
+    async def main() -> None:
+        legs = fault_legs(2, "4M")
+        m = MirrorDevice(legs, bitmap=str(tmp_path / "bm"), granularity=G, assume_clean=True)
+        await m.start()
+        await m.write(0, b"\x01" * MIB)
+        await add_checkpoint(m, "b1")
+        await legs[1].inner.write(3 * G + 5, b"\x02" * 10)  # behind the mirror's back
+        await m.verify()
+        assert spans(changed_extents(m, "b1", 0, m.size)) == []
+        await m.verify(repair=True)
+        assert spans(changed_extents(m, "b1", 0, m.size)) == [(3 * G, G)]
+        await in_sync(m)
+        await m.aclose()
+
+    asyncio.run(main())

@@ -161,6 +161,9 @@ class MirrorDevice(MirrorCore):
         bm = self.record.bitmaps[leg.slot]
         assert bm is not None
         bm.merge(bits)
+        g = self.record.granularity
+        for first, end in bits.runs():  # reads there may have come from this leg until now
+            self.record.mark_changed(first * g, (end - first) * g)
         self.record.mark_meta()
         await self.record.sync()
         self._try_resync(leg)
