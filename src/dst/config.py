@@ -176,9 +176,11 @@ class AttachConfig:
     ``layout`` is ``single`` (one member served as it is), ``mirror``, ``stripe`` (in
     chunks of ``stripe`` bytes, a power of two of at least 4 KiB) or ``linear``. ``nbd``
     and ``fuse`` (an absolute directory) are the front ends; at least one is needed.
-    ``bitmap``, ``bitmap_granularity``, ``resync_rate`` and ``assume_clean`` apply to a
-    mirror; ``leg_timeout`` is how long a mirror write waits for a leg that has not acked
-    it before it completes on the others and degrades that leg.
+    ``bitmap`` (the persistent record: a mirror's dirty bitmap and activity log, and the
+    changed-block checkpoints of any layout) and ``bitmap_granularity`` apply to every
+    layout; ``resync_rate`` and ``assume_clean`` to a mirror; ``leg_timeout`` is how long a
+    mirror write waits for a leg that has not acked it before it completes on the others
+    and degrades that leg.
     """
 
     members: tuple[MemberUri, ...]
@@ -217,7 +219,6 @@ class AttachConfig:
             raise UsageError("a stripe chunk applies to --stripe only")
         if self.layout != "mirror":
             given = {
-                "bitmap": self.bitmap,
                 "resync-rate": self.resync_rate,
                 "assume-clean": self.assume_clean or None,
             }

@@ -191,6 +191,7 @@ def test_protocol_messages(procs: Procs, sockdir: Path) -> None:
 
         assert ask(b'{"cmd": "help"}')["result"]["commands"] == [
             "add",
+            "checkpoint",
             "detach",
             "help",
             "set",

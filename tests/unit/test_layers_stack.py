@@ -184,8 +184,8 @@ def test_build_stack_rules() -> None:
             await build_stack(None, two)
         with pytest.raises(UsageError, match="--chunk applies to --stripe only"):
             await build_stack("mirror", two, chunk=4096)
-        with pytest.raises(UsageError, match="--bitmap applies to --mirror only"):
-            await build_stack("linear", two, bitmap="/tmp/x")
+        with pytest.raises(UsageError, match="--resync-rate applies to --mirror only"):
+            await build_stack("linear", two, resync_rate=1 << 20)
         with pytest.raises(UsageError, match="needs a chunk size"):
             await build_stack("stripe", two)
         with pytest.raises(UsageError, match="unknown stack mode"):

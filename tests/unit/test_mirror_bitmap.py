@@ -18,7 +18,7 @@ from dst.backends import open_device
 from dst.device import BlockDevice
 from dst.errors import DstError
 from dst.layers import FaultDevice, MirrorDevice
-from dst.layers.bitmap import BITMAP_BASE, BLOCK, ActivityLog, Bitmap, Record
+from dst.layers.bitmap import BITMAP_BASE, BLOCK, SLOTS, ActivityLog, Bitmap, Record
 from tests.model import contents, in_sync, until
 
 KIB = 1 << 10
@@ -134,7 +134,7 @@ def test_record_round_trip_and_torn_metadata(tmp_path: Path) -> None:
             f.seek((rec.seq % 2) * BLOCK + 100)
             f.write(b"\x99" * 8)
         broken, why = Record.open(str(path), MIB, G, EXT)
-        assert why is not None and "damaged" in why and broken.slots == [None] * 8
+        assert why is not None and "damaged" in why and broken.slots == [None] * SLOTS
         await broken.close()  # a fresh record replaces the damaged one
 
         other, why = Record.open(str(path), 2 * MIB, G, EXT)
@@ -206,46 +206,85 @@ def test_a_petabyte_record_is_sparse_in_memory_and_on_disk(tmp_path: Path) -> No
     asyncio.run(main())
 
 
-def test_a_version_1_file_is_read_and_converted(tmp_path: Path) -> None:
-    """Version 1 stored every bit in place and no tail table: it is read as it is and
-    its metadata is written in version 2 at the next sync."""
-    import struct
+def downgrade(path: Path, version: int) -> None:
+    """Rewrite both metadata copies of a file as version 1 or 2 wrote them: 8 leg slots,
+    then (version 2) the full_from table, then the activity log."""
     import zlib
 
+    from dst.layers import bitmap as bmod
+
+    with open(path, "r+b") as f:
+        for copy in range(2):
+            f.seek(copy * BLOCK)
+            raw = bytearray(f.read(BLOCK))
+            if raw[:8] != bmod.MAGIC:
+                continue
+            head = list(bmod.HEAD.unpack_from(raw))
+            nal = head[10]
+            al = raw[bmod.AL_AT : bmod.AL_AT + 4 * nal]
+            fulls = raw[bmod.FULLS_AT : bmod.FULLS_AT + 8 * bmod.OLD_SLOTS]
+            head[1], head[9] = version, bmod.OLD_SLOTS
+            old = bytearray(BLOCK)
+            bmod.HEAD.pack_into(old, 0, *head)
+            end = bmod.SLOTS_AT + bmod.OLD_SLOTS * bmod.SLOT.size
+            old[bmod.SLOTS_AT : end] = raw[bmod.SLOTS_AT : end]
+            if version == 2:
+                old[end : end + len(fulls)] = fulls
+                end += len(fulls)
+            old[end : end + len(al)] = al
+            old[bmod.CRC_AT :] = zlib.crc32(old[: bmod.CRC_AT]).to_bytes(4, "little")
+            f.seek(copy * BLOCK)
+            f.write(old)
+
+
+def versions_in(path: Path) -> set[int]:
+    import struct
+
+    with open(path, "rb") as f:
+        copies = [f.read(BLOCK) for _ in range(2)]
+    return {struct.unpack_from("<I", c, 8)[0] for c in copies if c[:8] == b"DSTMBMP1"}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_versions_are_read_and_converted(tmp_path: Path, version: int) -> None:
+    """Version 1 stored every bit in place and no tail table, version 2 added the table;
+    both had 8 slots.  Each is read as it is and its metadata is written in version 3 (16
+    slots) at the next sync, with the same legs, bits and activity log."""
     from dst.layers import bitmap as bmod
 
     path = tmp_path / "bm"
 
     async def main() -> None:
         rec, _ = Record.open(str(path), MIB, G, EXT)
-        rec.add_slot(2, "c", None, full=False)
+        rec.add_slot(2, "c", None, full=False).generation = 5
+        rec.add_slot(7, "h", None, full=False)
         rec.mark(2, 8192, 100)
+        if version == 2:
+            bm = rec.bitmaps[7]
+            assert bm is not None
+            bm.clear(0, bm.nbits)
+            bm.set(200, bm.nbits)  # stored as a tail: full_from = 200
         rec.al = [3]
         await rec.sync()
-        await rec.close()
-        with open(path, "r+b") as f:  # rewrite both metadata copies as version 1 wrote them
-            for copy in range(2):
-                f.seek(copy * BLOCK)
-                raw = bytearray(f.read(BLOCK))
-                if raw[:8] != bmod.MAGIC:
-                    continue
-                struct.pack_into("<I", raw, 8, 1)
-                nal = struct.unpack_from("<I", raw, bmod.HEAD.size - 8)[0]
-                al = raw[bmod.AL_AT : bmod.AL_AT + 4 * nal]
-                raw[bmod.FULLS_AT : bmod.CRC_AT] = bytes(bmod.CRC_AT - bmod.FULLS_AT)
-                raw[bmod.AL_AT_V1 : bmod.AL_AT_V1 + len(al)] = al
-                raw[bmod.CRC_AT :] = zlib.crc32(raw[: bmod.CRC_AT]).to_bytes(4, "little")
-                f.seek(copy * BLOCK)
-                f.write(raw)
+        await rec.abandon()
+        downgrade(path, version)
+        assert versions_in(path) == {version}
         old, why = Record.open(str(path), MIB, G, EXT)
-        bm = old.bitmaps[2]
+        bm, tail = old.bitmaps[2], old.bitmaps[7]
+        s2 = old.slots[2]
         assert why is None and bm is not None and list(bm.runs()) == [(2, 3)]
+        assert s2 is not None and s2.name == "c" and s2.generation == 5 and not s2.checkpoint
+        assert tail is not None and old.al == [3]
+        assert list(tail.runs()) == ([(200, tail.nbits)] if version == 2 else [])
         assert old.meta_dirty  # converted at the next write
         await old.sync()
         await old.abandon()
-        with open(path, "rb") as f:
-            versions = {struct.unpack_from("<I", f.read(BLOCK), 8)[0] for _ in range(2)}
-        assert 2 in versions
+        assert bmod.VERSION in versions_in(path)
+        again, why = Record.open(str(path), MIB, G, EXT)
+        bm = again.bitmaps[2]
+        assert why is None and bm is not None and list(bm.runs()) == [(2, 3)] and again.al == [3]
+        assert again.free_index() == 0 and len(again.slots) == bmod.SLOTS
+        await again.close()
 
     asyncio.run(main())
 
@@ -560,7 +599,7 @@ def test_bitmap_pages_are_laid_out_per_slot(tmp_path: Path) -> None:
         with open(tmp_path / "bm", "rb") as f:
             f.seek(BITMAP_BASE + 2 * stride)
             assert f.read(2) == b"\x00\x04"
-        assert os.path.getsize(tmp_path / "bm") == BITMAP_BASE + 8 * stride
+        assert os.path.getsize(tmp_path / "bm") == BITMAP_BASE + SLOTS * stride
 
     asyncio.run(main())
 

@@ -27,7 +27,10 @@ from dst.control.server import RequestError
 from dst.errors import DstError, UsageError
 from dst.units import format_bytes, format_duration, format_rate
 
-CTL_COMMANDS = "set KEY=VALUE, verify [--rate RATE] [--repair] [--json], detach URI or add URI"
+CTL_COMMANDS = (
+    "set KEY=VALUE, verify [--rate RATE] [--repair] [--json], detach URI, add URI or "
+    "checkpoint add NAME | list [--json] | remove NAME"
+)
 NODE_TIMEOUT = 3.0  # seconds a node listed by `dst status` has to answer
 SHOWN_REGIONS = 10  # differing regions a verify summary lists
 
@@ -284,6 +287,20 @@ def _set_parser() -> _Parser:
     return p
 
 
+def _checkpoint_parser() -> _Parser:
+    p = _parser(
+        "checkpoint",
+        "Changed-block tracking for incremental backups: `add NAME` starts recording what "
+        "is written, trimmed or zeroed from now on (NBD metadata context "
+        "x-dst:changed:NAME), `list` shows the checkpoints and how much changed since "
+        "each, `remove NAME` stops recording. Checkpoints live in the --bitmap file.",
+    )
+    p.add_argument("action", nargs="?", metavar="add|list|remove", help="what to do")
+    p.add_argument("name", nargs="?", metavar="NAME", help="the checkpoint, e.g. backup-1")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    return p
+
+
 def run_ctl(path: str | None, words: list[str]) -> int:
     if not words:
         raise UsageError(f"no ctl command given: use {CTL_COMMANDS} (see `dst ctl --help`)")
@@ -308,7 +325,78 @@ def run_ctl(path: str | None, words: list[str]) -> int:
         result = request(path or pick_node(), cmd, timeout=None, uri=uris[0])
         print(_member_change(cmd, uris[0], result))
         return 0
+    if cmd == "checkpoint":
+        a = _checkpoint_parser().parse_args(rest)
+        return run_checkpoint(path, a.action, a.name, a.json)
     raise UsageError(f"unknown ctl command {cmd!r}: use {CTL_COMMANDS}")
+
+
+# ---- dst ctl checkpoint ----------------------------------------------------------------
+CHECKPOINT_USAGE = (
+    "`dst ctl checkpoint add NAME`, `dst ctl checkpoint list` or `dst ctl checkpoint remove NAME`"
+)
+
+
+def run_checkpoint(path: str | None, action: str | None, name: str | None, as_json: bool) -> int:
+    """Checked here first (exit 2), then done by the node (exit 1 when it refuses)."""
+    from dst.layers.checkpoints import check_name
+
+    if action not in ("add", "list", "remove"):
+        what = f"unknown checkpoint action {action!r}" if action else "no checkpoint action"
+        raise UsageError(f"{what}: use {CHECKPOINT_USAGE}")
+    if action == "list":
+        if name is not None:
+            raise UsageError(f"`dst ctl checkpoint list` takes no name (got {name!r})")
+        r = request(path or pick_node(), "checkpoint", action="list")
+        print(json.dumps(r, indent=2, sort_keys=True) if as_json else checkpoints_text(r))
+        return 0
+    if name is None:
+        raise UsageError(f"`dst ctl checkpoint {action}` needs a NAME, e.g. backup-1")
+    check_name(name)
+    r = request(path or pick_node(), "checkpoint", timeout=None, action=action, name=name)
+    if as_json:
+        print(json.dumps(r, indent=2, sort_keys=True))
+    elif action == "add":
+        print(
+            f"checkpoint {r.get('name', name)} added: what changes from now on is NBD "
+            f"metadata context {r.get('context')}"
+        )
+    else:
+        left = ", ".join(str(x) for x in r.get("checkpoints") or []) or "none"
+        print(f"checkpoint {name} removed; checkpoints left: {left}")
+    return 0
+
+
+def checkpoints_text(r: dict[str, Any]) -> str:
+    """The checkpoints as a table for people, oldest first."""
+    from dst.control.render import clock
+
+    items = r.get("checkpoints") or []
+    if r.get("bitmap") is None:
+        return "no checkpoints: this client node runs without --bitmap, which keeps them"
+    if not items:
+        return f"no checkpoints in {r['bitmap']}; add one with `dst ctl checkpoint add NAME`"
+    rows = [("NAME", "CREATED", "CHANGED", "NBD CONTEXT")]
+    for c in items:
+        changed = c.get("changed_bytes")
+        rows.append(
+            (
+                str(c.get("name")),
+                clock(c.get("created")),
+                format_bytes(changed) if isinstance(changed, int) else "-",
+                str(c.get("context")),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        for row in rows
+    ]
+    lines.append(
+        f"{len(items)} of {r.get('limit')} checkpoints in {r['bitmap']}, granularity "
+        f"{format_bytes(r.get('granularity') or 0)}"
+    )
+    return "\n".join(lines)
 
 
 def _member_change(cmd: str, uri: str, r: dict[str, Any]) -> str:

@@ -49,7 +49,10 @@ def _extra(role: str) -> dict[str, str]:
     else:
         out["cipher"] = f"one of {ciphers}; default: all of them, in that order"
         out["checksum"] = f"one of {checksums}; default: all of them, in that order"
-        out["bitmap"] = "default: in memory only, so a restart resyncs fully"
+        out["bitmap"] = (
+            "default: none: a mirror's bitmap in memory only (a restart resyncs fully), "
+            "no checkpoints"
+        )
         out["resync-rate"] = "default: unlimited"
     return out
 

@@ -25,6 +25,10 @@ commands:
                            they differ or fewer than two in-sync legs can be compared
   detach URI               remove a leg from the mirror
   add URI                  add a leg to the mirror; it is fully synced in the background
+  checkpoint add NAME      track what is written from now on (NBD context
+                           x-dst:changed:NAME), kept in the --bitmap file
+  checkpoint list [--json] the checkpoints, when added, how much changed since
+  checkpoint remove NAME   stop tracking NAME
 
 `dst ctl COMMAND --help` describes one command."""
 

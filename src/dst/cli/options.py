@@ -221,7 +221,12 @@ ATTACH_OPTS = [
     Opt("connect-timeout", "duration", "give up connecting at start after S seconds", "S"),
     Opt("reconnect-min", "duration", "first reconnect delay", "S"),
     Opt("reconnect-max", "duration", "longest reconnect delay", "S"),
-    Opt("bitmap", "str", "persistent dirty bitmap for --mirror", "FILE"),
+    Opt(
+        "bitmap",
+        "str",
+        "persistent record: the mirror's dirty bitmap and the checkpoints (any layout)",
+        "FILE",
+    ),
     Opt("bitmap-granularity", "size", "bytes per bitmap bit", "SIZE"),
     Opt("resync-rate", "rate", "limit background resync (e.g. 100M)", "RATE"),
     Opt(

@@ -181,6 +181,11 @@ class AttachControl:
             layout=self.settings.get("layout", "single"),
             state=extra.get("state", dev.state),
         )
+        from dst.layers.checkpoints import checkpoint_status
+
+        checkpoints = checkpoint_status(dev)
+        if checkpoints is not None:
+            device["checkpoints"] = json_safe(checkpoints)
         out["device"] = device
         out["members"] = members
         out["frontends"] = [json_safe(self._frontend(f)) for f in self.frontends]
@@ -206,6 +211,7 @@ class AttachControl:
             "verify": self._verify,
             "detach": self._detach,
             "add": self._add,
+            "checkpoint": self._checkpoint,
         }
 
     def _need_device(self) -> BlockDevice:
@@ -274,6 +280,23 @@ class AttachControl:
             await member.aclose()
             raise
 
+    async def _checkpoint(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``action`` add, remove (both with ``name``) or list."""
+        from dst.layers.checkpoints import add_checkpoint, list_checkpoints, remove_checkpoint
+
+        action = req.get("action")
+        if action == "list":
+            return _result(list_checkpoints(self.device))
+        name = req.get("name")
+        if action not in ("add", "remove"):
+            raise RequestError('give "action": one of "add", "remove" or "list"')
+        if not isinstance(name, str) or not name:
+            raise RequestError(f'checkpoint {action} needs a "name", e.g. backup-1')
+        dev = self._need_device()
+        if action == "add":
+            return _result(await add_checkpoint(dev, name))
+        return _result(await remove_checkpoint(dev, name))
+
     @staticmethod
     def _uri(req: dict[str, Any]) -> str:
         uri = req.get("uri")
@@ -337,7 +360,10 @@ class ExportControl:
                 "export node, which has no live settings"
             )
 
-        return {"status": status, **dict.fromkeys(("set", "verify", "detach", "add"), not_here)}
+        return {
+            "status": status,
+            **dict.fromkeys(("set", "verify", "detach", "add", "checkpoint"), not_here),
+        }
 
 
 def human_bytes(n: Any) -> str:

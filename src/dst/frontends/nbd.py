@@ -23,6 +23,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -31,6 +32,7 @@ from dst.aio.stream import Receiver, SocketStream
 from dst.buffers import BufferPool, PooledBuffer
 from dst.device import BlockDevice, Extent, IoFlags
 from dst.errors import IoError
+from dst.layers.checkpoints import CHANGED_PREFIX, changed_extents, checkpoint_contexts
 from dst.nbd import (
     MAX_BLOCK,
     Command,
@@ -59,6 +61,7 @@ _OPS = {
     Command.BLOCK_STATUS: "block_status",
 }
 CONTEXTS = (BASE_ALLOCATION,)  # the metadata contexts every device answers (see _status)
+# ... and one x-dst:changed:NAME per checkpoint of a device with a --bitmap record
 
 
 def nbd_uri(addr: Address, export: str = "") -> str:
@@ -87,7 +90,7 @@ def export_info(device: BlockDevice, description: str = "") -> ExportInfo:
         preferred_block=caps.preferred_block,
         max_block=min(caps.max_request, MAX_BLOCK),
         description=description,
-        contexts=CONTEXTS,
+        contexts=(*CONTEXTS, *checkpoint_contexts(device)),
     )
 
 
@@ -414,6 +417,9 @@ class _Connection:
         """The extents of one metadata context; the core makes the reply valid."""
         if context == BASE_ALLOCATION:
             return await self.front.device.extents(req.offset, req.length)
+        if context.startswith(CHANGED_PREFIX):  # a checkpoint removed since: all changed
+            name = context[len(CHANGED_PREFIX) :]
+            return changed_extents(self.front.device, name, req.offset, req.length)
         return []  # a context offered without an answer here: the core reports data
 
     async def _in_chunks(self, op: Callable[[int, int, IoFlags], Any], req: Request) -> None:
@@ -517,10 +523,18 @@ class NbdFrontend:
             )
         log.info("serving NBD on %s", self.uri)
 
+    def refresh_contexts(self) -> None:
+        """Offer the checkpoints as they are now (added or removed at run time) to the
+        connections that come from now on; a connection keeps what it chose."""
+        contexts = (*CONTEXTS, *checkpoint_contexts(self.device))
+        if contexts != self.export.contexts:
+            self.export = replace(self.export, contexts=contexts)
+
     async def _on_client(self, sock: socket.socket) -> None:
         if self._closed:
             sock.close()
             return
+        self.refresh_contexts()
         conn = _Connection(self, sock)
         self._conns.add(conn)
         self.stats["connections_total"] += 1

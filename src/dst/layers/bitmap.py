@@ -1,13 +1,17 @@
-"""What a mirror remembers across restarts: leg identities, generations, per-leg dirty
-bitmaps and the activity log (the ``--bitmap FILE``), in memory and on disk.
+"""What a client node remembers across restarts (the ``--bitmap FILE``), in memory and on
+disk: a mirror's leg identities, generations, per-leg dirty bitmaps, the activity log,
+and the changed-block checkpoints of any layout.
 
 On-disk layout (all integers little-endian; docs/mirror.md has the full table)::
 
     [0, 4096)        metadata block, copy 0
     [4096, 8192)     metadata block, copy 1   (the valid copy with the higher sequence wins)
-    [8192, ...)      bitmap of leg slot i at 8192 + i * stride, stride = bitmap bytes
+    [8192, ...)      bitmap of slot i at 8192 + i * stride, stride = bitmap bytes
                      rounded up to 4096; bit b is byte b // 8, bit b % 8 (LSB first);
                      every bit from the slot's full_from on is set whatever the page says
+
+Slots 0-7 are mirror legs (a set bit: the leg may differ there), slots 8-15 checkpoints
+(a set bit: written, trimmed or zeroed since the checkpoint was added).
 
 The file is sparse: only pages with a set bit below full_from are written, pages that
 become clear are punched out, so its allocated size follows what is dirty, not the
@@ -29,7 +33,7 @@ import struct
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dst.backends.base import PUNCH, fallocate
 from dst.errors import DstError, IoError
@@ -37,23 +41,40 @@ from dst.errors import DstError, IoError
 log = logging.getLogger("dst.mirror")
 
 MAGIC = b"DSTMBMP1"
-VERSION = 2  # 2 adds the per-slot "set from here on" table; version 1 files are read
+VERSION = 3  # 3: 16 slots (legs and checkpoints); 2: the full_from table; 1, 2 are read
 BLOCK = 4096
 MAX_LEGS = 8
+MAX_CHECKPOINTS = 8
+SLOTS = MAX_LEGS + MAX_CHECKPOINTS  # legs in 0-7, checkpoints in 8-15
 META_COPIES = 2
 BITMAP_BASE = META_COPIES * BLOCK
 HEAD = struct.Struct("<8sIIQ16sQIIQIII")  # see docs/mirror.md
 SLOT = struct.Struct("<16sQII64s")
 SLOTS_AT = 128
-FULLS_AT = SLOTS_AT + MAX_LEGS * SLOT.size  # version 2: u64 full_from per slot
-AL_AT_V1 = FULLS_AT
-AL_AT = FULLS_AT + 8 * MAX_LEGS
+FULLS_AT = SLOTS_AT + SLOTS * SLOT.size  # u64 full_from per slot
+AL_AT = FULLS_AT + 8 * SLOTS
 CRC_AT = BLOCK - 4
 AL_MAX = (CRC_AT - AL_AT) // 4
+OLD_SLOTS = 8  # versions 1 and 2 had leg slots only
+AL_AT_V1 = SLOTS_AT + OLD_SLOTS * SLOT.size
+FULLS_AT_V2 = AL_AT_V1
+AL_AT_V2 = FULLS_AT_V2 + 8 * OLD_SLOTS
 PUNCH_SMALL = 256  # where holes cannot be punched, write zero pages for ranges this small
 FLAG_CLEAN = 1
 SLOT_USED = 1
 SLOT_FULL = 2
+SLOT_CHECKPOINT = 4
+
+
+def _layout(version: int) -> tuple[int, int | None, int]:
+    """(slots, offset of the full_from table or None, offset of the activity log) of a
+    format version."""
+    if version == 1:
+        return OLD_SLOTS, None, AL_AT_V1
+    if version == 2:
+        return OLD_SLOTS, FULLS_AT_V2, AL_AT_V2
+    return SLOTS, FULLS_AT, AL_AT
+
 
 _NONZERO = re.compile(rb"[^\x00]")
 _NOTFULL = re.compile(rb"[^\xff]")
@@ -342,12 +363,26 @@ class Bitmap:
 
 @dataclass
 class Slot:
-    """One leg as the record knows it."""
+    """One leg (or one checkpoint) as the record knows it."""
 
     name: str
     identity: uuid.UUID | None
     generation: int
     full: bool = False  # needs a full resync (its bits are all set too)
+    checkpoint: bool = False  # a checkpoint: its bits are the changes since ``created``
+    created: float = 0.0  # Unix time a checkpoint was added
+
+
+@dataclass
+class _Batch:
+    """One write of the record: pages and metadata, holes, and what they stand for."""
+
+    writes: list[tuple[int, bytes | None]] = field(default_factory=list)
+    punches: list[tuple[int, int]] = field(default_factory=list)
+    pages: list[tuple[int, int]] = field(default_factory=list)  # (slot, page) written
+    areas: list[int] = field(default_factory=list)  # freed checkpoint slots punched
+    al: set[int] | None = None  # the activity log the metadata block records
+    split: bool = False  # pages durable before the metadata block is written
 
 
 def _stride(nbits: int) -> int:
@@ -366,7 +401,8 @@ def _punch(fd: int, offset: int, length: int) -> None:
 
 
 class Record:
-    """The mirror's record; with ``path`` None it lives in memory only and syncs are free."""
+    """The client node's record; with ``path`` None it lives in memory only and syncs are
+    free."""
 
     def __init__(self, path: str | None, size: int, granularity: int, al_extent: int) -> None:
         self.path = path
@@ -378,9 +414,13 @@ class Record:
         self.generation = 1
         self.seq = 0
         self.clean = True
-        self.slots: list[Slot | None] = [None] * MAX_LEGS
-        self.bitmaps: list[Bitmap | None] = [None] * MAX_LEGS
+        self.slots: list[Slot | None] = [None] * SLOTS
+        self.bitmaps: list[Bitmap | None] = [None] * SLOTS
+        self.checkpoints: list[int] = []  # slots that are checkpoints (marked on every change)
         self.al: list[int] = []
+        self._disk_al: set[int] = set()  # the activity log as the file records it
+        self._areas: list[int] = []  # freed checkpoint slots whose pages are to be punched
+        self._punching: set[int] = set()  # ... not reused until that punch is done
         self.fd: int | None = None
         self.version = 0
         self.durable = 0
@@ -438,21 +478,17 @@ class Record:
             if best is None or seq > best[0]:
                 best = (seq, raw)
         if best is None:
-            return f"the bitmap file {path} is not a DST mirror bitmap or is damaged (no valid metadata copy)"
+            return f"the bitmap file {path} is not a DST bitmap file or is damaged (no valid metadata copy)"
         raw = best[1]
         _, version, block, seq, mid, size, gran, al_ext, gen, nslots, nal, flags = HEAD.unpack_from(
             raw
         )
-        al_at = AL_AT if version == VERSION else AL_AT_V1
-        if (
-            version not in (1, VERSION)
-            or block != BLOCK
-            or nslots != MAX_LEGS
-            or nal > (CRC_AT - al_at) // 4
-        ):
+        known = version in range(1, VERSION + 1)
+        want_slots, fulls_at, al_at = _layout(version if known else VERSION)
+        if not known or block != BLOCK or nslots != want_slots or nal > (CRC_AT - al_at) // 4:
             return (
                 f"the bitmap file {path} has format version {version}, which this version "
-                f"of dst does not read (it reads 1 and {VERSION})"
+                f"of dst does not read (it reads 1 to {VERSION})"
             )
         if size != self.size:
             return (
@@ -464,6 +500,7 @@ class Record:
         self.seq, self.mirror_id, self.generation = seq, uuid.UUID(bytes=mid), gen
         self.clean = bool(flags & FLAG_CLEAN)
         entries = struct.unpack_from(f"<{nal}I", raw, al_at)
+        self._disk_al = set(entries) if al_ext == self.al_extent else {-1}
         # activity-log extents in this record's extent size, so a changed size is harmless
         self.al = sorted(
             {
@@ -473,19 +510,22 @@ class Record:
             }
         )
         old_nbits = -(-size // gran)
-        for i in range(MAX_LEGS):
+        for i in range(nslots):
             ident, sgen, sflags, _, name = SLOT.unpack_from(raw, SLOTS_AT + i * SLOT.size)
             if not sflags & SLOT_USED:
                 continue
+            checkpoint = bool(sflags & SLOT_CHECKPOINT)
             self.slots[i] = Slot(
                 name.rstrip(b"\0").decode("utf-8", "replace"),
-                None if ident == bytes(16) else uuid.UUID(bytes=ident),
-                sgen,
+                None if ident == bytes(16) or checkpoint else uuid.UUID(bytes=ident),
+                0 if checkpoint else sgen,
                 bool(sflags & SLOT_FULL),
+                checkpoint=checkpoint,
+                created=sgen / 1e6 if checkpoint else 0.0,
             )
             old = Bitmap(old_nbits)
-            if version >= 2:
-                old.full_from = min(struct.unpack_from("<Q", raw, FULLS_AT + 8 * i)[0], old_nbits)
+            if fulls_at is not None:
+                old.full_from = min(struct.unpack_from("<Q", raw, fulls_at + 8 * i)[0], old_nbits)
             old.disk_full_from = old.full_from
             self._read_pages(old, BITMAP_BASE + i * _stride(old_nbits))
             if gran == self.granularity:
@@ -512,6 +552,19 @@ class Record:
                 self.granularity,
             )
             self._reset_layout()
+        self._refresh_checkpoints()
+        if self.al and self.checkpoints:
+            # writes may have been in flight in these extents when the client node stopped:
+            # they count as changed (a false positive costs a copy, a lost change a backup)
+            for e in self.al:
+                self.mark_changed(e * self.al_extent, self.al_extent)
+            log.warning(
+                "bitmap file %s: the client node stopped with writes in flight in %d extents "
+                "of %d bytes; they count as changed in every checkpoint",
+                path,
+                len(self.al),
+                self.al_extent,
+            )
         return None
 
     def _read_pages(self, bm: Bitmap, base: int) -> None:
@@ -544,8 +597,9 @@ class Record:
 
     def _reset(self) -> None:
         """Forget what was loaded: a fresh record in the same file."""
-        self.slots = [None] * MAX_LEGS
-        self.bitmaps = [None] * MAX_LEGS
+        self.slots = [None] * SLOTS
+        self.bitmaps = [None] * SLOTS
+        self.checkpoints = []
         self.al = []
         self.generation = max(self.generation, 0) + 1
         self.mirror_id = uuid.uuid4()
@@ -556,7 +610,9 @@ class Record:
         memory is written with the metadata at the next sync."""
         if self.fd is not None:
             os.ftruncate(self.fd, BITMAP_BASE)  # drops every old page (a sparse start)
-            os.ftruncate(self.fd, BITMAP_BASE + MAX_LEGS * _stride(self.nbits))
+            os.ftruncate(self.fd, BITMAP_BASE + SLOTS * _stride(self.nbits))
+            self._areas.clear()
+            self._punching.clear()
         for bm in self.bitmaps:
             if bm is not None:
                 bm.dirty_pages.update(bm.pages)
@@ -598,12 +654,58 @@ class Record:
         return new
 
     def free_slot(self, slot: int) -> None:
+        s = self.slots[slot]
         self.slots[slot] = None
         self.bitmaps[slot] = None
+        if s is not None and s.checkpoint:
+            self._refresh_checkpoints()
+            if self.fd is not None:  # its pages become holes once the freed slot is durable
+                self._areas.append(slot)
+                self._punching.add(slot)
         self.mark_meta()
 
     def free_index(self) -> int | None:
-        return next((i for i, s in enumerate(self.slots) if s is None), None)
+        """A free leg slot (legs live in slots 0-7)."""
+        return next((i for i in range(MAX_LEGS) if self.slots[i] is None), None)
+
+    def leg_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None and not s.checkpoint]
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _refresh_checkpoints(self) -> None:
+        self.checkpoints = [i for i, s in enumerate(self.slots) if s is not None and s.checkpoint]
+
+    def find_checkpoint(self, name: str) -> int | None:
+        for i in self.checkpoints:
+            s = self.slots[i]
+            if s is not None and s.name == name:
+                return i
+        return None
+
+    def add_checkpoint(self, name: str, created: float) -> int | None:
+        """A new checkpoint with no bit set, in a free checkpoint slot (None: all taken)."""
+        free = next(
+            (
+                i
+                for i in range(MAX_LEGS, SLOTS)
+                if self.slots[i] is None and i not in self._punching
+            ),
+            None,
+        )
+        if free is None:
+            return None
+        self.slots[free] = Slot(name, None, 0, checkpoint=True, created=created)
+        self.bitmaps[free] = Bitmap(self.nbits)
+        self._refresh_checkpoints()
+        self.mark_meta()
+        return free
+
+    def mark_changed(self, offset: int, length: int) -> None:
+        """A change to ``[offset, offset + length)``: set its bits in every checkpoint (in
+        memory; the pages reach the file with the next sync, no later than the activity-log
+        entry that covers the change leaves it)."""
+        for i in self.checkpoints:
+            self.mark(i, offset, length)
 
     # ---- durability -------------------------------------------------------------------
     def _pack_meta(self) -> bytes:
@@ -623,7 +725,7 @@ class Record:
             self.granularity,
             self.al_extent,
             self.generation,
-            MAX_LEGS,
+            SLOTS,
             len(al),
             FLAG_CLEAN if self.clean else 0,
         )
@@ -631,26 +733,28 @@ class Record:
             if s is None:
                 continue
             flags = SLOT_USED | (SLOT_FULL if s.full else 0)
+            gen = s.generation
+            if s.checkpoint:  # a checkpoint keeps its creation time where a leg's generation is
+                flags |= SLOT_CHECKPOINT
+                gen = max(0, round(s.created * 1e6))
             ident = s.identity.bytes if s.identity is not None else bytes(16)
             name = s.name.encode("utf-8")[:64]
-            SLOT.pack_into(raw, SLOTS_AT + i * SLOT.size, ident, s.generation, flags, 0, name)
+            SLOT.pack_into(raw, SLOTS_AT + i * SLOT.size, ident, gen, flags, 0, name)
         for i, bm in enumerate(self.bitmaps):
             struct.pack_into("<Q", raw, FULLS_AT + 8 * i, bm.full_from if bm is not None else 0)
         struct.pack_into(f"<{len(al)}I", raw, AL_AT, *al)
         raw[CRC_AT:] = zlib.crc32(raw[:CRC_AT]).to_bytes(4, "little")
         return bytes(raw)
 
-    def _snapshot(
-        self,
-    ) -> tuple[list[tuple[int, bytes | None]], list[tuple[int, int]], list[tuple[int, int]]]:
+    def _snapshot(self) -> _Batch:
         """What the next write does: (offset, page bytes or None for a hole) for every
         changed page and the metadata, the byte ranges to punch, and which pages these were."""
-        writes: list[tuple[int, bytes | None]] = []
-        punches: list[tuple[int, int]] = []
-        pages: list[tuple[int, int]] = []
+        batch = _Batch()
+        writes, punches, pages = batch.writes, batch.punches, batch.pages
         if any(bm is not None and bm.full_from != bm.disk_full_from for bm in self.bitmaps):
             self.meta_dirty = True  # a moved tail rides along (lowered ones are marked too)
         stride = _stride(self.nbits)
+        checkpoint_pages = False
         for i, bm in enumerate(self.bitmaps):
             if bm is None:
                 continue
@@ -662,32 +766,41 @@ class Record:
                 chunk = bm.page_bytes(p)
                 writes.append((base + p * BLOCK, chunk if _NONZERO.search(chunk) else None))
                 pages.append((i, p))
+            checkpoint_pages = checkpoint_pages or bool(bm.dirty_pages and i in self.checkpoints)
             bm.dirty_pages.clear()
         if self.meta_dirty:
+            for slot in self._areas:  # freed checkpoints: holes once the metadata says so
+                punches.append((BITMAP_BASE + slot * stride, stride))
+            batch.areas, self._areas = self._areas, []
             self.meta_dirty = False
             self.seq += 1
             writes.append(((self.seq % META_COPIES) * BLOCK, self._pack_meta()))
+            batch.al = set(self.al)
+            # A change leaves the activity log only once its checkpoint bits are durable:
+            # when this metadata drops an extent, the pages go first, in their own fdatasync.
+            batch.split = checkpoint_pages and bool(self._disk_al - batch.al)
             for bm in self.bitmaps:
                 if bm is not None:
                     bm.disk_full_from = bm.full_from
                     bm.meta_changed = False
-        return writes, punches, pages
+        return batch
 
     @staticmethod
-    def _write_all(
-        fd: int, writes: list[tuple[int, bytes | None]], punches: list[tuple[int, int]]
-    ) -> None:
+    def _write_all(fd: int, batch: _Batch) -> None:
         """Pages with set bits and then the metadata block (the last write in the list),
-        one fdatasync; only then the holes.  A hole never lands before the metadata that
-        covers it: after fill() the pages are punched once full_from = 0 is durable, and
-        every other hole is a page that is truly clear (a torn write leaves the older
+        one fdatasync (two when ``split``: pages, then metadata); only then the holes.  A
+        hole never lands before the metadata that covers it: after fill() the pages are
+        punched once full_from = 0 is durable, a freed checkpoint's once the free slot is,
+        and every other hole is a page that is truly clear (a torn write leaves the older
         metadata copy valid, and at worst stale set bits)."""
-        holes = list(punches)
-        for offset, data in writes:
+        holes = list(batch.punches)
+        for n, (offset, data) in enumerate(batch.writes):
             if data is None:
                 holes.append((offset, BLOCK))
-            else:
-                os.pwrite(fd, data, offset)
+                continue
+            if batch.split and n == len(batch.writes) - 1:
+                os.fdatasync(fd)  # the pages before the metadata block that relies on them
+            os.pwrite(fd, data, offset)
         os.fdatasync(fd)
         for offset, length in holes:
             _punch(fd, offset, length)
@@ -695,26 +808,28 @@ class Record:
     async def _write_once(self) -> None:
         target = self.version
         had_meta = self.meta_dirty
-        writes, punches, pages = self._snapshot()
+        batch = self._snapshot()
         fd = self.fd
         try:
-            if fd is not None and (writes or punches):
-                io = asyncio.get_running_loop().run_in_executor(
-                    None, self._write_all, fd, writes, punches
-                )
+            if fd is not None and (batch.writes or batch.punches):
+                io = asyncio.get_running_loop().run_in_executor(None, self._write_all, fd, batch)
                 self._io = io
                 await asyncio.shield(io)
         except OSError as e:
             self.meta_dirty = self.meta_dirty or had_meta
-            for i, p in pages:
+            self._areas.extend(batch.areas)
+            for i, p in batch.pages:
                 bm = self.bitmaps[i]
                 if bm is not None:
                     bm.dirty_pages.add(p)
             raise IoError(
                 errno.EIO,
-                f"cannot record the mirror's state in the bitmap file {self.path}: {e.strerror}; "
+                f"cannot record the state in the bitmap file {self.path}: {e.strerror}; "
                 "free space or fix the disk of the client node",
             ) from None
+        if batch.al is not None:
+            self._disk_al = batch.al
+        self._punching.difference_update(batch.areas)
         self.durable = max(self.durable, target)
 
     async def sync(self, force: bool = False) -> None:
@@ -782,9 +897,14 @@ class ActivityLog:
     """Extents with writes in flight, made durable *before* those writes are issued.
 
     After a crash of the client node only these extents can differ between legs
-    that were in sync, so start-up resyncs just them.  Extents stay recorded after
-    their writes finish and are dropped lazily (least recently used first, never one
-    with writes in flight) when room is needed: hot extents cost no metadata write.
+    that were in sync, so start-up resyncs just them (and counts them as changed in
+    every checkpoint).  Extents stay recorded after their writes finish and are dropped
+    lazily (least recently used first, never one with writes in flight) when room is
+    needed: hot extents cost no metadata write.
+
+    Every change is marked in the record's checkpoints at :meth:`begin`, before anything
+    is awaited, and stays in ``changing`` until :meth:`end`, so a checkpoint added while
+    it is in flight gets it too.
     """
 
     def __init__(self, record: Record, limit: int) -> None:
@@ -796,6 +916,7 @@ class ActivityLog:
             (e, None) for e in record.al
         )
         self.added: dict[int, int] = {}
+        self.changing: collections.Counter[tuple[int, int]] = collections.Counter()
         self._room = asyncio.Event()
 
     def extents(self, offset: int, length: int) -> range:
@@ -810,7 +931,31 @@ class ActivityLog:
                 del self.lru[e]
                 self.added.pop(e, None)
 
+    def _changed(self, offset: int, length: int) -> None:
+        self.record.mark_changed(offset, length)
+        self.changing[(offset, length)] += 1
+
+    def try_begin(self, offset: int, length: int) -> bool:
+        """:meth:`begin` without waiting, when it needs no metadata write (every extent is
+        recorded durably already); False, and nothing done, when it would wait."""
+        if self.enabled:
+            rec = self.record
+            ext = self.extents(offset, length)
+            need = 0
+            for e in ext:
+                if e not in self.lru:
+                    return False
+                need = max(need, self.added.get(e, 0))
+            if rec.durable < need:
+                return False
+            for e in ext:
+                self.active[e] = self.active.get(e, 0) + 1
+                self.lru.move_to_end(e)
+        self._changed(offset, length)
+        return True
+
     async def begin(self, offset: int, length: int) -> None:
+        self._changed(offset, length)
         if not self.enabled:
             return
         rec = self.record
@@ -847,6 +992,12 @@ class ActivityLog:
             raise
 
     def end(self, offset: int, length: int) -> None:
+        key = (offset, length)
+        left = self.changing[key] - 1
+        if left > 0:
+            self.changing[key] = left
+        else:
+            self.changing.pop(key, None)
         if not self.enabled:
             return
         for e in self.extents(offset, length):

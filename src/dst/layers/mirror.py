@@ -166,6 +166,8 @@ class MirrorCore(BlockDevice):
         self.size = usable_size(self.name, [leg.dev for leg in up])
         self.capabilities = merge_capabilities([leg.dev.capabilities for leg in up])
         rec, why = Record.open(self.bitmap_path, self.size, self.granularity, self.al_extent)
+        if why is None and not rec.leg_slots():  # its checkpoints are kept (in slots 8-15)
+            why = f"the bitmap file {self.bitmap_path} records no mirror legs"
         try:
             views = [LegView(x.name, x.dev.identity, self._reachable(x.dev)) for x in self.legs]
             plans, _ = plan_start(

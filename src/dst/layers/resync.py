@@ -523,7 +523,7 @@ def _match_slots(rec: Record, legs: list[LegView]) -> list[int | None]:
             if slot_of[k] is not None or (by_identity and leg.identity is None):
                 continue
             for i, s in enumerate(rec.slots):
-                if s is None or i in taken:
+                if s is None or s.checkpoint or i in taken:
                     continue
                 if (s.identity == leg.identity) if by_identity else (s.name == _name64(leg.name)):
                     slot_of[k] = i
@@ -549,7 +549,7 @@ def plan_start(
     slot_of: list[int | None] = _match_slots(rec, legs) if loaded else [None] * len(legs)
     known = [i is not None for i in slot_of]
     for i, s in enumerate(rec.slots):
-        if s is not None and i not in slot_of:
+        if s is not None and not s.checkpoint and i not in slot_of:
             log.warning(
                 "bitmap %s: leg %s (identity %s) is recorded but not given: forgotten; if it "
                 "is added again it gets a full resync",

@@ -1,8 +1,9 @@
 """Assembling the device ``dst attach`` serves, and controlling a running mirror.
 
 ``build_stack`` builds one member, a mirror, a stripe or a linear device and starts
-it.  The stack owns the devices it is given: closing it closes them, and so does a
-failed start.  :class:`MirrorDevice` is the mirror core (``dst.layers.mirror``) plus
+it; with a ``bitmap`` and any layout but a mirror (which keeps its own record) a
+:class:`~dst.layers.tracker.ChangeTracker` goes on top for the checkpoints.  The stack
+owns the devices it is given: closing it closes them, and so does a failed start.  :class:`MirrorDevice` is the mirror core (``dst.layers.mirror``) plus
 what the control socket and status use on a running mirror: ``verify``, ``detach``,
 ``add``, ``set_resync_rate`` and ``statistics``; ``mirror_of`` finds it.
 """
@@ -31,6 +32,7 @@ from dst.layers.resync import (
 )
 from dst.layers.resync import verify as verify_legs
 from dst.layers.stripe import StripeDevice
+from dst.layers.tracker import track_changes
 from dst.units import format_rate, format_size
 
 MODES = ("mirror", "stripe", "linear")
@@ -60,7 +62,8 @@ async def build_stack(
     assume_clean: bool = False,
 ) -> BlockDevice:
     """Build and start the stack over ``legs`` (``mode`` None: exactly one member, served as
-    it is).  Raises UsageError for a wrong combination, DstError when it cannot start."""
+    it is, or under a change tracker with ``bitmap``).  Raises UsageError for a wrong
+    combination, DstError when it cannot start."""
     if mode is not None and mode not in MODES:
         raise UsageError(f"unknown stack mode {mode!r}: use one of {', '.join(MODES)}")
     if not legs:
@@ -68,7 +71,7 @@ async def build_stack(
     if mode != "stripe":
         _refuse(mode, chunk=chunk)
     if mode != "mirror":
-        _refuse(mode, bitmap=bitmap, resync_rate=resync_rate, assume_clean=assume_clean or None)
+        _refuse(mode, resync_rate=resync_rate, assume_clean=assume_clean or None)
     dev: MirrorDevice | StripeDevice | LinearDevice
     if mode is None:
         if len(legs) > 1:
@@ -76,7 +79,7 @@ async def build_stack(
                 f"{len(legs)} members need --mirror, --stripe CHUNK or --linear to say how to "
                 "combine them"
             )
-        return legs[0]
+        return await track_changes(legs[0], bitmap, granularity)
     if mode == "mirror":
         dev = MirrorDevice(
             legs,
@@ -98,7 +101,7 @@ async def build_stack(
     except BaseException:
         await dev.aclose()
         raise
-    return dev
+    return dev if mode == "mirror" else await track_changes(dev, bitmap, granularity)
 
 
 def mirror_of(dev: BlockDevice) -> MirrorDevice | None:
@@ -158,6 +161,9 @@ class MirrorDevice(MirrorCore):
         bm = self.record.bitmaps[leg.slot]
         assert bm is not None
         bm.merge(bits)
+        g = self.record.granularity
+        for first, end in bits.runs():  # reads there may have come from this leg until now
+            self.record.mark_changed(first * g, (end - first) * g)
         self.record.mark_meta()
         await self.record.sync()
         self._try_resync(leg)
