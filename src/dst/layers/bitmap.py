@@ -694,7 +694,7 @@ class Record:
         )
         if free is None:
             return None
-        self.slots[free] = Slot(name, None, 0, checkpoint=True, created=created)
+        self.slots[free] = Slot(name, None, 0, checkpoint=True, created=round(created * 1e6) / 1e6)
         self.bitmaps[free] = Bitmap(self.nbits)
         self._refresh_checkpoints()
         self.mark_meta()
