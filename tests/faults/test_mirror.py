@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.test_resilience import fio_result, fio_writer
-from tests.procs import Proc, Procs, dst_run, kill_tree, member_uri, need_tool, run
+from tests.procs import Proc, Procs, dst_run, kill_tree, member_uri, nbdsh, need_tool, run
 
 pytestmark = pytest.mark.integration
 
@@ -300,3 +300,39 @@ def test_assume_clean_skips_the_first_sync_and_verify_checks_it(
     att2, _ = m.attach("--assume-clean", bitmap=sockdir / "bm")
     att2.wait_for(r"--assume-clean has no effect", timeout=10)
     assert m.identical()
+
+
+MULTI_CONN = """
+import nbd
+uri = {uri!r}
+hs = []
+for _ in range(3):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.can_multi_conn(), "the front end must advertise CAN_MULTI_CONN"
+    hs.append(h)
+for rnd in range(20):
+    data = bytes([rnd + 1]) * 65536
+    off = (rnd * 7 % 32) * 65536
+    hs[0].pwrite(data, off)          # written on connection 1
+    hs[1].flush()                    # flushed on connection 2
+    assert hs[2].pread(65536, off) == data, f"round {{rnd}}: connection 3 read stale data"
+for h in hs:
+    h.shutdown()
+print("coherent")
+"""
+
+
+def test_multi_conn_write_flush_read_on_three_connections(procs: Procs, sockdir: Path) -> None:
+    """qemu's multi-conn pattern through a mirror: a write acked on one NBD connection,
+    a FLUSH on a second, then a read on a third sees the write (and the flush made it
+    durable on both legs' files)."""
+    m = Mirror(procs, sockdir)
+    att, uri = m.attach(bitmap=sockdir / "bm")
+    wait_in_sync(att)
+    cp = run([*nbdsh(), "-c", MULTI_CONN.format(uri=uri)], check=False, timeout=120)
+    assert cp.returncode == 0 and "coherent" in cp.stdout, cp.stdout + cp.stderr
+    for f in m.files:  # after the last flush the legs' files hold the last round
+        with open(f, "rb") as fh:
+            fh.seek((19 * 7 % 32) * 65536)
+            assert fh.read(65536) == bytes([20]) * 65536, f
