@@ -88,6 +88,7 @@ class Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._disconnect_txn: int | None = None
         self._authenticated = False
         self.running: set[int] = set()
@@ -109,6 +110,7 @@ class Connection:
             release()
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if not self._authenticated:
             self.node.pending.pop(self, None)
             self._authenticated = True
@@ -120,15 +122,22 @@ class Connection:
         self._arm_timer()
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """One timer at the core's deadline, moved only when that comes earlier (one that
+        fires early finds nothing due and is armed again)."""
         when = self.core.get_timer()
-        if when is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(
-                loop.time() + max(0.0, when - time.monotonic()), self._on_timer
-            )
+        timer = self._timer
+        if when is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        if timer is not None:
+            if when >= self._timer_at:
+                return
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = when
+        self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
