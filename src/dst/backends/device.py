@@ -215,14 +215,17 @@ class BackendDevice(BlockDevice):
         the pool otherwise."""
         view = _as_bytes_view(buf)
         n = len(view)
-        if flags & IoFlags.PREFLUSH or n > FAST_PATH_MAX or self._closed:
+        if int(flags) & IoFlags.PREFLUSH or n > FAST_PATH_MAX or self._closed:
             super().start_read(offset, buf, flags, done)
             return
         backend = self.backend
         try:
-            self._check("read", offset, n, change=False, limit=True)
+            if offset < 0 or offset + n > self.size:  # n <= FAST_PATH_MAX <= max_request
+                self._check("read", offset, n, change=False, limit=True)
             if self._executor is not None:
-                if not self._fast("read", offset, n, lambda: backend.try_pread_nowait(view, offset)):
+                if not self._fast(
+                    "read", offset, n, lambda: backend.try_pread_nowait(view, offset)
+                ):
                     super().start_read(offset, buf, flags, done)  # not cached: the pool
                     return
             else:
@@ -246,12 +249,18 @@ class BackendDevice(BlockDevice):
             super().start_write(offset, data, flags, done)
             return
         backend = self.backend
-        native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
-        run = self._wrap(flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua)
+        f = int(flags)  # plain int tests: Flag arithmetic costs a microsecond each
         try:
-            self._check("write", offset, n, change=True, limit=True)
+            if offset < 0 or offset + n > self.size or backend.read_only:
+                self._check("write", offset, n, change=True, limit=True)
             try:
-                run()
+                if not f & (IoFlags.FUA | IoFlags.PREFLUSH):
+                    backend.pwrite(view, offset, False)
+                else:
+                    fua = backend.can_fua and bool(f & IoFlags.FUA)
+                    self._wrap(
+                        flags, lambda: backend.pwrite(view, offset, fua), not backend.can_fua
+                    )()
             except OSError as e:
                 raise self._failed("write", offset, n, e) from e
         except IoError as e:

@@ -84,6 +84,7 @@ _HOLE = struct.Struct(">QI")
 _ZEROES = bytes(1 << 20)
 _COMMANDS = (Command.READ, Command.WRITE, Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES)
 _NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
+_DONE = int(ReplyFlags.DONE)  # a plain int: int & IntFlag runs Flag arithmetic in Python
 
 
 @dataclass(eq=False, slots=True)
@@ -583,7 +584,7 @@ class NbdClientCore:
         if r is None:
             return
         r.in_reply = True
-        done = bool(flags & ReplyFlags.DONE)
+        done = bool(flags & _DONE)
         read = r.command == Command.READ
         if ctype == ReplyType.NONE:
             if length or not done:

@@ -41,9 +41,10 @@ class Connected(Event):
     reconnect: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Completed(Event):
-    """A request ended: ``error`` is 0 or an errno value."""
+    """A request ended: ``error`` is 0 or an errno value (one per request, so not frozen:
+    a frozen dataclass costs several times more to build)."""
 
     handle: int
     error: int

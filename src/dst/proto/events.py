@@ -27,9 +27,10 @@ class Refused:
     permanent: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Completed:
-    """Client: a transaction ended with an ack (status 0) or an error."""
+    """Client: a transaction ended with an ack (status 0) or an error (one per request,
+    so not frozen, like :class:`Request`)."""
 
     txn: int
     status: int
@@ -70,9 +71,10 @@ class HelloReceived:
     authenticated: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """Export node: a validated request to run against the export."""
+    """Export node: a validated request to run against the export (one per request, so
+    not frozen: a frozen dataclass costs several times more to build)."""
 
     command: int
     flags: int
