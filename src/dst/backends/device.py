@@ -68,6 +68,10 @@ async def _settle(fut: asyncio.Future[Any]) -> None:
 # Larger requests go to the pool anyway: copying them inline would stall the loop.
 FAST_PATH_MAX = 256 << 10
 
+# Flags tested as plain ints on the fast paths: int & IntFlag still runs Flag.__and__.
+_FUA = int(IoFlags.FUA)
+_PREFLUSH = int(IoFlags.PREFLUSH)
+
 
 class BackendDevice(BlockDevice):
     """Serve a backend as an asynchronous block device."""
@@ -215,7 +219,7 @@ class BackendDevice(BlockDevice):
         the pool otherwise."""
         view = _as_bytes_view(buf)
         n = len(view)
-        if int(flags) & IoFlags.PREFLUSH or n > FAST_PATH_MAX or self._closed:
+        if int(flags) & _PREFLUSH or n > FAST_PATH_MAX or self._closed:
             super().start_read(offset, buf, flags, done)
             return
         backend = self.backend
@@ -249,15 +253,15 @@ class BackendDevice(BlockDevice):
             super().start_write(offset, data, flags, done)
             return
         backend = self.backend
-        f = int(flags)  # plain int tests: Flag arithmetic costs a microsecond each
+        f = int(flags)
         try:
             if offset < 0 or offset + n > self.size or backend.read_only:
                 self._check("write", offset, n, change=True, limit=True)
             try:
-                if not f & (IoFlags.FUA | IoFlags.PREFLUSH):
+                if not f & (_FUA | _PREFLUSH):
                     backend.pwrite(view, offset, False)
                 else:
-                    fua = backend.can_fua and bool(f & IoFlags.FUA)
+                    fua = backend.can_fua and bool(f & _FUA)
                     self._wrap(
                         flags, lambda: backend.pwrite(view, offset, fua), not backend.can_fua
                     )()

@@ -39,6 +39,7 @@ __all__ = ["LinkOptions", "RemoteDevice"]
 
 _NO_FLAGS = IoFlags.NONE
 _PREFLUSH = IoFlags.PREFLUSH
+_PREFLUSH_BIT = int(IoFlags.PREFLUSH)  # int & IntFlag would run Flag.__and__
 
 OPS: dict[int, str] = {
     Command.READ: "read",
@@ -282,7 +283,7 @@ class RemoteDevice(LinkedDevice):
             return
         try:
             self._check(offset, n, False)
-            pre = _PREFLUSH if int(flags) & IoFlags.PREFLUSH else _NO_FLAGS  # no Flag arithmetic
+            pre = _PREFLUSH if int(flags) & _PREFLUSH_BIT else _NO_FLAGS  # no Flag arithmetic
             self._start(Command.READ, offset, n, pre, done, into=buf)
         except IoError as e:
             done(e)

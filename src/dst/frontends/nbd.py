@@ -105,8 +105,9 @@ class _ReplyStream(SocketStream):
     def write_replies(
         self, buffers: Iterable[bytes | memoryview], held: Iterable[PooledBuffer]
     ) -> None:
-        """Write ``buffers``; ``held`` (referenced by them) go back once all of it is sent."""
-        self.write(buffers)
+        """Write ``buffers`` now; ``held`` (referenced by them) go back once all of it is
+        sent.  The caller gathered the replies of a whole loop pass already."""
+        self.write(buffers, now=True)
         end = self.bytes_out + self.write_buffer_size
         self._held.extend((end, buf) for buf in held)
         self._release_sent()
@@ -328,7 +329,7 @@ class _Connection:
             self._held_pending.append(held)
         if not self._send_scheduled:
             self._send_scheduled = True
-            asyncio.get_running_loop().call_soon(self.send_now)
+            self.stream.loop.call_soon(self.send_now)
 
     def send_now(self) -> None:
         self._send_scheduled = False

@@ -102,7 +102,7 @@ class Connection:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.core.buffer_updated(nbytes)
-        self._pump()
+        self._pump(now=True)  # every request of this receive was handled: send their replies
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.core.connection_lost()
@@ -148,18 +148,19 @@ class Connection:
         self.core.job_done(job)
         self._pump()
 
-    def _flush_out(self) -> None:
+    def _flush_out(self, now: bool = False) -> None:
         jobs = self.core.take_jobs()
         if jobs:
             workers.run_jobs(jobs, self._job_done)
         out = self.core.data_to_send()
         if out:
-            self.stream.write(out)
+            self.stream.write(out, now)
         for release in self.core.take_handed():
             self.stream.after_sent(release)
 
-    def _pump(self) -> None:
-        """Handle every event the core produced, then send what it wants sent."""
+    def _pump(self, now: bool = False) -> None:
+        """Handle every event the core produced, then send what it wants sent (``now``: at
+        once rather than later in this loop iteration)."""
         core = self.core
         was, self._pumping = self._pumping, True  # requests done inline reply in this pump
         try:
@@ -167,7 +168,7 @@ class Connection:
                 return  # the core gave up on this connection: closed
         finally:
             self._pumping = was
-        self._flush_out()
+        self._flush_out(now)
         if core.dead and not self.stream.closed:
             self.stream.close()
             return
