@@ -111,7 +111,9 @@ class Channel:
         return job
 
     def take_jobs(self) -> list[Job]:
-        jobs, self.jobs = self.jobs, []
+        jobs = self.jobs
+        if jobs:  # else the same empty list again: no allocation per pump
+            self.jobs = []
         return jobs
 
     # ---- receive -------------------------------------------------------
@@ -309,7 +311,9 @@ class Channel:
     def take_handed(self) -> list[Callable[[], None]]:
         """Callbacks of frames handed over by the last ``data_to_send``: run them once the
         shell's socket has sent those bytes."""
-        done, self._handed = self._handed, []
+        done = self._handed
+        if done:
+            self._handed = []
         return done
 
     def _send(self, parts: list[Buf], checksum: Checksum | None) -> None:
