@@ -53,25 +53,31 @@ class BufferPool:
         self.stats = PoolStats()
 
     def get(self, length: int) -> PooledBuffer:
-        cls = _size_class(length)
+        cls = (length - 1).bit_length() if length > 1 << MIN_CLASS else MIN_CLASS
+        stats = self.stats
         if cls > MAX_CLASS:
-            self.stats.allocated += 1
-            self.stats.outstanding += 1
+            stats.allocated += 1
+            stats.outstanding += 1
             return PooledBuffer(self, bytearray(length), length, -1)
         free = self._free.get(cls)
         if free:
             raw = free.pop()
-            self.stats.retained_bytes -= len(raw)
-            self.stats.reused += 1
+            stats.retained_bytes -= len(raw)
+            stats.reused += 1
         else:
             raw = bytearray(1 << cls)
-            self.stats.allocated += 1
-        self.stats.outstanding += 1
+            stats.allocated += 1
+        stats.outstanding += 1
         return PooledBuffer(self, raw, length, cls)
 
     def _give_back(self, buf: PooledBuffer) -> None:
-        self.stats.outstanding -= 1
-        if buf.cls < 0 or self.stats.retained_bytes + len(buf.raw) > self.max_retained:
+        stats = self.stats
+        stats.outstanding -= 1
+        raw = buf.raw
+        if buf.cls < 0 or stats.retained_bytes + len(raw) > self.max_retained:
             return
-        self._free.setdefault(buf.cls, []).append(buf.raw)
-        self.stats.retained_bytes += len(buf.raw)
+        free = self._free.get(buf.cls)
+        if free is None:
+            free = self._free[buf.cls] = []
+        free.append(raw)
+        stats.retained_bytes += len(raw)

@@ -83,7 +83,7 @@ class SocketStream:
         self.receiver = receiver
         self.loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
-        self._out: deque[memoryview] = deque()
+        self._out: deque[bytes | memoryview] = deque()
         self._out_bytes = 0
         self._writer_armed = False
         self._flush_scheduled = False
@@ -138,19 +138,36 @@ class SocketStream:
     def write_buffer_size(self) -> int:
         return self._out_bytes
 
-    def write(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
-        """Send buffers in order; what the kernel does not take now is queued (not copied)."""
+    def write(self, buffers: Iterable[bytes | bytearray | memoryview], now: bool = False) -> None:
+        """Send buffers in order; what the kernel does not take now is queued (not copied).
+
+        The send happens later in this loop iteration, so that everything written during it
+        leaves in one ``sendmsg``; ``now`` sends at once, for a caller that knows it wrote
+        all it had (a pump that answered every request of one receive)."""
         if self._closed:
             return
+        out = self._out
+        added = 0
         for b in buffers:
+            if b.__class__ is bytes:  # headers, trailers: queued as they are
+                if b:
+                    out.append(b)
+                    added += len(b)
+                continue
             mv = b if isinstance(b, memoryview) else memoryview(b)
             if mv.nbytes:
                 if mv.ndim != 1 or mv.format != "B":
                     mv = mv.cast("B")
-                self._out.append(mv)
-                self._out_bytes += mv.nbytes
-                self._queued_total += mv.nbytes
-        if not self._writer_armed and not self._flush_scheduled:
+                out.append(mv)
+                added += mv.nbytes
+        self._out_bytes += added
+        self._queued_total += added
+        if self._writer_armed:
+            return
+        if now:
+            if self._out:
+                self._flush()
+        elif not self._flush_scheduled:
             # one sendmsg for everything written during this loop iteration
             self._flush_scheduled = True
             self.loop.call_soon(self._scheduled_flush)
@@ -172,13 +189,17 @@ class SocketStream:
                 return
             self.bytes_out += sent
             self._out_bytes -= sent
+            if not self._out_bytes:  # the usual case: the kernel took it all
+                self._out.clear()
+                break
             while sent:
                 head = self._out[0]
-                if sent >= head.nbytes:
-                    sent -= head.nbytes
+                n = len(head) if head.__class__ is bytes else head.nbytes  # type: ignore[union-attr]
+                if sent >= n:
+                    sent -= n
                     self._out.popleft()
                 else:
-                    self._out[0] = head[sent:]
+                    self._out[0] = memoryview(head)[sent:]
                     sent = 0
         if self._out and not self._writer_armed:
             self.loop.add_writer(self._fd, self._flush)
@@ -189,7 +210,7 @@ class SocketStream:
         after = self._after
         while after and after[0][0] <= self.bytes_out:
             after.popleft()[1]()
-        if self._out_bytes < HIGH_WATER:
+        if self._drain_waiters and self._out_bytes < HIGH_WATER:
             self._wake_drainers(None)
 
     def after_sent(self, callback: Callable[[], None]) -> None:

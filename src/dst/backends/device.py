@@ -101,6 +101,10 @@ async def _wait(start: Step) -> None:
 # Larger requests go to the pool anyway: copying them inline would stall the loop.
 FAST_PATH_MAX = 256 << 10
 
+# Flags tested as plain ints on the fast paths: int & IntFlag still runs Flag.__and__.
+_FUA = int(IoFlags.FUA)
+_PREFLUSH = int(IoFlags.PREFLUSH)
+
 
 class BackendDevice(BlockDevice):
     """Serve a backend as an asynchronous block device."""
@@ -258,14 +262,17 @@ class BackendDevice(BlockDevice):
         if self._aio is not None:
             self._aio_read(offset, view, flags, done)
             return
-        if flags & IoFlags.PREFLUSH or n > FAST_PATH_MAX or self._closed:
+        if int(flags) & _PREFLUSH or n > FAST_PATH_MAX or self._closed:
             super().start_read(offset, buf, flags, done)
             return
         backend = self.backend
         try:
-            self._check("read", offset, n, change=False, limit=True)
+            if offset < 0 or offset + n > self.size:  # n <= FAST_PATH_MAX <= max_request
+                self._check("read", offset, n, change=False, limit=True)
             if self._executor is not None:
-                if not self._fast("read", offset, n, lambda: backend.try_pread_nowait(view, offset)):
+                if not self._fast(
+                    "read", offset, n, lambda: backend.try_pread_nowait(view, offset)
+                ):
                     super().start_read(offset, buf, flags, done)  # not cached: the pool
                     return
             else:
@@ -292,12 +299,18 @@ class BackendDevice(BlockDevice):
             super().start_write(offset, data, flags, done)
             return
         backend = self.backend
-        native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
-        run = self._wrap(flags, lambda: backend.pwrite(view, offset, native_fua), not backend.can_fua)
+        f = int(flags)
         try:
-            self._check("write", offset, n, change=True, limit=True)
+            if offset < 0 or offset + n > self.size or backend.read_only:
+                self._check("write", offset, n, change=True, limit=True)
             try:
-                run()
+                if not f & (_FUA | _PREFLUSH):
+                    backend.pwrite(view, offset, False)
+                else:
+                    fua = backend.can_fua and bool(f & _FUA)
+                    self._wrap(
+                        flags, lambda: backend.pwrite(view, offset, fua), not backend.can_fua
+                    )()
             except OSError as e:
                 raise self._failed("write", offset, n, e) from e
         except IoError as e:

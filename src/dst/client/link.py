@@ -83,6 +83,7 @@ class LinkedDevice(BlockDevice):
         self.reconnects = 0
         self._stream: SocketStream | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # the core's deadline the timer is armed for
         self._lost: asyncio.Event | None = None
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -314,14 +315,23 @@ class LinkedDevice(BlockDevice):
             self._stream.close()
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Keep one timer at the core's deadline.  It is moved only when the deadline comes
+        earlier: one that fires early finds nothing due and is armed again for the rest,
+        which is cheaper than cancelling and re-creating it on every pump."""
         when = self.core.get_timer()
-        if when is not None and not self._closing:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, when - time.monotonic())
-            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+        timer = self._timer
+        if when is None or self._closing:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        if timer is not None:
+            if when >= self._timer_at:
+                return
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = when
+        self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

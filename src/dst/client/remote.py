@@ -45,7 +45,11 @@ log = logging.getLogger("dst.member")
 
 __all__ = ["LinkOptions", "RemoteDevice"]
 
-OPS = {
+_NO_FLAGS = IoFlags.NONE
+_PREFLUSH = IoFlags.PREFLUSH
+_PREFLUSH_BIT = int(IoFlags.PREFLUSH)  # int & IntFlag would run Flag.__and__
+
+OPS: dict[int, str] = {
     Command.READ: "read",
     Command.WRITE: "write",
     Command.FLUSH: "flush",
@@ -186,7 +190,7 @@ class RemoteDevice(LinkedDevice):
         if entry is None:
             return
         done, cmd, offset, length, started = entry
-        op = OPS.get(Command(cmd), "other")
+        op = OPS.get(cmd, "other")
         elapsed = time.monotonic() - started
         if ev.status == 0:
             if cmd == Command.EXTENTS:  # taken by the caller (dropped if it was cancelled)
@@ -296,7 +300,8 @@ class RemoteDevice(LinkedDevice):
             return
         try:
             self._check(offset, n, False)
-            self._start(Command.READ, offset, n, flags & IoFlags.PREFLUSH, done, into=buf)
+            pre = _PREFLUSH if int(flags) & _PREFLUSH_BIT else _NO_FLAGS  # no Flag arithmetic
+            self._start(Command.READ, offset, n, pre, done, into=buf)
         except IoError as e:
             done(e)
             return

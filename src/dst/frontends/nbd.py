@@ -110,12 +110,14 @@ class _ReplyStream(SocketStream):
         self._idle: list[asyncio.Future[None]] = []
 
     def write_replies(
-        self, buffers: Iterable[bytes | memoryview], held: Iterable[PooledBuffer]
+        self, buffers: Iterable[bytes | memoryview], held: list[PooledBuffer]
     ) -> None:
-        """Write ``buffers``; ``held`` (referenced by them) go back once all of it is sent."""
-        self.write(buffers)
-        end = self.bytes_out + self.write_buffer_size
-        self._held.extend((end, buf) for buf in held)
+        """Write ``buffers`` now; ``held`` (referenced by them) go back once all of it is
+        sent.  The caller gathered the replies of a whole loop pass already."""
+        self.write(buffers, now=True)
+        if held:
+            end = self.bytes_out + self.write_buffer_size
+            self._held.extend((end, buf) for buf in held)
         self._release_sent()
 
     def _flush(self) -> None:
@@ -129,7 +131,7 @@ class _ReplyStream(SocketStream):
             n = buf.view.nbytes
             buf.release()
             self._on_release(n)
-        if self.write_buffer_size == 0 or self.closed:
+        if self._idle and (self.write_buffer_size == 0 or self.closed):
             waiters, self._idle = self._idle, []
             for f in waiters:
                 if not f.done():
@@ -301,7 +303,7 @@ class _Connection:
 
     def _ended(self) -> None:
         self._apply_backpressure()
-        if not self.busy:
+        if self._quiet and not self.busy:
             waiters, self._quiet = self._quiet, []
             for f in waiters:
                 if not f.done():
@@ -336,7 +338,7 @@ class _Connection:
             self._held_pending.append(held)
         if not self._send_scheduled:
             self._send_scheduled = True
-            asyncio.get_running_loop().call_soon(self.send_now)
+            self.stream.loop.call_soon(self.send_now)
 
     def send_now(self) -> None:
         self._send_scheduled = False

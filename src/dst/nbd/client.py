@@ -89,6 +89,7 @@ _COMMANDS = (
     Command.BLOCK_STATUS,
 )
 _NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
+_DONE = int(ReplyFlags.DONE)  # a plain int: int & IntFlag runs Flag arithmetic in Python
 
 
 @dataclass(eq=False, slots=True)
@@ -481,7 +482,7 @@ class NbdClientCore(Handshake):
         if r is None:
             return
         r.in_reply = True
-        done = bool(flags & ReplyFlags.DONE)
+        done = bool(flags & _DONE)
         read = r.command == Command.READ
         if ctype == ReplyType.NONE:
             if length or not done:

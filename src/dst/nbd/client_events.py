@@ -47,10 +47,11 @@ class Connected(Event):
     reconnect: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Completed(Event):
     """A request ended: ``error`` is 0 or an errno value; a successful BLOCK_STATUS carries
-    the ``base:allocation`` extents, validated and clipped to the request."""
+    the ``base:allocation`` extents, validated and clipped to the request.  One per
+    request, so not frozen: a frozen dataclass costs several times more to build."""
 
     handle: int
     error: int

@@ -10,9 +10,10 @@ from dst.nbd.constants import Command
 from dst.nbd.export import ExportInfo
 
 
-@dataclass(frozen=True)
 class Event:
     """Base class of everything ``next_event()`` returns."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,10 @@ class ExportChosen(Event):
     contexts: tuple[str, ...] = ()  # the metadata contexts selected; id i + 1 is the i-th
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Request(Event):
-    """A validated request the shell must answer with exactly one reply.
+    """A validated request the shell must answer with exactly one reply (made per request,
+    so not frozen: a frozen dataclass costs several times more to build).
 
     ``command`` is READ, WRITE, FLUSH, TRIM, WRITE_ZEROES or BLOCK_STATUS; offset and
     length are already checked against the export. A WRITE carries its ``payload``,

@@ -97,6 +97,7 @@ class Channel:
         self._rec_aad = b""
         self._rec_buf: PooledBuffer | None = None
         self._out: deque[Buf | Job | _AfterHandOver] = deque()
+        self._jobs_queued = 0  # jobs in _out
         self._handed: list[Callable[[], None]] = []
         self._opening: deque[_Opening] = deque()
         self._stopped = False
@@ -110,7 +111,9 @@ class Channel:
         return job
 
     def take_jobs(self) -> list[Job]:
-        jobs, self.jobs = self.jobs, []
+        jobs = self.jobs
+        if jobs:  # else the same empty list again: no allocation per pump
+            self.jobs = []
         return jobs
 
     # ---- receive -------------------------------------------------------
@@ -137,6 +140,7 @@ class Channel:
             if isinstance(item, _AfterHandOver):
                 self._handed.append(item.fn)
         self._out.clear()
+        self._jobs_queued = 0
 
     def stop(self) -> None:
         """Stop receiving (after a protocol error); what is queued may still be sent."""
@@ -307,20 +311,21 @@ class Channel:
     def take_handed(self) -> list[Callable[[], None]]:
         """Callbacks of frames handed over by the last ``data_to_send``: run them once the
         shell's socket has sent those bytes."""
-        done, self._handed = self._handed, []
+        done = self._handed
+        if done:
+            self._handed = []
         return done
 
     def _send(self, parts: list[Buf], checksum: Checksum | None) -> None:
-        size = sum(len(p) for p in parts)
-        off = self.offload  # above an algorithm's inline limit, its work is a Job
         sealer = self._sealer
         digest_size = checksum.digest_size if checksum is not None else 0
         if sealer is None:
             self._out.extend(parts)
             if digest_size:
                 assert checksum is not None
-                if off and size > checksum.inline_limit:
-                    self._out.append(self.new_job(lambda: checksum.compute(*parts)))
+                # above an algorithm's inline limit, its work is a Job
+                if self.offload and sum(len(p) for p in parts) > checksum.inline_limit:
+                    self._queue_job(self.new_job(lambda: checksum.compute(*parts)))
                 else:
                     self._out.append(checksum.compute(*parts))
             return
@@ -352,7 +357,7 @@ class Channel:
             return sealer.seal_record(number, b"".join(plain), aad)
 
         self._out.append(aad)
-        self._out.append(self._maybe_job(seal, size, trailer))
+        self._queue_job(self._maybe_job(seal, size, trailer))
 
     def _seal_large(self, sealer: Sealer, payload: Buf) -> None:
         """A large payload is sealed from its own buffer into a pooled record buffer."""
@@ -369,7 +374,7 @@ class Channel:
             return out
 
         sealed = self._maybe_job(seal, size, None)
-        self._out.append(sealed)
+        self._queue_job(sealed)
         if isinstance(sealed, Job):
             job = sealed
 
@@ -396,10 +401,25 @@ class Channel:
             return self.new_job(fn)
         return fn()
 
+    def _queue_job(self, item: Buf | Job) -> None:
+        """Queue a piece of a frame that may be a job (counted: see data_to_send)."""
+        if isinstance(item, Job):
+            self._jobs_queued += 1
+        self._out.append(item)
+
     def data_to_send(self) -> list[Buf]:
         """Everything queued up to the first frame whose job has not finished."""
-        out: list[Buf] = []
         q = self._out
+        out: list[Buf] = []
+        if not self._jobs_queued:  # the common case: one pass, no job to wait for
+            handed = self._handed
+            for item in q:
+                if item.__class__ is _AfterHandOver:
+                    handed.append(item.fn)
+                else:
+                    out.append(item)  # type: ignore[arg-type]
+            q.clear()
+            return out
         while q:
             head = q[0]
             if isinstance(head, _AfterHandOver):
@@ -412,6 +432,7 @@ class Channel:
                 if head.error is not None:
                     raise head.error
                 q.popleft()
+                self._jobs_queued -= 1
                 out.append(head.result)
             else:
                 q.popleft()

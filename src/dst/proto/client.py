@@ -44,16 +44,18 @@ from dst.proto.wire import (
     PERMANENT_REFUSALS,
     REP_HEADER,
     REP_MAGIC,
+    REQ_HEADER,
+    REQ_MAGIC,
     Command,
     MsgType,
     Refusal,
-    RequestHeader,
     Status,
     pack_handshake,
-    reply_carries_payload,
     status_name,
     unpack_extents,
 )
+
+_READ = int(Command.READ)  # plain ints on the per-request path
 
 
 @dataclass
@@ -130,6 +132,7 @@ class ClientCore:
         self._events: deque[Event] = deque()
         self._next_id = 1
         self._txns: dict[int, Txn] = {}
+        self._unsent: deque[Txn] = deque()  # to send, oldest first (may hold stale entries)
         self._heap: list[tuple[float, int, int]] = []
         self._in_flight_sent = 0
         self._checksum: Checksum = get_checksum("none")
@@ -201,6 +204,7 @@ class ClientCore:
         self._in_flight_sent = 0
         for t in self._txns.values():
             t.sent = False
+        self._unsent = deque(self._txns.values())
         self._channel.stop()
         self._channel.discard_output()
 
@@ -400,7 +404,7 @@ class ClientCore:
             raise ProtocolError(
                 f"reply for transaction {txn_id} names command {command}, not {t.command}"
             )
-        carries = reply_carries_payload(command, status)
+        carries = command == _READ and status == 0
         if not carries and length:
             raise ProtocolError(f"reply without data claims {length} payload bytes")
         if carries:
@@ -447,8 +451,15 @@ class ClientCore:
             self._verifying.add(txn_id)
             job = self._channel.new_job(lambda: cs.verify(digest, head, view))
             ok = False
+        elif view is None:
+            ok = cs.compute(head) == digest
         else:
-            ok = cs.compute(*([head, view] if view is not None else [head])) == digest
+            ok = cs.compute(head, view) == digest
+        if job is None and not self._order:  # nothing waits ahead of it
+            if buf is not None:
+                buf.release()
+            self._reply_verified(command, status, txn_id, ok)
+            return
 
         def complete() -> None:
             self._verifying.discard(txn_id)
@@ -523,7 +534,7 @@ class ClientCore:
         if self.state != State.READY or self._dead:
             return
         self.stats.probes += 1
-        head = RequestHeader(Command.PING, 0, 0, probe, 0, 0).pack()
+        head = REQ_HEADER.pack(REQ_MAGIC, Command.PING, 0, 0, probe, 0, 0)
         self._channel.send([head], self._checksum if self._digest_size else None)
 
     def _finish(
@@ -579,6 +590,7 @@ class ClientCore:
         deadline = now + self.config.resend_timeout
         t = Txn(tid, command, offset, length, flags, payload, into, now, deadline)
         self._txns[tid] = t
+        self._unsent.append(t)
         heapq.heappush(self._heap, (deadline, tid, 0))
         self.stats.submitted += 1
         self._send_pending()
@@ -588,23 +600,18 @@ class ClientCore:
         if self.state != State.READY or self._dead:
             return
         limit = self.welcome.queue_depth if self.welcome else 1
-        if self._in_flight_sent >= limit:
-            return
-        for t in self._txns.values():
-            if not t.sent:
+        unsent, txns = self._unsent, self._txns
+        while unsent and self._in_flight_sent < limit:
+            t = unsent.popleft()
+            if not t.sent and t.id in txns:  # else resent meanwhile, or ended
                 self._send(t)
-                if self._in_flight_sent >= limit:
-                    return
 
     def _send(self, t: Txn) -> None:
         t.attempt += 1
         t.sent = True
         self._in_flight_sent += 1
-        length = t.length
-        head = RequestHeader(t.command, t.flags, t.id, t.attempt, length, t.offset).pack()
-        parts: list[Buf] = [head]
-        if t.payload is not None:
-            parts.append(t.payload)
+        head = REQ_HEADER.pack(REQ_MAGIC, t.command, t.flags, t.id, t.attempt, t.length, t.offset)
+        parts: list[Buf] = [head] if t.payload is None else [head, t.payload]
         self._channel.send(parts, self._checksum if self._digest_size else None)
         if t.attempt > 1:
             self.stats.resends += 1
@@ -619,23 +626,25 @@ class ClientCore:
 
     # ---- time ----------------------------------------------------------------
     def get_timer(self) -> float | None:
-        times: list[float] = []
-        while self._heap:
-            deadline, tid, expiries = self._heap[0]
-            t = self._txns.get(tid)
+        when: float | None = None
+        heap, txns = self._heap, self._txns
+        while heap:
+            deadline, tid, expiries = heap[0]
+            t = txns.get(tid)
             if t is None or t.expiries != expiries:
-                heapq.heappop(self._heap)
+                heapq.heappop(heap)
                 continue
-            times.append(deadline)
+            when = deadline
             break
-        if self._hs_deadline is not None:
-            times.append(self._hs_deadline)
-        if self.state == State.READY and not self._dead:
-            if self._ping is not None:
-                times.append(self._ping.deadline)
-            else:
-                times.append(self._last_rx + self.config.ping_interval)
-        return min(times) if times else None
+        hs = self._hs_deadline
+        if hs is not None and (when is None or hs < when):
+            when = hs
+        if self.state is State.READY and not self._dead:
+            ping = self._ping
+            at = ping.deadline if ping is not None else self._last_rx + self.config.ping_interval
+            if when is None or at < when:
+                when = at
+        return when
 
     def handle_timer(self, now: float) -> None:
         cfg = self.config
@@ -688,7 +697,7 @@ class ClientCore:
         ping = Txn(tid, Command.PING, 0, 0, 0, None, None, now, now + self.config.ping_timeout)
         self._ping = ping
         self.stats.pings += 1
-        head = RequestHeader(Command.PING, 0, tid, 1, 0, 0).pack()
+        head = REQ_HEADER.pack(REQ_MAGIC, Command.PING, 0, tid, 1, 0, 0)
         self._channel.send([head], self._checksum if self._digest_size else None)
 
     # ---- output ----------------------------------------------------------------

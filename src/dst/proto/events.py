@@ -28,10 +28,11 @@ class Refused:
     permanent: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Completed:
     """Client: a transaction ended with an ack (status 0) or an error; a successful
-    EXTENTS carries the extents the export node reported (validated)."""
+    EXTENTS carries the extents the export node reported (validated).  One per request,
+    so not frozen, like :class:`Request`."""
 
     txn: int
     status: int
@@ -73,9 +74,10 @@ class HelloReceived:
     authenticated: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """Export node: a validated request to run against the export."""
+    """Export node: a validated request to run against the export (one per request, so
+    not frozen: a frozen dataclass costs several times more to build)."""
 
     command: int
     flags: int

@@ -16,7 +16,7 @@ from dst import trace
 from dst.aio import workers
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
 from dst.aio.stream import SocketStream
-from dst.buffers import BufferPool
+from dst.buffers import BufferPool, PooledBuffer
 from dst.device import BlockDevice, Capabilities, IoFlags
 from dst.errors import IoError
 from dst.proto.events import (
@@ -41,6 +41,10 @@ log = logging.getLogger("dst.export")
 MAX_UNAUTHENTICATED = 64
 DEFAULT_PROBE_WAIT = 2.0  # for a client that does not say its ping timeout
 MAX_PROBE_ROUNDS = 4  # sessions that keep changing while we probe: give up, the client retries
+
+# the request flags as the device API's IoFlags, built once (a Flag call costs a microsecond)
+_IO_FLAGS = tuple(IoFlags(i) for i in range(8))
+_OP_NAMES = {int(c): c.name.lower() for c in Command}
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._disconnect_txn: int | None = None
         self._authenticated = False
         self.running: set[int] = set()
@@ -102,6 +107,9 @@ class Connection:
         self.fenced = False  # closed by us for a newer connection or session
         self._probe: asyncio.Future[bool] | None = None
         self._probe_no = 0
+        self.started = 0  # reads and writes started on the device, not yet called back
+        self._quiet: list[asyncio.Future[None]] = []
+        self._pumping = False
 
     # Receiver protocol for SocketStream
     def get_buffer(self) -> memoryview:
@@ -109,7 +117,7 @@ class Connection:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.core.buffer_updated(nbytes)
-        self._pump()
+        self._pump(now=True)  # every request of this receive was handled: send their replies
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.core.connection_lost()
@@ -117,6 +125,7 @@ class Connection:
             release()
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if not self._authenticated:
             self.node.pending.pop(self, None)
             self._authenticated = True
@@ -130,15 +139,22 @@ class Connection:
         self._arm_timer()
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """One timer at the core's deadline, moved only when that comes earlier (one that
+        fires early finds nothing due and is armed again)."""
         when = self.core.get_timer()
-        if when is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(
-                loop.time() + max(0.0, when - time.monotonic()), self._on_timer
-            )
+        timer = self._timer
+        if when is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        if timer is not None:
+            if when >= self._timer_at:
+                return
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = when
+        self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -149,18 +165,39 @@ class Connection:
         self.core.job_done(job)
         self._pump()
 
-    def _flush_out(self) -> None:
+    def _flush_out(self, now: bool = False) -> None:
         jobs = self.core.take_jobs()
         if jobs:
             workers.run_jobs(jobs, self._job_done)
         out = self.core.data_to_send()
         if out:
-            self.stream.write(out)
+            self.stream.write(out, now)
         for release in self.core.take_handed():
             self.stream.after_sent(release)
 
-    def _pump(self) -> None:
-        """Handle every event the core produced, then send what it wants sent."""
+    def _pump(self, now: bool = False) -> None:
+        """Handle every event the core produced, then send what it wants sent (``now``: at
+        once rather than later in this loop iteration)."""
+        core = self.core
+        was, self._pumping = self._pumping, True  # requests done inline reply in this pump
+        try:
+            if not self._handle_events():
+                return  # the core gave up on this connection: closed
+        finally:
+            self._pumping = was
+        self._flush_out(now)
+        if core.dead and not self.stream.closed:
+            self.stream.close()
+            return
+        if core.state == SState.READY:
+            if core.in_flight >= core.welcome.queue_depth if core.welcome else False:
+                self.stream.pause_reading()
+            else:
+                self.stream.resume_reading()
+        self._arm_timer()
+
+    def _handle_events(self) -> bool:
+        """Act on the core's events; False when one of them closed the connection."""
         core = self.core
         while (ev := core.next_event()) is not None:
             if isinstance(ev, Request):
@@ -201,17 +238,8 @@ class Connection:
                 log.info("closing connection from %s: %s", self.peer, ev.reason)
                 self._flush_out()
                 self.stream.close()
-                return
-        self._flush_out()
-        if core.dead and not self.stream.closed:
-            self.stream.close()
-            return
-        if core.state == SState.READY:
-            if core.in_flight >= core.welcome.queue_depth if core.welcome else False:
-                self.stream.pause_reading()
-            else:
-                self.stream.resume_reading()
-        self._arm_timer()
+                return False
+        return True
 
     def _who(self) -> str:
         h = self.core.hello
@@ -390,8 +418,18 @@ class Connection:
         """Stop reading this connection and wait for every request it started."""
         self.fenced = True
         self.stream.close(flush=False)
-        if self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        await self.settled()
+
+    async def settled(self, but: asyncio.Task[Any] | None = None) -> None:
+        """Wait until every request started so far has ended: its task (other than
+        ``but``), or its device callback."""
+        tasks = [t for t in self.tasks if t is not but]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.started:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._quiet.append(fut)
+            await fut
 
     # ---- requests -------------------------------------------------------------------
     def _start_request(self, req: Request) -> None:
@@ -413,9 +451,101 @@ class Connection:
                     req.payload.release()
                 self.core.in_flight -= 1
                 return
+        if req.command == Command.READ or req.command == Command.WRITE:
+            self._start_io(req)
+            return
         t = asyncio.create_task(self._run(req))
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+
+    def _start_io(self, req: Request) -> None:
+        """A READ or WRITE without a task: the device calls back when it is done (before
+        this returns when nothing blocks), and the reply leaves with the others of the
+        same pump."""
+        export = self.export
+        assert export is not None
+        flags = _IO_FLAGS[req.flags & 7]
+        self.running.add(req.txn)
+        self.started += 1
+        if req.command == Command.READ:
+            buf = self.node.pool.get(req.length)
+
+            def read_done(err: BaseException | None) -> None:
+                self._io_done(req, err, buf)
+
+            export.device.start_read(req.offset, buf.view, flags, read_done)
+            return
+
+        def write_done(err: BaseException | None) -> None:
+            self._io_done(req, err, None)
+
+        view = req.payload.view if req.payload is not None else memoryview(b"")
+        export.device.start_write(req.offset, view, flags, write_done)
+
+    def _io_done(self, req: Request, err: BaseException | None, buf: PooledBuffer | None) -> None:
+        """The end of a READ or WRITE: the same accounting and reply as :meth:`_run`."""
+        export = self.export
+        s = self.session
+        assert export is not None and s is not None
+        self.started -= 1
+        self.running.discard(req.txn)
+        if req.payload is not None:
+            req.payload.release()
+        status = 0
+        data: memoryview | None = None
+        if err is None:
+            if buf is not None:
+                data = buf.view
+                s.bytes_read += req.length
+            else:
+                s.bytes_written += req.length
+        elif isinstance(err, IoError):
+            status = err.errno or errno.EIO
+            log.warning(
+                "%s: %s at offset %d length %d failed: %s",
+                self._who(),
+                Command(req.command).name,
+                req.offset,
+                req.length,
+                err,
+            )
+        elif isinstance(err, Exception):
+            status = Status.EIO
+            log.error("%s: request %d failed unexpectedly", self._who(), req.txn, exc_info=err)
+        else:  # cancelled (the loop is stopping): no answer, as for a cancelled task
+            if buf is not None:
+                buf.release()
+            self._ended()
+            return
+        if buf is None:
+            s.remember(req.txn, status)
+        if status == Status.ENOSPC:
+            self.node.enospc += 1
+        if trace.on.txn:
+            trace.emit(
+                "txn",
+                "served",
+                client=s.client_id,
+                export=export.name,
+                txn=req.txn,
+                attempt=req.attempt,
+                op=_OP_NAMES[req.command],
+                offset=req.offset,
+                length=req.length,
+                flags=int(req.flags),
+                status=int(status),
+            )
+        self.core.reply(req, status, data, buf.release if buf is not None else None)
+        if not self._pumping:
+            self._pump()  # a later completion (the pool): send its reply now
+        self._ended()
+
+    def _ended(self) -> None:
+        if not self.started and self._quiet:
+            waiters, self._quiet = self._quiet, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
 
     async def _run(self, req: Request) -> None:
         export = self.export
@@ -494,9 +624,7 @@ class Connection:
         self._pump()
 
     async def _disconnect(self) -> None:
-        others = [t for t in self.tasks if t is not asyncio.current_task()]
-        if others:
-            await asyncio.gather(*others, return_exceptions=True)
+        await self.settled(but=asyncio.current_task())
         if self._disconnect_txn is not None:
             self.core.reply_disconnect(self._disconnect_txn)
         self.clean = True
@@ -505,8 +633,7 @@ class Connection:
 
     async def aclose(self) -> None:
         self.stream.close()
-        if self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        await self.settled()
 
 
 class ExportNode:
@@ -566,8 +693,7 @@ class ExportNode:
         try:
             conn.start()
             await conn.closed.wait()
-            if conn.tasks:
-                await asyncio.gather(*list(conn.tasks), return_exceptions=True)
+            await conn.settled()
         except asyncio.CancelledError:
             conn.stream.close()  # the node is stopping: never leave a connection serving
             raise
