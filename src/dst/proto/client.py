@@ -56,6 +56,7 @@ from dst.proto.wire import (
 )
 
 _READ = int(Command.READ)  # plain ints on the per-request path
+_EXTENTS = int(Command.EXTENTS)
 
 
 @dataclass
@@ -404,7 +405,7 @@ class ClientCore:
             raise ProtocolError(
                 f"reply for transaction {txn_id} names command {command}, not {t.command}"
             )
-        carries = command == _READ and status == 0
+        carries = command in (_READ, _EXTENTS) and status == 0
         if not carries and length:
             raise ProtocolError(f"reply without data claims {length} payload bytes")
         if carries:
@@ -455,7 +456,8 @@ class ClientCore:
             ok = cs.compute(head) == digest
         else:
             ok = cs.compute(head, view) == digest
-        if job is None and not self._order:  # nothing waits ahead of it
+        if job is None and not self._order and command != _EXTENTS and txn_id:
+            # the common case, nothing waits ahead of it: no closure, no extents, no probe
             if buf is not None:
                 buf.release()
             self._reply_verified(command, status, txn_id, ok)
