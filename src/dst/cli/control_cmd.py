@@ -19,7 +19,7 @@ from dst.control.handlers import KNOBS, parse_knob, unhealthy
 from dst.control.server import RequestError
 from dst.errors import DstError, UsageError
 
-CTL_COMMANDS = "set KEY=VALUE, verify [--rate RATE] [--repair], detach URI or add URI"
+CTL_COMMANDS = "set KEY=VALUE, verify [--rate RATE] [--repair], detach URI or add [--async] URI"
 
 
 def run_control(ns: argparse.Namespace) -> int:
@@ -122,14 +122,18 @@ def run_ctl(path: str, words: list[str]) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
     if cmd in ("detach", "add"):
+        extra = {"async": True} if cmd == "add" and "--async" in rest else {}
+        if extra:
+            rest = [w for w in rest if w != "--async"]
         if len(rest) != 1:
             raise UsageError(
                 f"`dst ctl {cmd}` takes one member URI, e.g. dst://node2:10810/default"
+                + (" (and --async for an asynchronous leg)" if cmd == "add" else "")
             )
         from dst.uri import parse_member
 
         parse_member(rest[0])
-        result = request(path, cmd, timeout=None, uri=rest[0])
+        result = request(path, cmd, timeout=None, uri=rest[0], **extra)
         print(f"{cmd}: {rest[0]}" + (f": {json.dumps(result, sort_keys=True)}" if result else ""))
         return 0
     raise UsageError(f"unknown ctl command {cmd!r}: use {CTL_COMMANDS}")
