@@ -54,7 +54,7 @@ async def drained(m: MirrorDevice, dev: FaultDevice, timeout: float = 5.0) -> No
 def test_writes_do_not_wait_for_the_async_leg_and_reach_it_in_order() -> None:
     async def main() -> None:
         m, sync, far = await async_mirror()
-        far.delay = 0.2
+        far.delay = 0.05
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         for i in range(20):
@@ -62,7 +62,8 @@ def test_writes_do_not_wait_for_the_async_leg_and_reach_it_in_order() -> None:
             await m.write((i + 1) * 4096, bytes([i + 1]) * 4096)
         await m.flush()
         took = loop.time() - t0
-        assert took < 0.2, f"{took:.2f} s: the writes waited for the async leg"
+        # waiting for the async leg would cost 41 x 50 ms
+        assert took < 1.0, f"{took:.2f} s: the writes waited for the async leg"
         info = leg_info(m, far)
         assert info["mode"] == "async" and info["state"] == "connected"
         assert info["lag_bytes"] > 0 and info["lag_seconds"] >= 0
@@ -89,8 +90,9 @@ def test_nothing_after_a_barrier_goes_before_the_epoch_is_complete_and_flushed()
         assert far.counts["write"] == 2 and far.counts["flush"] == 0  # epoch 1 in flight
         far.release_changes()
         await drained(m, far)
-        # epoch 1, flush, epoch 2 (c, d), flush (FUA), epoch 3 (e), flush (idle)
-        assert far.counts["write"] == 5 and far.counts["flush"] == 3
+        # epoch 1 (a, b; sent before its barrier was known), flush; epoch 2 (c, d: small and
+        # whole in the queue, so sent with FUA and no flush after it); epoch 3 (e), flush
+        assert far.counts["write"] == 5 and far.counts["flush"] == 2
         data = await contents(far)
         assert data[:4096] == b"d" * 4096 and data[32768:36864] == b"e" * 4096
         await m.aclose()

@@ -33,6 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
 from dst.buffers import BufferPool, PooledBuffer
@@ -52,6 +53,7 @@ WRITE, TRIM, ZERO, BARRIER = "write", "trim", "zero", "barrier"
 MAX_OPS_IN_FLIGHT = 256  # a 60 ms link needs many 4 KiB writes in flight to keep up
 MAX_BYTES_IN_FLIGHT = 16 << 20
 BARRIER_SECONDS = 1.0  # a barrier at least this often while changes arrive
+SMALL_EPOCH = 4  # an epoch of at most this many changes sends them with FUA, and no flush
 OP_COST = 4096  # what a change without payload counts for in the count limit
 
 
@@ -198,6 +200,8 @@ class Shipper:
         self.pull_aheads = 0
         self._inflight_bytes = 0
         self._epoch_bytes = 0
+        self._epoch_sent = 0  # changes sent in the current epoch
+        self._epoch_plain = False  # one of them went without FUA: the barrier flushes
         self._since_barrier = 0
         self._barrier_t = 0.0
         self._room = asyncio.Event()
@@ -400,7 +404,8 @@ class Shipper:
         self.issued.clear()
         self.inflight.clear()
         self.flushing = None
-        self.lag = self._inflight_bytes = self._epoch_bytes = 0
+        self.lag = self._inflight_bytes = self._epoch_bytes = self._epoch_sent = 0
+        self._epoch_plain = False
         self.extents.clear()
         self._room.set()
         if self._timer is not None:
@@ -463,8 +468,11 @@ class Shipper:
                 if self.inflight:
                     break
                 waiting.popleft()
-                self._send_flush(op)
-                break
+                if self._epoch_plain:
+                    self._send_flush(op)
+                    break
+                self._epoch_done(op)  # its changes went with FUA (or there were none)
+                continue
             if self.inflight and (
                 len(self.inflight) >= MAX_OPS_IN_FLIGHT
                 or self._inflight_bytes + op.payload > MAX_BYTES_IN_FLIGHT
@@ -474,8 +482,19 @@ class Shipper:
                 )
             ):
                 break
+            fua = (
+                not self._epoch_plain
+                and self._epoch_sent < SMALL_EPOCH
+                and self.leg.dev.capabilities.can_fua
+                and any(
+                    x.kind == BARRIER
+                    for x in islice(waiting, 1, SMALL_EPOCH + 1 - self._epoch_sent)
+                )
+            )
+            self._epoch_plain = self._epoch_plain or not fua
+            self._epoch_sent += 1
             waiting.popleft()
-            self._send(op)
+            self._send(op, IoFlags.FUA if fua else IoFlags.NONE)
         if not waiting and not self.inflight and self.flushing is None and self.issued:
             self._barrier()  # idle: flush what was sent, so the lag drains to zero
             self._pump()
@@ -507,7 +526,7 @@ class Shipper:
 
         return ended
 
-    def _send(self, op: Op) -> None:
+    def _send(self, op: Op, fua: IoFlags) -> None:
         ended = self._started()
         self.inflight.append(op)
         self.issued.append(op)
@@ -529,11 +548,11 @@ class Shipper:
         dev = self.leg.dev
         if op.kind == WRITE:
             assert op.data is not None
-            dev.start_write(op.offset, op.data, IoFlags.NONE, done)
+            dev.start_write(op.offset, op.data, fua, done)
         elif op.kind == ZERO:
-            run_in_task(dev.write_zeroes(op.offset, op.length, op.flags), done)
+            run_in_task(dev.write_zeroes(op.offset, op.length, op.flags | fua), done)
         else:
-            run_in_task(dev.trim(op.offset, op.length), done)
+            run_in_task(dev.trim(op.offset, op.length, fua), done)
 
     def _send_flush(self, op: Op) -> None:
         self.flushing = op
@@ -546,6 +565,7 @@ class Shipper:
             ended(exc, None)
             if exc is None and gen == self.gen:
                 self._epoch_done(op)
+                self._pump()
 
         dev = self.leg.dev
         run_in_task(dev.flush() if dev.capabilities.can_flush else _nothing(), done)
@@ -562,13 +582,13 @@ class Shipper:
                         del self.extents[e]
         self.issued.clear()
         self.lag -= self._epoch_bytes
-        self._epoch_bytes = 0
+        self._epoch_bytes = self._epoch_sent = 0
+        self._epoch_plain = False
         self.barriers += 1
         for w in barrier.waiters:
             if not w.done():
                 w.set_result(None)
         self._room.set()
-        self._pump()
 
     # ---- a leg that answers nothing --------------------------------------------------------
     def _arm_watchdog(self) -> None:
