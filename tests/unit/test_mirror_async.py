@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dst.device import IoFlags
+from dst.device import BlockDevice, Buffer, Capabilities, Done, IoFlags
 from dst.errors import DstError, IoError
 from dst.layers import FaultDevice, MirrorDevice
 from dst.layers.bitmap import Record
@@ -35,11 +35,11 @@ async def async_mirror(
     return m, legs[:n_sync], legs[n_sync]
 
 
-def leg_info(m: MirrorDevice, dev: FaultDevice) -> dict[str, object]:
+def leg_info(m: MirrorDevice, dev: BlockDevice) -> dict[str, object]:
     return member(m, dev.name)
 
 
-async def drained(m: MirrorDevice, dev: FaultDevice, timeout: float = 5.0) -> None:
+async def drained(m: MirrorDevice, dev: BlockDevice, timeout: float = 5.0) -> None:
     await until(
         lambda: (
             leg_info(m, dev)["lag_bytes"] == 0
@@ -317,3 +317,49 @@ def test_an_async_leg_is_no_source_at_start_while_a_synchronous_one_is_current()
             "the bitmap file is new",
             [LegView("a", None, False), far],
         )
+
+
+class InlineDevice(BlockDevice):
+    """Memory that completes a started write before ``start_write`` returns, as a network
+    member may when the reply is already there."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.capabilities = Capabilities()
+        self.name = "inline"
+        self.data = bytearray(size)
+        self.flush_delay = 0.0
+
+    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
+        buf[:] = self.data[offset : offset + len(buf)]
+
+    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
+        self.data[offset : offset + len(memoryview(data))] = data
+
+    async def flush(self) -> None:
+        await asyncio.sleep(self.flush_delay)
+
+    def start_write(self, offset: int, data: memoryview, flags: IoFlags, done: Done) -> None:
+        self.data[offset : offset + len(data)] = data
+        done(None)
+
+
+def test_a_leg_that_completes_inline_is_shipped_to_without_recursion() -> None:
+    """3000 changes wait behind a slow flush; then each one sent completes at once, inside
+    the call that sent it, which must not nest one call per change."""
+
+    async def main() -> None:
+        legs = fault_legs(2)
+        far = InlineDevice(1 << 20)
+        m = MirrorDevice(legs, async_legs=[far], granularity=4096, assume_clean=True)
+        await m.start()
+        await m.write(0, b"0" * 4096)
+        far.flush_delay = 0.2
+        await m.flush()  # a barrier: what follows waits for the far leg's slow flush
+        for i in range(3000):
+            await m.write(i % 256 * 4096, bytes([i % 251 + 1]) * 4096)
+        await drained(m, far, timeout=10)
+        assert bytes(far.data) == await contents(legs[0])
+        await m.aclose()
+
+    asyncio.run(main())

@@ -206,6 +206,8 @@ class Shipper:
         self._barrier_t = 0.0
         self._room = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._pumping = False
+        self._again = False
 
     # ---- limits ------------------------------------------------------------------------
     @property
@@ -458,9 +460,22 @@ class Shipper:
 
     def _pump(self) -> None:
         """Send what may go now: the changes of the current epoch that overlap nothing in
-        flight, or the barrier once the epoch is complete."""
-        if not self.on:
+        flight, or the barrier once the epoch is complete.  Not re-entered: a member may
+        complete a request inside the call that sends the next one, and that completion
+        only asks the running pass for another."""
+        if self._pumping:
+            self._again = True
             return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again and self.on:
+                self._again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         waiting = self.waiting
         while waiting and self.flushing is None:
             op = waiting[0]
@@ -497,7 +512,7 @@ class Shipper:
             self._send(op, IoFlags.FUA if fua else IoFlags.NONE)
         if not waiting and not self.inflight and self.flushing is None and self.issued:
             self._barrier()  # idle: flush what was sent, so the lag drains to zero
-            self._pump()
+            self._again = True
             return
         self._arm_watchdog()
 
