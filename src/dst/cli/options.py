@@ -149,6 +149,7 @@ def merge(
         raw = load_config(path)
         known = {o.name: o for o in opts}
         known.update({a: o for o in opts for a in o.aliases})
+        named: dict[str, str] = {}
         for key, value in raw.items():
             if positional_key is not None and key == positional_key:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -162,8 +163,12 @@ def merge(
                 raise ConfigError(
                     f"config file {path}: unknown key {key!r}; allowed keys: {', '.join(allowed)}"
                 )
-            if o.name in cfg:
-                raise ConfigError(f"config file {path}: {key} repeats {o.name}; give one of them")
+            if o.name in named:
+                raise ConfigError(
+                    f"config file {path}: {named[o.name]} and {key} are the same option; "
+                    "give one of them"
+                )
+            named[o.name] = key
             cfg[o.name] = _check_type(path, key, o.kind, value)
     out: dict[str, Any] = {}
     for o in opts:

@@ -59,6 +59,7 @@ from dst.layers.resync import (
 from dst.layers.shipper import (
     DEFAULT_MAX_LAG,
     PULL_AHEAD,
+    Shipper,
     async_leg,
     barrier,
     check_async,
@@ -554,8 +555,9 @@ class MirrorCore(BlockDevice):
         flags: IoFlags = IoFlags.NONE,
     ) -> None:
         self.foreground.begin()
-        held = await reserve(self, length if data is not None else 0)
+        held: list[tuple[Shipper, int]] = []
         try:
+            held = await reserve(self, length if data is not None else 0)
             async with self.locks.lock(offset, offset + length):
                 await self.al.begin(offset, length)
                 try:
