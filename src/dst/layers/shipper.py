@@ -208,6 +208,7 @@ class Shipper:
         self._timer: asyncio.TimerHandle | None = None
         self._pumping = False
         self._again = False
+        self._kicked = False
 
     # ---- limits ------------------------------------------------------------------------
     @property
@@ -231,7 +232,7 @@ class Shipper:
             and (not al.enabled or len(self.extents) < self._al_cap())
         )
 
-    def _congested(self, offset: int, n: int, kind: str) -> str:
+    def _congested(self, offset: int, length: int, n: int) -> str:
         """Why this change would pass a limit ('' when it fits)."""
         if not self._ops:
             return ""
@@ -243,8 +244,8 @@ class Shipper:
         if self._ops >= self.max_ops:
             return f"{self._ops} changes are queued for it"
         al = self.host.al
-        if al.enabled and kind != BARRIER:
-            new = sum(1 for e in al.extents(offset, max(n, 1)) if e not in self.extents)
+        if al.enabled:
+            new = sum(1 for e in al.extents(offset, length) if e not in self.extents)
             if new and len(self.extents) + new > self._al_cap():
                 return (
                     f"its queue holds {len(self.extents)} activity-log extents, half the "
@@ -307,7 +308,7 @@ class Shipper:
             return False
         n = length if kind == WRITE else 0
         if self.policy == PULL_AHEAD:
-            why = self._congested(offset, n, kind)
+            why = self._congested(offset, length, n)
             if why:
                 self.pull_aheads += 1
                 self.host.degrade(self.leg, f"it fell behind: {why}")
@@ -328,14 +329,14 @@ class Shipper:
         self._append(op)
         if flags & IoFlags.FUA:
             self._barrier()
-        self._pump()
+        self._kick()
         return True
 
     def barrier(self) -> None:
         """A FLUSH of the mirror: a barrier in the queue."""
         if self.on:
             self._barrier()
-            self._pump()
+            self._kick()
 
     async def room(self, n: int) -> None:
         """For a resync copy: wait until half the lag limit has room, so the writes
@@ -354,7 +355,7 @@ class Shipper:
         else:
             op = Op(WRITE, offset, len(data), data=memoryview(data), since=time.monotonic())
         self._append(op)
-        self._pump()
+        self._kick()
         return True
 
     async def commit(self) -> None:
@@ -457,6 +458,17 @@ class Shipper:
             self.waiting.append(last)
         if waiter is not None:
             last.waiters.append(waiter)
+
+    def _kick(self) -> None:
+        """Send soon, after the writer got its ack: the changes queued meanwhile go out in
+        one pass (and the writer does not pay for the far leg's framing)."""
+        if not self._kicked:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._kicked_pump)
+
+    def _kicked_pump(self) -> None:
+        self._kicked = False
+        self._pump()
 
     def _pump(self) -> None:
         """Send what may go now: the changes of the current epoch that overlap nothing in
