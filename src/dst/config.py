@@ -43,6 +43,8 @@ DEFAULT_LISTEN = Address(host="0.0.0.0", port=DEFAULT_DST_PORT)
 MIN_STRIPE_CHUNK = 4096  # a chunk smaller than a page splits every 4 KiB request
 DEFAULT_BITMAP_GRANULARITY = 64 << 10
 DEFAULT_LEG_TIMEOUT = 5.0
+DEFAULT_ASYNC_MAX_LAG = 64 << 20
+CONGESTION_POLICIES = ("pull-ahead", "block")
 
 
 def _positive(name: str, value: float, example: str) -> None:
@@ -181,6 +183,10 @@ class AttachConfig:
     layout; ``resync_rate`` and ``assume_clean`` to a mirror; ``leg_timeout`` is how long a
     mirror write waits for a leg that has not acked it before it completes on the others
     and degrades that leg.
+    ``async_legs`` are a mirror's asynchronous legs (written in the background, in order,
+    FLUSH and FUA as barriers); ``async_max_lag`` bounds the bytes they may lag behind and
+    ``async_on_congestion`` says what happens at that bound: ``pull-ahead`` (stop shipping,
+    record in the bitmap, resync later) or ``block`` (the writers wait).
     """
 
     members: tuple[MemberUri, ...]
@@ -194,6 +200,9 @@ class AttachConfig:
     resync_rate: int | None = None
     leg_timeout: float = DEFAULT_LEG_TIMEOUT
     assume_clean: bool = False
+    async_legs: tuple[MemberUri, ...] = ()
+    async_max_lag: int = DEFAULT_ASYNC_MAX_LAG
+    async_on_congestion: str = "pull-ahead"
     control: str | None = None
     metrics: Address | None = None
     crypto_workers: int | None = None
@@ -211,7 +220,8 @@ class AttachConfig:
                 f"{len(self.members)} members need --mirror, --stripe CHUNK or --linear to say "
                 "how to combine them"
             )
-        if len({u.text for u in self.members}) != len(self.members):
+        every = [u.text for u in (*self.members, *self.async_legs)]
+        if len(set(every)) != len(every):
             raise UsageError("the same member is named twice; give each member once")
         if self.layout == "stripe":
             check_stripe_chunk(self.stripe)
@@ -221,6 +231,7 @@ class AttachConfig:
             given = {
                 "resync-rate": self.resync_rate,
                 "assume-clean": self.assume_clean or None,
+                "async-leg": self.async_legs or None,
             }
             for name, value in given.items():
                 if value is not None:
@@ -230,6 +241,12 @@ class AttachConfig:
                 "no front end: give --nbd ADDR (and/or --fuse DIR) to expose the device"
             )
         _positive("leg-timeout", self.leg_timeout, "5")
+        _positive("async-max-lag", self.async_max_lag, "64M")
+        if self.async_on_congestion not in CONGESTION_POLICIES:
+            raise UsageError(
+                f"invalid --async-on-congestion {self.async_on_congestion!r}: use pull-ahead "
+                "(stop shipping and resync later) or block (the writers wait)"
+            )
         if self.bitmap_granularity <= 0:
             raise UsageError("--bitmap-granularity must be greater than 0, e.g. 64K")
 
@@ -252,6 +269,9 @@ class AttachConfig:
             "resync_rate": self.resync_rate,
             "leg_timeout": self.leg_timeout,
             "assume_clean": self.assume_clean,
+            "async_legs": [u.text for u in self.async_legs],
+            "async_max_lag": self.async_max_lag,
+            "async_on_congestion": self.async_on_congestion,
             "crypto_workers": self.crypto_workers,
             "control": self.control,
             "metrics": _text(self.metrics),

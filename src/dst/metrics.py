@@ -226,6 +226,18 @@ def attach_metrics(st: dict[str, Any]) -> Iterator[Metric]:
         if "dirty_bytes" in m:
             dirty.add_metric([str(m.get("uri"))], _num(m.get("dirty_bytes")))
     yield dirty
+    lag = _gauge("dst_async_lag_bytes", "Bytes an asynchronous leg lags behind.", ["member"])
+    lag_s = _gauge(
+        "dst_async_lag_seconds",
+        "Age of the oldest write not yet on an asynchronous leg.",
+        ["member"],
+    )
+    for m in st.get("members", []):
+        if m.get("mode") == "async":
+            lag.add_metric([str(m.get("uri"))], _num(m.get("lag_bytes")))
+            lag_s.add_metric([str(m.get("uri"))], _num(m.get("lag_seconds")))
+    yield lag
+    yield lag_s
     dev = st.get("device") or {}
     size = _gauge("dst_device_size_bytes", "Size of the assembled device.", [])
     size.add_metric([], _num(dev.get("size")))

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 ATTACH_KEYS = (
-    "assume-clean, bitmap, bitmap-granularity, checksum, cipher, client-id, connect-timeout, "
+    "assume-clean, async-leg, async-legs, async-max-lag, async-on-congestion, bitmap, "
+    "bitmap-granularity, checksum, cipher, client-id, connect-timeout, "
     "control, crypto-workers, debug, fuse, key-file, leg-timeout, linear, members, metrics, "
     "mirror, nbd, ping-interval, ping-timeout, read-only, reconnect-max, reconnect-min, "
     "resend-timeout, resends, resync-rate, stripe, takeover"

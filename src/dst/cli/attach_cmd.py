@@ -52,6 +52,8 @@ NODE_KNOBS = (
     "resync_rate",
     "leg_timeout",
     "assume_clean",
+    "async_max_lag",
+    "async_on_congestion",
     "control",
     "crypto_workers",
 )
@@ -67,6 +69,7 @@ def prepare(ns: argparse.Namespace) -> AttachConfig:
             "unix:/run/dst.sock`" + (f" (or as `members = [...]`{in_file})" if in_file else "")
         )
     members = tuple(parse_member(m) for m in o["members"])
+    async_legs = tuple(parse_member(m) for m in o["async_leg"] or [])
     modes: list[Layout] = []
     if o["mirror"]:
         modes.append("mirror")
@@ -115,6 +118,7 @@ def prepare(ns: argparse.Namespace) -> AttachConfig:
         stripe=o["stripe"],
         member=member,
         metrics=metrics,
+        async_legs=async_legs,
         **given(o, NODE_KNOBS),
     )
 
@@ -170,7 +174,8 @@ async def build_device(cfg: AttachConfig) -> BlockDevice:
     background); a leg that refuses us for good (wrong key, unknown export...) is an error.
     """
     timeout = cfg.member.connect_timeout
-    legs = [cfg.member.device(u) for u in cfg.members]
+    legs = [cfg.member.device(u) for u in (*cfg.members, *cfg.async_legs)]
+    n = len(cfg.members)
     try:
         if cfg.layout == "mirror":
             for leg in legs:
@@ -193,13 +198,16 @@ async def build_device(cfg: AttachConfig) -> BlockDevice:
             await asyncio.gather(*(leg.connect() for leg in legs))
         return await build_stack(
             cfg.stack_mode,
-            list(legs),
+            list(legs[:n]),
             chunk=cfg.stripe,
             bitmap=cfg.bitmap,
             granularity=cfg.bitmap_granularity,
             resync_rate=cfg.resync_rate,
             leg_timeout=cfg.leg_timeout,
             assume_clean=cfg.assume_clean,
+            async_legs=list(legs[n:]),
+            async_max_lag=cfg.async_max_lag,
+            async_on_congestion=cfg.async_on_congestion,
         )
     except BaseException:
         for leg in legs:

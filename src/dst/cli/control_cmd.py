@@ -28,7 +28,7 @@ from dst.errors import DstError, UsageError
 from dst.units import format_bytes, format_duration, format_rate
 
 CTL_COMMANDS = (
-    "set KEY=VALUE, verify [--rate RATE] [--repair] [--json], detach URI, add URI or "
+    "set KEY=VALUE, verify [--rate RATE] [--repair] [--json], detach URI, add [--async] URI or "
     "checkpoint add NAME | list [--json] | remove NAME"
 )
 NODE_TIMEOUT = 3.0  # seconds a node listed by `dst status` has to answer
@@ -278,6 +278,15 @@ def _member_parser(cmd: str) -> _Parser:
     }[cmd]
     p = _parser(cmd, what)
     p.add_argument("uri", nargs="*", metavar="URI", help="the member, e.g. dst://node2/default")
+    if cmd == "add":
+        p.add_argument(
+            "--async",
+            dest="asynchronous",
+            action="store_true",
+            help="add it as an asynchronous leg (written in the background, in order)",
+        )
+    else:
+        p.set_defaults(asynchronous=False)
     return p
 
 
@@ -314,15 +323,18 @@ def run_ctl(path: str | None, words: list[str]) -> int:
             _check(lambda: parse_knob("resync-rate", a.rate), "--rate")
         return run_verify(path or pick_node(), a.rate, a.repair, a.json)
     if cmd in ("detach", "add"):
-        uris = _member_parser(cmd).parse_args(rest).uri
+        args = _member_parser(cmd).parse_args(rest)
+        uris = args.uri
+        extra = {"async": True} if cmd == "add" and args.asynchronous else {}
         if len(uris) != 1:
             raise UsageError(
                 f"`dst ctl {cmd}` takes one member URI, e.g. dst://node2:10810/default"
+                + (" (and --async for an asynchronous leg)" if cmd == "add" else "")
             )
         from dst.uri import parse_member
 
         parse_member(uris[0])
-        result = request(path or pick_node(), cmd, timeout=None, uri=uris[0])
+        result = request(path or pick_node(), cmd, timeout=None, uri=uris[0], **extra)
         print(_member_change(cmd, uris[0], result))
         return 0
     if cmd == "checkpoint":

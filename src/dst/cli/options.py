@@ -25,6 +25,7 @@ class Opt:
     kind: str  # str | int | size | duration | rate | bool | list | debug
     help: str = ""
     metavar: str | None = None
+    aliases: tuple[str, ...] = ()  # other names a config file may use
 
     @property
     def dest(self) -> str:
@@ -147,6 +148,8 @@ def merge(
     if path:
         raw = load_config(path)
         known = {o.name: o for o in opts}
+        known.update({a: o for o in opts for a in o.aliases})
+        named: dict[str, str] = {}
         for key, value in raw.items():
             if positional_key is not None and key == positional_key:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -160,6 +163,12 @@ def merge(
                 raise ConfigError(
                     f"config file {path}: unknown key {key!r}; allowed keys: {', '.join(allowed)}"
                 )
+            if o.name in named:
+                raise ConfigError(
+                    f"config file {path}: {named[o.name]} and {key} are the same option; "
+                    "give one of them"
+                )
+            named[o.name] = key
             cfg[o.name] = _check_type(path, key, o.kind, value)
     out: dict[str, Any] = {}
     for o in opts:
@@ -240,6 +249,25 @@ ATTACH_OPTS = [
         "assume-clean",
         "bool",
         "with a new --bitmap, take the legs as identical and skip the first full sync",
+    ),
+    Opt(
+        "async-leg",
+        "list",
+        "an asynchronous mirror leg: gets the writes in order in the background (repeat)",
+        "MEMBER",
+        aliases=("async-legs",),
+    ),
+    Opt(
+        "async-max-lag",
+        "size",
+        "bytes an asynchronous leg may lag behind, and the memory for them (default 64M)",
+        "SIZE",
+    ),
+    Opt(
+        "async-on-congestion",
+        "str",
+        "at --async-max-lag: pull-ahead (default: record in the bitmap, resync later) or block",
+        "POLICY",
     ),
     Opt(
         "takeover",

@@ -275,7 +275,8 @@ class AttachControl:
                 set_knob = getattr(member, "set_knob", None)
                 if value is not None and callable(set_knob):
                     set_knob(key, value)
-            return _result(await _maybe_await(fn(member)))
+            extra = {"asynchronous": True} if req.get("async") else {}
+            return _result(await _maybe_await(fn(member, **extra)))
         except BaseException:
             await member.aclose()
             raise

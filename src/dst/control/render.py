@@ -274,6 +274,11 @@ def render_attach(st: dict[str, Any]) -> RenderableType:
                 str(fe.get("errors", "-")),
             )
         parts.append(f)
+    for i, m in enumerate(members, 1):
+        if m.get("mode") == "async":
+            ok = "consistent" if m.get("consistent") else "not consistent until it caught up"
+            lag = f"lag {human_bytes(m.get('lag_bytes'))}, {human_seconds(m.get('lag_seconds'))}"
+            parts.append(Text(f"member {i}: asynchronous, {lag}, {ok}", style="dim"))
     return Group(*parts)
 
 

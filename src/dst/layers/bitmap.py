@@ -991,6 +991,16 @@ class ActivityLog:
             self.end(offset, length)
             raise
 
+    def retain(self, offset: int, length: int) -> None:
+        """One more reference to extents a caller already holds through :meth:`begin`, so
+        they stay recorded after that caller's :meth:`end` (an asynchronous leg keeps the
+        extents of its queued writes until they are on it); :meth:`end` releases it."""
+        if not self.enabled:
+            return
+        for e in self.extents(offset, length):
+            assert e in self.active, "retain() needs the extent held by begin()"
+            self.active[e] += 1
+
     def end(self, offset: int, length: int) -> None:
         key = (offset, length)
         left = self.changing[key] - 1

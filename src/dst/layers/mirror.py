@@ -20,6 +20,11 @@ Rules (docs/mirror.md says why):
   it degrades at once (a rewrite would only wait out another transaction budget).
 - Writes and resync/verify steps take byte-range locks, so overlapping writes are
   applied in the same order on every leg and a resync copy never overwrites new data.
+- An asynchronous leg (``async_legs``) is never read from, never waited for and never
+  counts as "the last in-sync leg": once the synchronous legs took a change, it is
+  queued for it in order (``dst.layers.shipper``), FLUSH and FUA as barriers.  When it
+  falls behind (congestion, a failure, its link down) its regions go to its bitmap and
+  it catches up by resync, as a degraded leg does.
 """
 
 from __future__ import annotations
@@ -60,6 +65,18 @@ from dst.layers.resync import (
     refusal_of,
     usable_size,
 )
+from dst.layers.shipper import (
+    DEFAULT_MAX_LAG,
+    PULL_AHEAD,
+    Shipper,
+    async_leg,
+    barrier,
+    check_async,
+    drain,
+    reserve,
+    ship,
+    stop,
+)
 from dst.units import format_size
 
 log = logging.getLogger("dst.mirror")
@@ -73,6 +90,7 @@ class LegTimeout(IoError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ETIMEDOUT, message)
+
 
 DEFAULT_GRANULARITY = 64 << 10
 DEFAULT_LEG_TIMEOUT = 5.0  # seconds a write waits for a leg that has not acked it
@@ -101,10 +119,14 @@ class MirrorCore(BlockDevice):
         assume_clean: bool = False,
         start_timeout: float = 0.0,
         leg_timeout: float = DEFAULT_LEG_TIMEOUT,
+        async_legs: Sequence[BlockDevice] = (),
+        async_max_lag: int = DEFAULT_MAX_LAG,
+        async_on_congestion: str = PULL_AHEAD,
         name: str = "mirror",
     ) -> None:
-        if not 1 <= len(legs) <= MAX_LEGS:
+        if not 1 <= len(legs) <= MAX_LEGS - len(async_legs):
             raise UsageError(f"a mirror needs 1 to {MAX_LEGS} legs, not {len(legs)}")
+        check_async(len(async_legs), async_max_lag, async_on_congestion)
         if granularity < 512 or granularity & (granularity - 1):
             raise UsageError(
                 f"invalid bitmap granularity {granularity}: give a power of two of at least 512, "
@@ -120,9 +142,14 @@ class MirrorCore(BlockDevice):
         self.assume_clean = assume_clean
         self.start_timeout = start_timeout
         if leg_timeout <= 0:
-            raise UsageError(f"invalid leg timeout {leg_timeout:g} s: give a number above 0, e.g. 5")
+            raise UsageError(
+                f"invalid leg timeout {leg_timeout:g} s: give a number above 0, e.g. 5"
+            )
         self.leg_timeout = leg_timeout
+        self.async_max_lag = async_max_lag
+        self.async_on_congestion = async_on_congestion
         self.legs = [Leg(d, -1, DEGRADED) for d in legs]
+        self.legs += [async_leg(self, d, -1) for d in async_legs]
         for leg in self.legs:
             leg.idle.set()
         self.size = 0
@@ -169,7 +196,10 @@ class MirrorCore(BlockDevice):
         if why is None and not rec.leg_slots():  # its checkpoints are kept (in slots 8-15)
             why = f"the bitmap file {self.bitmap_path} records no mirror legs"
         try:
-            views = [LegView(x.name, x.dev.identity, self._reachable(x.dev)) for x in self.legs]
+            views = [
+                LegView(x.name, x.dev.identity, self._reachable(x.dev), x.asynchronous)
+                for x in self.legs
+            ]
             plans, _ = plan_start(
                 rec,
                 why,
@@ -204,6 +234,8 @@ class MirrorCore(BlockDevice):
             leg.status = IN_SYNC if plan.in_sync else DEGRADED
             leg.reason = plan.reason
             leg.check_identity = plan.check_identity
+            if leg.shipper is not None and plan.in_sync:
+                leg.shipper.start(caught_up=True)
             leg.dev.subscribe(self._leg_state)
         self._started = True
         self._update_state()
@@ -223,7 +255,8 @@ class MirrorCore(BlockDevice):
 
     # ---- leg states ----------------------------------------------------------------------
     def in_sync_legs(self) -> list[Leg]:
-        return [x for x in self.legs if x.status == IN_SYNC]
+        """The synchronous legs in sync: the ones read from and copied from."""
+        return [x for x in self.legs if x.status == IN_SYNC and not x.asynchronous]
 
     def _update_state(self) -> None:
         if not self._started:
@@ -232,7 +265,7 @@ class MirrorCore(BlockDevice):
 
     def _sync_name(self) -> str:
         statuses = [x.status for x in self.legs]
-        if IN_SYNC not in statuses:
+        if not self.in_sync_legs():
             return "failed"
         if RESYNCING in statuses:
             return "resyncing"
@@ -247,6 +280,8 @@ class MirrorCore(BlockDevice):
         if state == "connected" and leg.status == DEGRADED:
             leg.retry_delay = 0.0
             self._try_resync(leg)
+        elif leg.shipper is not None and state != "connected" and leg.status != DEGRADED:
+            leg.shipper.fail(f"its link is {state}")
         elif (
             state == "failed"
             and leg.status != DEGRADED
@@ -262,7 +297,7 @@ class MirrorCore(BlockDevice):
         if leg.status == DEGRADED or leg.removed:
             return leg.status == DEGRADED
         if leg.status == IN_SYNC:
-            if not [x for x in self.legs if x is not leg and x.status == IN_SYNC]:
+            if not leg.asynchronous and not [x for x in self.in_sync_legs() if x is not leg]:
                 log.error("%s: %s; it is the last in-sync leg, so it stays in use", leg.name, why)
                 return False
             rec = self.record
@@ -275,6 +310,8 @@ class MirrorCore(BlockDevice):
             rec.mark_meta()
         leg.status = DEGRADED
         leg.reason = why
+        if leg.shipper is not None:
+            leg.shipper.drop()  # its queued regions go to its bitmap
         self.degrades += 1
         r = leg.resync
         if r is not None and r.task is not None and r.task is not asyncio.current_task():
@@ -288,7 +325,7 @@ class MirrorCore(BlockDevice):
             others,
         )
         event("degraded", leg=leg.name, why=why)
-        self._schedule_retry(leg)
+        self._schedule_retry(leg)  # an asynchronous leg that fell behind: retried later
         self._update_state()
         return True
 
@@ -344,6 +381,8 @@ class MirrorCore(BlockDevice):
                 rec.mark_meta()
                 why = f"full resync: {reason}"
         leg.status = RESYNCING
+        if leg.shipper is not None:
+            leg.shipper.start()  # writes stream to it while its copies are queued too
         r = Resync(self, leg, why)
         leg.resync = r
         r.task = self._spawn(self._resync_task(leg, r))
@@ -386,6 +425,8 @@ class MirrorCore(BlockDevice):
         leg.status = IN_SYNC
         leg.reason = ""
         leg.retry_delay = 0.0
+        if leg.shipper is not None:
+            leg.shipper.caught_up()  # its last commit flushed everything: consistent
         slot.generation, slot.full = rec.generation, False
         if leg.dev.identity is not None:
             slot.identity = leg.dev.identity
@@ -393,10 +434,11 @@ class MirrorCore(BlockDevice):
         self._update_state()
         p = r.progress.as_dict()
         log.info(
-            "%s: resync finished: %s copied in %.1f s; in sync",
+            "%s: resync finished: %s copied in %.1f s; %s",
             leg.name,
             format_size(p["bytes_done"]),
             p["seconds"],
+            "caught up (asynchronous, consistent)" if leg.asynchronous else "in sync",
         )
         event("resync-done", leg=leg.name, bytes=p["bytes_done"], seconds=p["seconds"])
         try:
@@ -514,29 +556,42 @@ class MirrorCore(BlockDevice):
         return "; ".join(f"{leg.name}: {e}" for leg, e in results) or op
 
     # ---- changes: write, trim, zeroes ------------------------------------------------------
-    async def _change(self, op: str, offset: int, length: int, fn: LegOp) -> None:
+    async def _change(
+        self,
+        op: str,
+        offset: int,
+        length: int,
+        fn: LegOp,
+        data: memoryview | None = None,
+        flags: IoFlags = IoFlags.NONE,
+    ) -> None:
         self.foreground.begin()
+        held: list[tuple[Shipper, int]] = []
         try:
+            held = await reserve(self, length if data is not None else 0)
             async with self.locks.lock(offset, offset + length):
                 await self.al.begin(offset, length)
                 try:
-                    targets = [x for x in self.legs if x.status != DEGRADED]
-                    skipped = [x for x in self.legs if x.status == DEGRADED]
+                    sync = [x for x in self.legs if not x.asynchronous]
+                    targets = [x for x in sync if x.status != DEGRADED]
+                    skipped = [x for x in sync if x.status == DEGRADED]
                     if not targets:
                         raise IoError(errno.EIO, f"{self.name}: no in-sync leg to {op} to")
-                    results = await self._fan_out(
-                        op, targets, lambda x: fn(x.dev, offset, length)
-                    )
+                    results = await self._fan_out(op, targets, lambda x: fn(x.dev, offset, length))
                     err = await self._settle(
                         op, targets, results, skipped, [(offset, length)], diverge=True
                     )
                     if err is None:
                         self._unflushed.update(self.al.extents(offset, length))
+                    if len(sync) < len(self.legs):
+                        await ship(self, op, offset, length, data, flags, err)
                 finally:
                     self.al.end(offset, length)
             if err is not None:
                 raise err
         finally:
+            for s, n in held:
+                s.unreserve(n)
             self.foreground.end()
 
     async def _settle(
@@ -601,30 +656,32 @@ class MirrorCore(BlockDevice):
                 await self.flush()
             return
         await self._to_end(
-            self._change("write", offset, n, lambda d, o, _: d.write(o, view, flags))
+            self._change("write", offset, n, lambda d, o, _: d.write(o, view, flags), view, flags)
         )
         self.counters.writes += 1
         self.counters.bytes_written += n
 
-    async def _ranged(self, op: str, offset: int, length: int, fn: LegOp) -> None:
+    async def _ranged(self, op: str, offset: int, length: int, fn: LegOp, flags: IoFlags) -> None:
         """Big trims and zeroes go a few extents at a time, so the activity log stays small."""
         step = self.al_extent * SPLIT_EXTENTS
         pos, end = offset, offset + length
         while pos < end:
             n = min(step - pos % step, end - pos)
-            await self._to_end(self._change(op, pos, n, fn))
+            await self._to_end(self._change(op, pos, n, fn, None, flags))
             pos += n
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         self._check("trim", offset, length, change=True, limit=False)
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
-        await self._ranged("trim", offset, length, lambda d, o, n: d.trim(o, n, flags))
+        await self._ranged("trim", offset, length, lambda d, o, n: d.trim(o, n, flags), flags)
         self.counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         self._check("write_zeroes", offset, length, change=True, limit=False)
-        await self._ranged("zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags))
+        await self._ranged(
+            "zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags), flags
+        )
         self.counters.zeroes += 1
 
     async def flush(self) -> None:
@@ -633,8 +690,9 @@ class MirrorCore(BlockDevice):
         self._check("flush", 0, 0, change=False, limit=False)
         self.foreground.begin()
         try:
+            barrier(self)  # asynchronous legs: the writes before this flush, then the rest
             done, self._unflushed = self._unflushed, set()
-            targets = [x for x in self.legs if x.status != DEGRADED]
+            targets = [x for x in self.legs if x.status != DEGRADED and not x.asynchronous]
             results = await self._fan_out("flush", targets, lambda x: x.dev.flush())
             ext = self.al_extent
             err = await self._settle(
@@ -650,7 +708,7 @@ class MirrorCore(BlockDevice):
 
     # ---- reads -------------------------------------------------------------------------------
     def _pick_reader(self, skip: set[Leg]) -> Leg | None:
-        cands = [x for x in self.legs if x.status == IN_SYNC and x not in skip]
+        cands = [x for x in self.in_sync_legs() if x not in skip]
         if not cands:
             return None
         self._rr += 1
@@ -694,7 +752,7 @@ class MirrorCore(BlockDevice):
         answered within --leg-timeout, it is degraded and fenced: its read fails at once
         (nothing arrives in ``view`` later) and the caller tries the next leg."""
         timer = None
-        if any(x.status == IN_SYNC and x not in tried for x in self.legs):
+        if any(x not in tried for x in self.in_sync_legs()):
             loop = asyncio.get_running_loop()
             timer = loop.call_later(self.leg_timeout, self._read_timed_out, leg)
         try:
@@ -706,7 +764,7 @@ class MirrorCore(BlockDevice):
     def _read_timed_out(self, leg: Leg) -> None:
         if self._closed or leg.status != IN_SYNC:
             return
-        if not any(x.status == IN_SYNC and x is not leg for x in self.legs):
+        if not any(x is not leg for x in self.in_sync_legs()):
             return  # the last in-sync leg is waited for, within its transaction budget
         why = (
             f"no answer to a read within --leg-timeout {self.leg_timeout:g} s "
@@ -800,6 +858,7 @@ class MirrorCore(BlockDevice):
         if self._closed:
             return
         self._closed = True
+        await drain(self)  # what the asynchronous legs still lack, or their bitmaps have it
         await self._stop_tasks(everything=False)
         try:
             await self.record.close()
@@ -814,6 +873,7 @@ class MirrorCore(BlockDevice):
         """Stop at once, as a crash of the client node would: nothing more reaches the legs
         or the bitmap file, which is left as it stands.  The legs stay open."""
         self._closed = True
+        stop(self)
         await self._stop_tasks(everything=True)
         await self.record.abandon()
 

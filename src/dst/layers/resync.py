@@ -18,13 +18,16 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dst import trace
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError, IoError
 from dst.layers.bitmap import MAX_LEGS, Bitmap, Record, Slot
 from dst.units import format_duration, format_rate, format_size
+
+if TYPE_CHECKING:
+    from dst.layers.shipper import Shipper
 
 log = logging.getLogger("dst.mirror")
 
@@ -61,6 +64,8 @@ class Leg:
     retry: asyncio.TimerHandle | None = None
     resync: Resync | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    asynchronous: bool = False  # gets the changes in the background (dst.layers.shipper)
+    shipper: Shipper | None = None  # set for an asynchronous leg
     status_since: float = field(default_factory=time.time)  # Unix time of the last change
 
     @property
@@ -337,6 +342,12 @@ class Resync:
 
     async def _copy(self, offset: int, n: int) -> bool:
         host, leg = self.host, self.leg
+        sink = leg.shipper
+        if sink is not None:
+            try:
+                await sink.room(n)
+            except IoError:
+                return False  # it fell behind again: the reason is its own
         buf = bytearray(n)
         async with host.locks.lock(offset, offset + n):
             if leg.status != RESYNCING:
@@ -346,6 +357,8 @@ class Resync:
             except IoError as e:
                 self.error = f"cannot read [{offset}, +{n}) from any in-sync leg: {e}"
                 return False
+            if sink is not None:  # queued under the lock: in order with the writes
+                return sink.copy(offset, buf, buf == bytes(n) and leg.dev.capabilities.can_zero)
             try:
                 if buf == bytes(n) and leg.dev.capabilities.can_zero:
                     await leg.dev.write_zeroes(offset, n)
@@ -360,7 +373,9 @@ class Resync:
         """Flush the target, then clear the bits of what was copied (persisted lazily)."""
         leg = self.leg
         try:
-            if leg.dev.capabilities.can_flush:
+            if leg.shipper is not None:
+                await leg.shipper.commit()
+            elif leg.dev.capabilities.can_flush:
                 await leg.dev.flush()
         except IoError as e:
             self.host.degrade(leg, f"a flush during resync failed: {e}")
@@ -497,6 +512,7 @@ class LegView:
     name: str
     identity: uuid.UUID | None
     reachable: bool
+    asynchronous: bool = False  # never the source while a synchronous leg is current
 
 
 @dataclass
@@ -593,7 +609,14 @@ def plan_start(
     if not loaded and not assume_clean:
         if not reachable:
             raise DstError("no leg of the mirror is reachable; start at least one of them")
-        source = reachable[0]
+        sync_up = [k for k in reachable if not legs[k].asynchronous]
+        if not sync_up:
+            raise DstError(
+                f"no synchronous leg of the mirror is reachable and {why}, so nothing says "
+                "which data is current; start a synchronous leg (an asynchronous one may "
+                "lack the last writes)"
+            )
+        source = sync_up[0]
         for k in range(len(legs)):
             if k != source:
                 plans[k].full = (
@@ -602,9 +625,18 @@ def plan_start(
                 )
     else:
         first = [k for k in current if k in verified] + [k for k in current if k in reachable]
+        if any(not legs[k].asynchronous for k in current):
+            # an asynchronous leg may lack the last acknowledged writes
+            first = [k for k in first if not legs[k].asynchronous]
         if not first:
             raise DstError(_nobody_current(rec, legs, slots, current, where))
         source = first[0]
+        if legs[source].asynchronous:
+            log.warning(
+                "%s: no synchronous leg is current, so the mirror starts from this asynchronous "
+                "leg; writes it had not received when the others were lost are not on it",
+                legs[source].name,
+            )
         if source not in verified:
             log.warning(
                 "%s: no identity proves it is the store recorded in %s; trusting it by its name",
@@ -674,7 +706,9 @@ def _nobody_current(
     parts = []
     for k, (leg, s) in enumerate(zip(legs, slots, strict=True)):
         assert s is not None
-        if k in current:
+        if k in current and leg.asynchronous and leg.reachable:
+            parts.append(f"{leg.name} is asynchronous, so not the source while another is current")
+        elif k in current:
             parts.append(f"{leg.name} is current but not reachable")
         elif s.full:
             parts.append(f"{leg.name} needs a full resync")

@@ -5,7 +5,8 @@ it; with a ``bitmap`` and any layout but a mirror (which keeps its own record) a
 :class:`~dst.layers.tracker.ChangeTracker` goes on top for the checkpoints.  The stack
 owns the devices it is given: closing it closes them, and so does a failed start.  :class:`MirrorDevice` is the mirror core (``dst.layers.mirror``) plus
 what the control socket and status use on a running mirror: ``verify``, ``detach``,
-``add``, ``set_resync_rate`` and ``statistics``; ``mirror_of`` finds it.
+``add``, ``set_resync_rate`` and ``statistics``; ``mirror_of`` finds it.  Asynchronous
+legs (``async_legs``, ``add(..., asynchronous=True)``) are in ``dst.layers.shipper``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dst.layers.resync import (
     refusal_of,
 )
 from dst.layers.resync import verify as verify_legs
+from dst.layers.shipper import DEFAULT_MAX_LAG, PULL_AHEAD, async_leg
 from dst.layers.stripe import StripeDevice
 from dst.layers.tracker import track_changes
 from dst.units import format_rate, format_size
@@ -60,10 +62,14 @@ async def build_stack(
     start_timeout: float = 0.0,
     leg_timeout: float = DEFAULT_LEG_TIMEOUT,
     assume_clean: bool = False,
+    async_legs: list[BlockDevice] | None = None,
+    async_max_lag: int = DEFAULT_MAX_LAG,
+    async_on_congestion: str = PULL_AHEAD,
 ) -> BlockDevice:
     """Build and start the stack over ``legs`` (``mode`` None: exactly one member, served as
-    it is, or under a change tracker with ``bitmap``).  Raises UsageError for a wrong
-    combination, DstError when it cannot start."""
+    it is, or under a change tracker with ``bitmap``; ``async_legs`` are a mirror's
+    asynchronous legs, owned like the others).  Raises UsageError for a wrong combination,
+    DstError when it cannot start."""
     if mode is not None and mode not in MODES:
         raise UsageError(f"unknown stack mode {mode!r}: use one of {', '.join(MODES)}")
     if not legs:
@@ -71,7 +77,12 @@ async def build_stack(
     if mode != "stripe":
         _refuse(mode, chunk=chunk)
     if mode != "mirror":
-        _refuse(mode, resync_rate=resync_rate, assume_clean=assume_clean or None)
+        _refuse(
+            mode,
+            resync_rate=resync_rate,
+            assume_clean=assume_clean or None,
+            async_leg=async_legs or None,
+        )
     dev: MirrorDevice | StripeDevice | LinearDevice
     if mode is None:
         if len(legs) > 1:
@@ -89,6 +100,9 @@ async def build_stack(
             start_timeout=start_timeout,
             leg_timeout=leg_timeout,
             assume_clean=assume_clean,
+            async_legs=async_legs or (),
+            async_max_lag=async_max_lag,
+            async_on_congestion=async_on_congestion,
         )
     elif mode == "stripe":
         if chunk is None:
@@ -173,15 +187,18 @@ class MirrorDevice(MirrorCore):
         """Remove a leg for good (its slot in the bitmap is freed) and close it."""
         self._require_running("detach a leg")
         leg = self._find(uri)
-        if len(self.legs) == 1:
-            raise DstError(f"cannot detach {uri}: it is the mirror's only leg")
-        if leg.status == IN_SYNC and len(self.in_sync_legs()) == 1:
+        if not leg.asynchronous and sum(not x.asynchronous for x in self.legs) == 1:
+            only = "leg" if len(self.legs) == 1 else "synchronous leg"
+            raise DstError(f"cannot detach {uri}: it is the mirror's only {only}")
+        if not leg.asynchronous and leg.status == IN_SYNC and len(self.in_sync_legs()) == 1:
             raise DstError(
                 f"cannot detach {uri}: it is the only in-sync leg, so the mirror's data would go "
                 "with it; wait for a resync to finish first"
             )
         leg.removed = True
         self.legs.remove(leg)
+        if leg.shipper is not None:
+            leg.shipper.drop()  # what it had queued goes with it
         if leg.retry is not None:
             leg.retry.cancel()
         r = leg.resync
@@ -192,8 +209,8 @@ class MirrorDevice(MirrorCore):
         rec = self.record
         if leg.status == IN_SYNC:
             rec.generation += 1
-            for x in self.in_sync_legs():
-                slot = rec.slots[x.slot]
+            for x in self.legs:
+                slot = rec.slots[x.slot] if x.status == IN_SYNC else None
                 if slot is not None:
                     slot.generation = rec.generation
         rec.free_slot(leg.slot)
@@ -207,8 +224,9 @@ class MirrorDevice(MirrorCore):
             log.warning("%s: closing it failed: %s", leg.name, e)
         return {"detached": leg.name, "members": [x.name for x in self.legs]}
 
-    async def add(self, device: BlockDevice) -> dict[str, Any]:
-        """Add a leg (a blank or replacement node); it is fully synced in the background."""
+    async def add(self, device: BlockDevice, asynchronous: bool = False) -> dict[str, Any]:
+        """Add a leg (a blank or replacement node); it is fully synced in the background.
+        An ``asynchronous`` one then gets the writes in the background (--async-leg)."""
         self._require_running("add a leg")
         if self.capabilities.read_only:
             raise DstError(f"cannot add {device.name}: the mirror is read-only")
@@ -218,8 +236,11 @@ class MirrorDevice(MirrorCore):
         slot = rec.free_index()
         if slot is None:
             raise DstError(f"cannot add {device.name}: a mirror has at most {MAX_LEGS} legs")
-        leg = Leg(device, slot, DEGRADED, reason="added: full resync")
-        leg.idle.set()
+        if asynchronous:
+            leg = async_leg(self, device, slot, "added: full resync")
+        else:
+            leg = Leg(device, slot, DEGRADED, reason="added: full resync")
+            leg.idle.set()
         if self._reachable(device):
             refusal = refusal_of(device, self.capabilities, self.size)
             if refusal:
@@ -233,8 +254,9 @@ class MirrorDevice(MirrorCore):
         self.legs.append(leg)
         device.subscribe(self._leg_state)
         log.info(
-            "%s: added; a full resync (%s) from %s follows",
+            "%s: added%s; a full resync (%s) from %s follows",
             device.name,
+            " as an asynchronous leg" if asynchronous else "",
             format_size(self.size),
             ", ".join(x.name for x in self.in_sync_legs()),
         )
@@ -243,6 +265,7 @@ class MirrorDevice(MirrorCore):
         self._update_state()
         return {
             "added": device.name,
+            "mode": "async" if asynchronous else "sync",
             "resync_bytes": self.size,
             "members": [x.name for x in self.legs],
         }
@@ -277,6 +300,7 @@ class MirrorDevice(MirrorCore):
         members = []
         for leg in self.legs:
             m = member_summary(leg.dev)
+            s = leg.shipper
             m.update(
                 state=self._member_state(leg),
                 link_state=m.get("link_state", leg.dev.state),
@@ -286,7 +310,13 @@ class MirrorDevice(MirrorCore):
                 reason=leg.reason or None,
                 refused=leg.refused or None,
                 resync=leg.resync.progress.as_dict() if leg.resync else None,
+                mode="async" if leg.asynchronous else "sync",
+                consistent=leg.status == IN_SYNC,
+                lag_bytes=s.lag if s is not None else 0,
+                lag_seconds=round(s.lag_seconds(), 3) if s is not None else 0.0,
             )
+            if s is not None:
+                m["async"] = s.statistics()
             members.append(m)
         in_sync = len(self.in_sync_legs())
         stats: dict[str, Any] = {
@@ -309,6 +339,8 @@ class MirrorDevice(MirrorCore):
             "resync": self._resync_summary(),
             "resync_rate": self.limiter.rate,
             "leg_timeout": self.leg_timeout,
+            "async_max_lag": self.async_max_lag,
+            "async_on_congestion": self.async_on_congestion,
             "verify": self.verify_state.progress.as_dict() if self.verify_state else None,
             "repairs": self.repairs,
             "degrades": self.degrades,
