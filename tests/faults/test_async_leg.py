@@ -344,7 +344,7 @@ def test_an_async_leg_added_online_is_synced_then_follows(procs: Procs, sockdir:
     )  # fmt: skip
     qemu_io(uri, "write -P 0x77 0 4M", "flush")
     cp = dst_run("ctl", "--control", str(site.ctl), "add", "--async", site.far)
-    assert cp.returncode == 0 and '"mode": "async"' in cp.stdout, cp.stdout + cp.stderr
+    assert cp.returncode == 0 and "as an asynchronous leg" in cp.stdout, cp.stdout + cp.stderr
     site.wait_caught_up(60)  # a full copy first, through the queue
     qemu_io(uri, "write -P 0x78 8M 1M", "flush")
     site.wait_caught_up()

@@ -417,7 +417,8 @@ def _member_change(cmd: str, uri: str, r: dict[str, Any]) -> str:
         return f"detached {r.get('detached', uri)}; the mirror's legs now: {legs}"
     size = r.get("resync_bytes")
     sync = f"; a full resync of {format_bytes(size)} follows" if isinstance(size, int) else ""
-    return f"added {r.get('added', uri)}{sync}; the mirror's legs now: {legs}"
+    how = " as an asynchronous leg" if r.get("mode") == "async" else ""
+    return f"added {r.get('added', uri)}{how}{sync}; the mirror's legs now: {legs}"
 
 
 def _check(fn: Any, what: str) -> Any:
