@@ -44,7 +44,6 @@ MAX_PROBE_ROUNDS = 4  # sessions that keep changing while we probe: give up, the
 
 # the request flags as the device API's IoFlags, built once (a Flag call costs a microsecond)
 _IO_FLAGS = tuple(IoFlags(i) for i in range(8))
-_OP_NAMES = {int(c): c.name.lower() for c in Command}
 
 
 @dataclass
@@ -499,42 +498,14 @@ class Connection:
                 s.bytes_read += req.length
             else:
                 s.bytes_written += req.length
-        elif isinstance(err, IoError):
-            status = err.errno or errno.EIO
-            log.warning(
-                "%s: %s at offset %d length %d failed: %s",
-                self._who(),
-                Command(req.command).name,
-                req.offset,
-                req.length,
-                err,
-            )
         elif isinstance(err, Exception):
-            status = Status.EIO
-            log.error("%s: request %d failed unexpectedly", self._who(), req.txn, exc_info=err)
+            status = self._failure(req, err)
         else:  # cancelled (the loop is stopping): no answer, as for a cancelled task
             if buf is not None:
                 buf.release()
             self._ended()
             return
-        if buf is None:
-            s.remember(req.txn, status)
-        if status == Status.ENOSPC:
-            self.node.enospc += 1
-        if trace.on.txn:
-            trace.emit(
-                "txn",
-                "served",
-                client=s.client_id,
-                export=export.name,
-                txn=req.txn,
-                attempt=req.attempt,
-                op=_OP_NAMES[req.command],
-                offset=req.offset,
-                length=req.length,
-                flags=int(req.flags),
-                status=int(status),
-            )
+        self._served(req, status)
         self.core.reply(req, status, data, buf.release if buf is not None else None)
         if not self._pumping:
             self._pump()  # a later completion (the pool): send its reply now
@@ -585,8 +556,19 @@ class Connection:
                     status = Status.EIO
             else:
                 status = Status.ENOTSUP
-        except IoError as exc:
-            status = exc.errno or errno.EIO
+        except Exception as exc:
+            status = self._failure(req, exc)
+        finally:
+            self.running.discard(req.txn)
+            if req.payload is not None:
+                req.payload.release()
+        self._served(req, status)
+        self.core.reply(req, status, data, buf.release if buf is not None else None)
+        self._pump()
+
+    def _failure(self, req: Request, exc: Exception) -> int:
+        """The status a failed request is answered with; the failure is logged."""
+        if isinstance(exc, IoError):
             log.warning(
                 "%s: %s at offset %d length %d failed: %s",
                 self._who(),
@@ -595,16 +577,18 @@ class Connection:
                 req.length,
                 exc,
             )
-        except Exception:
-            status = Status.EIO
-            log.exception("%s: request %d failed unexpectedly", self._who(), req.txn)
-        finally:
-            self.running.discard(req.txn)
-            if req.payload is not None:
-                req.payload.release()
+            return exc.errno or errno.EIO
+        log.error("%s: request %d failed unexpectedly", self._who(), req.txn, exc_info=exc)
+        return int(Status.EIO)
+
+    def _served(self, req: Request, status: int) -> None:
+        """What every answered request leaves behind: the replay cache (not for queries,
+        which are simply run again), the ENOSPC count and the trace."""
+        s, export = self.session, self.export
+        assert s is not None and export is not None
         if req.command not in QUERY_COMMANDS:
             s.remember(req.txn, status)
-        if status and status == Status.ENOSPC:
+        if status == Status.ENOSPC:
             self.node.enospc += 1
         if trace.on.txn:
             trace.emit(
@@ -620,8 +604,6 @@ class Connection:
                 flags=int(req.flags),
                 status=int(status),
             )
-        self.core.reply(req, status, data, buf.release if buf is not None else None)
-        self._pump()
 
     async def _disconnect(self) -> None:
         await self.settled(but=asyncio.current_task())
