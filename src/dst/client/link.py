@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from dst import trace
 from dst.aio.listen import connect
 from dst.aio.stream import SocketStream
+from dst.aio.timer import CoreTimer
 from dst.client.latency import Latency
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError
@@ -82,8 +83,7 @@ class LinkedDevice(BlockDevice):
         self.last_error_at: float | None = None
         self.reconnects = 0
         self._stream: SocketStream | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0  # the core's deadline the timer is armed for
+        self._timer = CoreTimer(self._on_timer)
         self._lost: asyncio.Event | None = None
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -315,26 +315,9 @@ class LinkedDevice(BlockDevice):
             self._stream.close()
 
     def _arm_timer(self) -> None:
-        """Keep one timer at the core's deadline.  It is moved only when the deadline comes
-        earlier: one that fires early finds nothing due and is armed again for the rest,
-        which is cheaper than cancelling and re-creating it on every pump."""
-        when = self.core.get_timer()
-        timer = self._timer
-        if when is None or self._closing:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
-            return
-        if timer is not None:
-            if when >= self._timer_at:
-                return
-            timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer_at = when
-        self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
+        self._timer.arm(None if self._closing else self.core.get_timer())
 
     def _on_timer(self) -> None:
-        self._timer = None
         self.core.handle_timer(time.monotonic())
         self._pump()
 
@@ -342,9 +325,7 @@ class LinkedDevice(BlockDevice):
         """Cancel the timer and the connect loop (the subclass closed the session)."""
         if self._stream is not None:
             self._stream.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self._kick is not None:
             self._kick.set()
         if self._task is not None:

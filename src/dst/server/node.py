@@ -16,6 +16,7 @@ from dst import trace
 from dst.aio import workers
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
 from dst.aio.stream import SocketStream
+from dst.aio.timer import CoreTimer
 from dst.buffers import BufferPool, PooledBuffer
 from dst.device import BlockDevice, Capabilities, IoFlags
 from dst.errors import IoError
@@ -97,8 +98,7 @@ class Connection:
         self.session: Session | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = CoreTimer(self._on_timer)
         self._disconnect_txn: int | None = None
         self._authenticated = False
         self.running: set[int] = set()
@@ -122,9 +122,7 @@ class Connection:
         self.core.connection_lost()
         for release in self.core.take_handed():
             release()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if not self._authenticated:
             self.node.pending.pop(self, None)
             self._authenticated = True
@@ -138,25 +136,9 @@ class Connection:
         self._arm_timer()
 
     def _arm_timer(self) -> None:
-        """One timer at the core's deadline, moved only when that comes earlier (one that
-        fires early finds nothing due and is armed again)."""
-        when = self.core.get_timer()
-        timer = self._timer
-        if when is None:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
-            return
-        if timer is not None:
-            if when >= self._timer_at:
-                return
-            timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer_at = when
-        self._timer = loop.call_at(loop.time() + max(0.0, when - time.monotonic()), self._on_timer)
+        self._timer.arm(self.core.get_timer())
 
     def _on_timer(self) -> None:
-        self._timer = None
         self.core.handle_timer(time.monotonic())
         self._pump()
 
