@@ -18,7 +18,9 @@ from dst.backends import open_device
 from dst.device import BlockDevice
 from dst.errors import DstError
 from dst.layers import FaultDevice, MirrorDevice
-from dst.layers.bitmap import BITMAP_BASE, BLOCK, SLOTS, ActivityLog, Bitmap, Record
+from dst.layers.activity import ActivityLog
+from dst.layers.bitmap import BITMAP_BASE, SLOTS, Record
+from dst.layers.dirtybits import BLOCK, Bitmap
 from tests.model import contents, in_sync, until
 
 KIB = 1 << 10

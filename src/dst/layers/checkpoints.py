@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 from dst.device import BlockDevice, Capabilities, Extent, ExtentFlags, merge_extents
 from dst.errors import DstError, UsageError
-from dst.layers.bitmap import MAX_CHECKPOINTS, ActivityLog, Record
+from dst.layers.activity import ActivityLog
+from dst.layers.bitmap import MAX_CHECKPOINTS, Record
 from dst.layers.resync import dirty_bytes
 
 log = logging.getLogger("dst.checkpoint")

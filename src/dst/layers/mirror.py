@@ -47,7 +47,8 @@ from dst.device import (
     checked_extents,
 )
 from dst.errors import DstError, IoError, UsageError
-from dst.layers.bitmap import MAX_LEGS, ActivityLog, Record
+from dst.layers.activity import ActivityLog
+from dst.layers.bitmap import MAX_LEGS, Record
 from dst.layers.linear import as_bytes_view, merge_capabilities
 from dst.layers.resync import (
     DEGRADED,

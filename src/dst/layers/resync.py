@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dst import trace
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError, IoError
-from dst.layers.bitmap import MAX_LEGS, Bitmap, Record, Slot
+from dst.layers.bitmap import MAX_LEGS, Record, Slot
+from dst.layers.dirtybits import Bitmap
 from dst.units import format_duration, format_rate, format_size
 
 if TYPE_CHECKING:

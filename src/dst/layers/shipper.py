@@ -39,7 +39,8 @@ from typing import Any, Protocol
 from dst.buffers import BufferPool, PooledBuffer
 from dst.device import BlockDevice, IoFlags, run_in_task
 from dst.errors import IoError, UsageError
-from dst.layers.bitmap import ActivityLog, Record
+from dst.layers.activity import ActivityLog
+from dst.layers.bitmap import Record
 from dst.layers.resync import DEGRADED, Leg
 from dst.units import format_size
 

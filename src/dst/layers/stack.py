@@ -17,7 +17,8 @@ from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import DstError, UsageError
-from dst.layers.bitmap import MAX_LEGS, Bitmap
+from dst.layers.bitmap import MAX_LEGS
+from dst.layers.dirtybits import Bitmap
 from dst.layers.linear import LinearDevice, member_summary
 from dst.layers.mirror import DEFAULT_GRANULARITY, DEFAULT_LEG_TIMEOUT, MirrorCore
 from dst.layers.resync import (

@@ -17,7 +17,8 @@ from typing import Any
 
 from dst.device import BlockDevice, Buffer, Done, IoFlags, Layer, check_range, run_in_task
 from dst.errors import DstError, IoError, UsageError
-from dst.layers.bitmap import ActivityLog, Record
+from dst.layers.activity import ActivityLog
+from dst.layers.bitmap import Record
 from dst.layers.linear import as_bytes_view
 from dst.layers.mirror import AL_EXTENT, AL_LIMIT, DEFAULT_GRANULARITY, SPLIT_EXTENTS
 from dst.units import format_size
