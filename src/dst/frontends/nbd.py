@@ -347,62 +347,26 @@ class _Connection:
 
     # ---- requests ----------------------------------------------------------
     async def _run(self, req: Request) -> None:
-        front = self.front
-        held: PooledBuffer | None = None
-        counted = req.command in (Command.READ, Command.WRITE)
+        """A request other than READ and WRITE (those start on the device without a
+        task: :meth:`_start_read`, :meth:`_start_write`)."""
         try:
-            op = _OPS[req.command]
-            front.stats["requests"][op] += 1
+            self.front.stats["requests"][_OPS[req.command]] += 1
             try:
-                held = await self._execute(req)
-            except IoError as exc:
-                front.stats["errors"] += 1
-                self.core.reply_error(req.handle, exc.errno or errno.EIO, str(exc))
+                await self._execute(req)
             except Exception as exc:
-                front.stats["errors"] += 1
-                log.error(
-                    "NBD %s of %d bytes at %d failed: %r",
-                    op,
-                    req.length,
-                    req.offset,
-                    exc,
-                    exc_info=exc,
-                )
-                self.core.reply_error(req.handle, errno.EIO, f"internal error: {exc!r}")
-            if held is not None:
-                counted = False  # the stream now owns the buffer and its accounting
-            self._send(held)
-            held = None
+                self._failed(req, exc)
+            self._send()
             with contextlib.suppress(ConnectionError):
                 await self.stream.drain()
         finally:
             if req.payload is not None:
                 req.payload.release()
-            if held is not None:
-                held.release()
-            if counted:
-                self.inflight_bytes -= req.length
 
-    async def _execute(self, req: Request) -> PooledBuffer | None:
+    async def _execute(self, req: Request) -> None:
         """Run one request on the device and queue its success reply."""
         dev = self.front.device
         core = self.core
-        stats = self.front.stats
-        if req.command == Command.READ:
-            buf = self.front.pool.get(req.length)
-            try:
-                await dev.read_into(req.offset, buf.view, req.flags)
-            except BaseException:
-                buf.release()
-                raise
-            stats["bytes_read"] += req.length
-            core.reply_read(req.handle, buf.view)
-            return buf
-        if req.command == Command.WRITE:
-            assert req.payload is not None
-            await dev.write(req.offset, req.payload.view, req.flags)
-            stats["bytes_written"] += req.length
-        elif req.command == Command.FLUSH:
+        if req.command == Command.FLUSH:
             await dev.flush()
         elif req.command == Command.TRIM:
             await self._in_chunks(dev.trim, req)
@@ -411,9 +375,8 @@ class _Connection:
         elif req.command == Command.BLOCK_STATUS:
             statuses = {name: await self._status(name, req) for name in core.contexts}
             core.reply_block_status(req.handle, statuses)
-            return None
+            return
         core.reply_ok(req.handle)
-        return None
 
     async def _status(self, context: str, req: Request) -> list[Extent]:
         """The extents of one metadata context; the core makes the reply valid."""
