@@ -29,6 +29,7 @@ from dst.device import (
     check_range,
     checked_extents,
     merge_extents,
+    run_in_task,
 )
 from dst.errors import IoError
 
@@ -221,8 +222,15 @@ class BackendDevice(BlockDevice):
         if not (flags & IoFlags.PREFLUSH) and self._fast(
             "read", offset, len(view), lambda: backend.try_pread_nowait(view, offset)
         ):
-            pass  # served from the page cache without a trip to the pool
-        elif len(view) or flags & IoFlags.PREFLUSH:
+            self.counters.reads += 1  # served from the page cache without a trip to the pool
+            self.counters.bytes_read += len(view)
+            return
+        await self._pooled_read(offset, view, flags)
+
+    async def _pooled_read(self, offset: int, view: memoryview, flags: IoFlags) -> None:
+        """A checked read that the page cache could not serve (or that has PREFLUSH)."""
+        backend = self.backend
+        if len(view) or flags & IoFlags.PREFLUSH:
             run = self._wrap(flags, lambda: backend.pread_into(view, offset), False)
             await self._call("read", offset, len(view), run)
         self.counters.reads += 1
@@ -273,7 +281,8 @@ class BackendDevice(BlockDevice):
                 if not self._fast(
                     "read", offset, n, lambda: backend.try_pread_nowait(view, offset)
                 ):
-                    super().start_read(offset, buf, flags, done)  # not cached: the pool
+                    # not cached: the pool (checked, and the page cache asked, already)
+                    run_in_task(self._pooled_read(offset, view, flags), done)
                     return
             else:
                 try:
