@@ -80,7 +80,7 @@ class Pair:
     def disconnect(self) -> None:
         self.client.connection_lost(self.now)
         if self.server is not None:
-            self.server.connection_lost()
+            self.server.connection_lost(self.now)
         self.server = None
         self.c2s.clear()
         self.s2c.clear()
@@ -95,7 +95,7 @@ class Pair:
                 self.c2s += out
             if self.server is not None and self.c2s and deliver:
                 data, self.c2s[:] = bytes(self.c2s), b""
-                self.server.receive_data(data)
+                self.server.receive_data(data, self.now)
                 moved = True
             if self.server is not None:
                 self._server_events()
@@ -124,10 +124,7 @@ class Pair:
             for job in jobs:
                 job.run()
                 self.jobs_run += 1
-                if core is self.client:
-                    self.client.job_done(job, self.now)
-                else:
-                    core.job_done(job)  # type: ignore[call-arg]
+                core.job_done(job, self.now)
                 ran = True
         return ran
 

@@ -97,9 +97,7 @@ def test_a_two_second_stop_of_a_leg_degrades_nothing(procs: Procs, sockdir: Path
     assert m.identical()
 
 
-def test_a_write_given_up_on_a_leg_never_lands_over_its_resync(
-    procs: Procs, sockdir: Path
-) -> None:
+def test_a_write_given_up_on_a_leg_never_lands_over_its_resync(procs: Procs, sockdir: Path) -> None:
     """Leg b's copy of a write is held in the network past --leg-timeout, so b is
     degraded; the block is rewritten on a; b comes back and is resynced; then the held
     write is delivered on b's old connection.  It must not land: b's export node fenced
@@ -109,7 +107,13 @@ def test_a_write_given_up_on_a_leg_never_lands_over_its_resync(
     proxy.keep_server_side = True
     try:
         att, uri = procs.attach(
-            m.members[0], proxy.uri, "--mirror", "--bitmap", str(sockdir / "bm"), "--leg-timeout", "2"
+            m.members[0],
+            proxy.uri,
+            "--mirror",
+            "--bitmap",
+            str(sockdir / "bm"),
+            "--leg-timeout",
+            "2",
         )
         wait_in_sync(att)
         proxy.hold_write_at = 4 * MiB

@@ -167,9 +167,20 @@ def test_a_petabyte_mirror_starts_at_once_and_resyncs_only_what_changed(
         bm = sockdir / "bm"
         t0 = time.monotonic()
         att, uri = procs.attach(
-            member_uri(a), proxy.uri, "--mirror", "--bitmap", str(bm), "--assume-clean",
-            "--control", str(ctl), "--leg-timeout", "1",
-            "--reconnect-min", "0.05", "--reconnect-max", "0.3",
+            member_uri(a),
+            proxy.uri,
+            "--mirror",
+            "--bitmap",
+            str(bm),
+            "--assume-clean",
+            "--control",
+            str(ctl),
+            "--leg-timeout",
+            "1",
+            "--reconnect-min",
+            "0.05",
+            "--reconnect-max",
+            "0.3",
         )
         started = time.monotonic() - t0
         assert started < 5, f"serving after {started:.1f} s"
@@ -209,8 +220,13 @@ def test_a_new_petabyte_mirror_serves_during_its_first_full_sync(
     _, b = procs.export("null:1P", listen=f"unix:{sockdir}/b.sock")
     ctl = sockdir / "ctl.sock"
     att, uri = procs.attach(
-        member_uri(a), member_uri(b), "--mirror", "--bitmap", str(sockdir / "bm"),
-        "--control", str(ctl),
+        member_uri(a),
+        member_uri(b),
+        "--mirror",
+        "--bitmap",
+        str(sockdir / "bm"),
+        "--control",
+        str(ctl),
     )
     st = wait_json(ctl, lambda st: (st["device"].get("resync") or {}).get("eta") is not None)
     resync = st["device"]["resync"]

@@ -117,10 +117,10 @@ def drive(wire: bytes, chunks: list[int], zero_copy: bool) -> None:
             assert buf.nbytes > 0
             n = min(buf.nbytes, step, len(wire) - pos)
             buf[:n] = wire[pos : pos + n]
-            core.buffer_updated(n)
+            core.buffer_updated(n, 0.0)
         else:
             n = min(step, len(wire) - pos)
-            core.receive_data(wire[pos : pos + n])
+            core.receive_data(wire[pos : pos + n], 0.0)
         pos += n
         while (ev := core.next_event()) is not None:
             assert not violated, "an event after a protocol violation"
@@ -144,7 +144,7 @@ def drive(wire: bytes, chunks: list[int], zero_copy: bool) -> None:
             else:
                 assert isinstance(ev, ExportChosen | Disconnect)
         core.data_to_send()
-    core.connection_lost()
+    core.connection_lost(0.0)
     assert pool.stats.outstanding == 0
     assert pool.largest <= CAP
 

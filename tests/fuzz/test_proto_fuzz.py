@@ -28,7 +28,7 @@ def test_server_core_survives_garbage_before_handshake(parts: list[bytes]) -> No
     s = ServerCore(ServerConfig())
     s.connection_made(0.0)
     for p in parts:
-        s.receive_data(p)
+        s.receive_data(p, 0.0)
         drain_server(s)
 
 
@@ -38,7 +38,7 @@ def _accepted_server(checksums: tuple[str, ...]) -> ServerCore:
     hello = Hello(
         export="default", client_id="c", session=b"s" * 16, generation=1, checksums=checksums
     )
-    s.receive_data(pack_handshake(MsgType.HELLO, hello.encode()))
+    s.receive_data(pack_handshake(MsgType.HELLO, hello.encode()), 0.0)
     drain_server(s)
     return s
 
@@ -50,7 +50,7 @@ def test_server_core_survives_garbage_after_handshake(
 ) -> None:
     s = _accepted_server(cs)
     for p in parts:
-        s.receive_data(p)
+        s.receive_data(p, 0.0)
         drain_server(s)
 
 
@@ -67,7 +67,7 @@ def test_server_core_answers_any_header(
 ) -> None:
     """Well-framed but arbitrary requests: never an exception, never a huge allocation."""
     s = _accepted_server(("none",))
-    s.receive_data(RequestHeader(command, flags, txn, 1, length, offset).pack())
+    s.receive_data(RequestHeader(command, flags, txn, 1, length, offset).pack(), 0.0)
     drain_server(s)
     assert s.pool.stats.allocated <= 1 or length <= 32 << 20
 
@@ -102,7 +102,7 @@ def test_authenticating_server_survives_garbage(parts: list[bytes]) -> None:
     s = ServerCore(ServerConfig(key=KEY, ciphers=("aes-256-gcm",)))
     s.connection_made(0.0)
     for p in parts:
-        s.receive_data(p)
+        s.receive_data(p, 0.0)
         drain_server(s)
 
 
@@ -116,7 +116,7 @@ def test_sealed_channel_survives_garbage_records(parts: list[bytes], cipher: str
     c.connection_made(0.0)
     for _ in range(4):
         for out in c.data_to_send():
-            s.receive_data(bytes(out))
+            s.receive_data(bytes(out), 0.0)
         while (ev := s.next_event()) is not None:
             if isinstance(ev, HelloReceived):
                 s.accept(ExportTerms(1 << 20, False, IDENTITY))
@@ -124,7 +124,7 @@ def test_sealed_channel_survives_garbage_records(parts: list[bytes], cipher: str
             c.receive_data(bytes(out), 0.0)
     assert c.connected and s.welcome is not None and s.welcome.cipher == cipher
     for p in parts:
-        s.receive_data(p)
+        s.receive_data(p, 0.0)
         c.receive_data(p, 0.0)
         drain_server(s)
         while c.next_event() is not None:

@@ -50,7 +50,7 @@ def server(export: ExportInfo | None = None, **more: ExportInfo) -> NbdServerCon
     exports = {"default": export or ExportInfo(size=SIZE, contexts=(BASE_ALLOCATION,))}
     exports.update(more)
     core = NbdServerConnection(exports)
-    core.receive_data(struct.pack(">I", 3))
+    core.receive_data(struct.pack(">I", 3), 0.0)
     out(core)
     return core
 
@@ -66,8 +66,8 @@ def transmitting(
     export: ExportInfo | None = None, queries: tuple[str, ...] = (BASE_ALLOCATION,)
 ) -> NbdServerConnection:
     core = server(export)
-    core.receive_data(option(STRUCTURED) + option(SET, meta_data("", *queries)))
-    core.receive_data(option(GO, go_data("")))
+    core.receive_data(option(STRUCTURED) + option(SET, meta_data("", *queries)), 0.0)
+    core.receive_data(option(GO, go_data("")), 0.0)
     out(core)
     drain(core)
     return core
@@ -84,7 +84,7 @@ def status_chunk(handle: int, ident: int, pairs: list[tuple[int, int]], done: bo
 # ---- negotiation --------------------------------------------------------------------------
 def test_list_answers_every_context_or_the_queried_ones() -> None:
     core = server()
-    core.receive_data(option(STRUCTURED))
+    core.receive_data(option(STRUCTURED), 0.0)
     out(core)
     for queries, names in [
         ((), [BASE_ALLOCATION]),
@@ -92,23 +92,27 @@ def test_list_answers_every_context_or_the_queried_ones() -> None:
         ((BASE_ALLOCATION,), [BASE_ALLOCATION]),
         (("base:other", "x-unknown:thing"), []),  # an unknown leaf or namespace: ignored
     ]:
-        core.receive_data(option(LIST, meta_data("default", *queries)))
+        core.receive_data(option(LIST, meta_data("default", *queries)), 0.0)
         want = b"".join(context_rep(LIST, 0, n) for n in names) + rep(LIST, ACK)
         assert out(core) == want, queries
 
 
 def test_set_selects_and_numbers_contexts_for_the_chosen_export() -> None:
     core = server()
-    core.receive_data(option(STRUCTURED) + option(SET, meta_data("", "base:", BASE_ALLOCATION)))
+    core.receive_data(
+        option(STRUCTURED) + option(SET, meta_data("", "base:", BASE_ALLOCATION)), 0.0
+    )
     assert out(core) == rep(STRUCTURED, ACK) + context_rep(SET, 1, BASE_ALLOCATION) + rep(SET, ACK)
-    core.receive_data(option(GO, go_data("")))
+    core.receive_data(option(GO, go_data("")), 0.0)
     (chosen,) = [e for e in drain(core) if isinstance(e, ExportChosen)]
     assert chosen.contexts == (BASE_ALLOCATION,) and core.contexts == (BASE_ALLOCATION,)
 
 
 def test_contexts_need_structured_replies_first() -> None:
     core = server()
-    core.receive_data(option(SET, meta_data("", BASE_ALLOCATION)) + option(LIST, meta_data("")))
+    core.receive_data(
+        option(SET, meta_data("", BASE_ALLOCATION)) + option(LIST, meta_data("")), 0.0
+    )
     reply = out(core)
     assert struct.unpack(">II", reply[8:16]) == (SET, INVALID)
     assert b"NBD_OPT_STRUCTURED_REPLY first" in reply
@@ -117,16 +121,16 @@ def test_contexts_need_structured_replies_first() -> None:
 def test_a_selection_for_another_export_or_a_later_empty_one_selects_nothing() -> None:
     other = ExportInfo(size=SIZE, contexts=(BASE_ALLOCATION,))
     core = server(other=other)
-    core.receive_data(option(STRUCTURED) + option(SET, meta_data("other", BASE_ALLOCATION)))
-    core.receive_data(option(GO, go_data("default")))
+    core.receive_data(option(STRUCTURED) + option(SET, meta_data("other", BASE_ALLOCATION)), 0.0)
+    core.receive_data(option(GO, go_data("default")), 0.0)
     out(core)
     assert core.contexts == ()  # the spec: the last SET must name the export of GO
     core = server()
-    core.receive_data(option(STRUCTURED) + option(SET, meta_data("", BASE_ALLOCATION)))
-    core.receive_data(option(SET, meta_data("", "base:")) + option(GO, go_data("")))
+    core.receive_data(option(STRUCTURED) + option(SET, meta_data("", BASE_ALLOCATION)), 0.0)
+    core.receive_data(option(SET, meta_data("", "base:")) + option(GO, go_data("")), 0.0)
     out(core)
     assert core.contexts == ()  # each SET replaces the one before
-    core.receive_data(request(BLOCK_STATUS, 9, 0, 4096))
+    core.receive_data(request(BLOCK_STATUS, 9, 0, 4096), 0.0)
     assert struct.unpack(">I", out(core)[20:24])[0] == errno.EINVAL
 
 
@@ -146,24 +150,24 @@ def test_a_selection_for_another_export_or_a_later_empty_one_selects_nothing() -
 def test_malformed_context_options_are_refused(data: bytes, kind: int) -> None:
     for opt in (LIST, SET):
         core = server()
-        core.receive_data(option(STRUCTURED) + option(opt, data))
+        core.receive_data(option(STRUCTURED) + option(opt, data), 0.0)
         reply = out(core)[20:]  # after the ACK of structured replies
         assert struct.unpack(">II", reply[8:16]) == (opt, kind), reply
-    core.receive_data(option(GO, go_data("")))
+    core.receive_data(option(GO, go_data("")), 0.0)
     out(core)
     assert core.contexts == ()  # a failed SET selects nothing
 
 
 def test_exports_without_contexts_list_none() -> None:
     core = server(ExportInfo(size=SIZE))
-    core.receive_data(option(STRUCTURED) + option(LIST, meta_data("")))
+    core.receive_data(option(STRUCTURED) + option(LIST, meta_data("")), 0.0)
     assert out(core).endswith(rep(STRUCTURED, ACK) + rep(LIST, ACK))
 
 
 # ---- requests and replies -------------------------------------------------------------------
 def test_block_status_becomes_a_request_and_its_reply_one_final_chunk() -> None:
     core = transmitting()
-    core.receive_data(request(BLOCK_STATUS, 5, MiB, 4 * MiB))
+    core.receive_data(request(BLOCK_STATUS, 5, MiB, 4 * MiB), 0.0)
     (ev,) = drain(core)
     assert isinstance(ev, Request) and ev.command == Command.BLOCK_STATUS
     assert (ev.offset, ev.length) == (MiB, 4 * MiB)
@@ -174,7 +178,7 @@ def test_block_status_becomes_a_request_and_its_reply_one_final_chunk() -> None:
 
 def test_req_one_keeps_one_descriptor_no_longer_than_the_request() -> None:
     core = transmitting()
-    core.receive_data(request(BLOCK_STATUS, 6, 0, MiB, flags=REQ_ONE))
+    core.receive_data(request(BLOCK_STATUS, 6, 0, MiB, flags=REQ_ONE), 0.0)
     drain(core)
     core.reply_block_status(6, {BASE_ALLOCATION: [Extent(0, 2 * MiB, HOLE_ZERO)]})
     assert out(core) == status_chunk(6, 1, [(MiB, 3)])
@@ -185,13 +189,13 @@ def test_the_largest_request_over_extents_longer_than_32_bits() -> None:
     top = 0xFFFFFFFF
     for flags in (0, REQ_ONE):
         core = transmitting(export)
-        core.receive_data(request(BLOCK_STATUS, 7, 0, top, flags=flags))
+        core.receive_data(request(BLOCK_STATUS, 7, 0, top, flags=flags), 0.0)
         drain(core)
         # 4 GiB exactly would wrap to 0 in a 32-bit field; 5 GiB would wrap to 1 GiB
         core.reply_block_status(7, {BASE_ALLOCATION: [Extent(0, 4 * GiB, HOLE_ZERO)]})
         assert out(core) == status_chunk(7, 1, [(top, 3)])
     core = transmitting(export)
-    core.receive_data(request(BLOCK_STATUS, 8, 9 * GiB - top, top))
+    core.receive_data(request(BLOCK_STATUS, 8, 9 * GiB - top, top), 0.0)
     drain(core)
     start = 9 * GiB - top
     exts = [Extent(start, GiB, ExtentFlags.DATA), Extent(start + GiB, 5 * GiB, HOLE_ZERO)]
@@ -201,7 +205,7 @@ def test_the_largest_request_over_extents_longer_than_32_bits() -> None:
 
 def test_unaligned_answers_are_aligned_to_the_minimum_block() -> None:
     core = transmitting(ExportInfo(size=SIZE, min_block=512, contexts=(BASE_ALLOCATION,)))
-    core.receive_data(request(BLOCK_STATUS, 1, 0, 4096))
+    core.receive_data(request(BLOCK_STATUS, 1, 0, 4096), 0.0)
     drain(core)
     exts = [
         Extent(0, 100, ExtentFlags.DATA),  # the first block is partly data: data
@@ -214,7 +218,7 @@ def test_unaligned_answers_are_aligned_to_the_minimum_block() -> None:
 
 def test_answers_of_nothing_or_less_than_a_block_are_data() -> None:
     core = transmitting(ExportInfo(size=SIZE, min_block=4096, contexts=(BASE_ALLOCATION,)))
-    core.receive_data(request(BLOCK_STATUS, 1, 0, 8192) + request(BLOCK_STATUS, 2, 0, 8192))
+    core.receive_data(request(BLOCK_STATUS, 1, 0, 8192) + request(BLOCK_STATUS, 2, 0, 8192), 0.0)
     drain(core)
     core.reply_block_status(1, {})
     core.reply_block_status(2, {BASE_ALLOCATION: [Extent(0, 100, HOLE_ZERO)]})
@@ -233,7 +237,7 @@ def test_answers_of_nothing_or_less_than_a_block_are_data() -> None:
 )
 def test_invalid_block_status_is_refused_by_the_core(req: bytes, why: str) -> None:
     core = transmitting()
-    core.receive_data(req)
+    core.receive_data(req, 0.0)
     reply = out(core)
     assert drain(core) == []
     assert struct.unpack(">HHQ", reply[4:16]) == (1, 0x8001, 3)
@@ -242,15 +246,15 @@ def test_invalid_block_status_is_refused_by_the_core(req: bytes, why: str) -> No
 
 def test_block_status_without_structured_replies_or_a_context_is_refused() -> None:
     core = server()
-    core.receive_data(option(GO, go_data("")))  # simple replies only
+    core.receive_data(option(GO, go_data("")), 0.0)  # simple replies only
     out(core)
-    core.receive_data(request(BLOCK_STATUS, 4, 0, 4096))
+    core.receive_data(request(BLOCK_STATUS, 4, 0, 4096), 0.0)
     assert out(core) == struct.pack(">IIQ", 0x67446698, errno.EINVAL, 4)
 
 
 def test_replies_must_fit_the_request() -> None:
     core = transmitting()
-    core.receive_data(request(BLOCK_STATUS, 1, 0, 4096) + request(0, 2, 0, 4096))
+    core.receive_data(request(BLOCK_STATUS, 1, 0, 4096) + request(0, 2, 0, 4096), 0.0)
     drain(core)
     with pytest.raises(ValueError):
         core.reply_ok(1)

@@ -97,7 +97,7 @@ def connected(
     data = struct.pack(">I", 3)
     if structured:
         data += option(8)
-    core.receive_data(data + option(7, go_data("")))
+    core.receive_data(data + option(7, go_data("")), 0.0)
     out(core)
     (chosen,) = [e for e in events(core) if isinstance(e, ExportChosen)]
     assert chosen.structured is structured
@@ -116,7 +116,7 @@ def test_export_name_reply_with_and_without_padding() -> None:
     for client_flags, tail in ((1, bytes(124)), (3, b"")):
         core = make_core()
         out(core)
-        core.receive_data(struct.pack(">I", client_flags) + option(1, b"default"))
+        core.receive_data(struct.pack(">I", client_flags) + option(1, b"default"), 0.0)
         assert out(core) == struct.pack(">QH", SIZE, flags) + tail
         (ev,) = events(core)
         assert isinstance(ev, ExportChosen) and ev.name == "default" and not ev.structured
@@ -124,11 +124,11 @@ def test_export_name_reply_with_and_without_padding() -> None:
 
 def test_export_name_empty_is_default_and_unknown_hangs_up() -> None:
     core = make_core()
-    core.receive_data(struct.pack(">I", 3) + option(1))
+    core.receive_data(struct.pack(">I", 3) + option(1), 0.0)
     assert isinstance(events(core)[0], ExportChosen)
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 3) + option(1, b"nope"))
+    core.receive_data(struct.pack(">I", 3) + option(1, b"nope"), 0.0)
     assert out(core) == b""
     (ev,) = events(core)
     assert (
@@ -138,7 +138,7 @@ def test_export_name_empty_is_default_and_unknown_hangs_up() -> None:
 
 def test_unknown_client_flags_are_a_violation() -> None:
     core = make_core()
-    core.receive_data(struct.pack(">I", 4))
+    core.receive_data(struct.pack(">I", 4), 0.0)
     (ev,) = events(core)
     assert isinstance(ev, ProtocolViolation) and "client flags" in ev.message
 
@@ -146,7 +146,7 @@ def test_unknown_client_flags_are_a_violation() -> None:
 def test_go_sends_export_block_size_and_ack() -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")))
+    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")), 0.0)
     flags = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN
     assert out(core) == (
         rep(7, 3, struct.pack(">HQH", 0, SIZE, flags))
@@ -160,7 +160,7 @@ def test_go_sends_export_block_size_and_ack() -> None:
 def test_info_with_name_and_description_then_go() -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(6, go_data("default", (1, 2, 3, 99))))
+    core.receive_data(struct.pack(">I", 1) + option(6, go_data("default", (1, 2, 3, 99))), 0.0)
     flags = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN
     assert out(core) == (
         rep(6, 3, struct.pack(">HQH", 0, SIZE, flags))
@@ -170,7 +170,7 @@ def test_info_with_name_and_description_then_go() -> None:
         + rep(6, 1)
     )
     assert events(core) == [] and not core.in_transmission
-    core.receive_data(option(7, go_data("default")))
+    core.receive_data(option(7, go_data("default")), 0.0)
     assert out(core).endswith(rep(7, 1))
     assert core.in_transmission
 
@@ -178,7 +178,7 @@ def test_info_with_name_and_description_then_go() -> None:
 def test_go_unknown_export_names_the_exports() -> None:
     core = make_core(other=ExportInfo(size=4096))
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(7, go_data("missing")))
+    core.receive_data(struct.pack(">I", 1) + option(7, go_data("missing")), 0.0)
     reply = out(core)
     assert reply[:20] == REP_MAGIC + struct.pack(">III", 7, ERR + 6, len(reply) - 20)
     message = reply[20:].decode()
@@ -199,7 +199,7 @@ def test_go_unknown_export_names_the_exports() -> None:
 def test_go_malformed_is_err_invalid(data: bytes) -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(7, data))
+    core.receive_data(struct.pack(">I", 1) + option(7, data), 0.0)
     reply = out(core)
     assert reply[8:16] == struct.pack(">II", 7, ERR + 3)
     assert not core.in_transmission
@@ -208,33 +208,33 @@ def test_go_malformed_is_err_invalid(data: bytes) -> None:
 def test_list_and_list_with_data() -> None:
     core = make_core(other=ExportInfo(size=4096))
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(3))
+    core.receive_data(struct.pack(">I", 1) + option(3), 0.0)
     assert out(core) == (
         rep(3, 2, b"\x00\x00\x00\x07defaultram disk")
         + rep(3, 2, b"\x00\x00\x00\x05other")
         + rep(3, 1)
     )
-    core.receive_data(option(3, b"x"))
+    core.receive_data(option(3, b"x"), 0.0)
     assert out(core)[8:16] == struct.pack(">II", 3, ERR + 3)
 
 
 def test_abort_acks_and_disconnects() -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(2))
+    core.receive_data(struct.pack(">I", 1) + option(2), 0.0)
     assert out(core) == rep(2, 1)
     (ev,) = events(core)
     assert isinstance(ev, Disconnect)
-    core.receive_data(b"anything after abort is ignored")
+    core.receive_data(b"anything after abort is ignored", 0.0)
     assert events(core) == [] and out(core) == b""
 
 
 def test_structured_reply_negotiation_adds_send_df() -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(8, b"x") + option(8))
+    core.receive_data(struct.pack(">I", 1) + option(8, b"x") + option(8), 0.0)
     assert out(core) == rep(8, ERR + 3, b"NBD_OPT_STRUCTURED_REPLY takes no data") + rep(8, 1)
-    core.receive_data(option(7, go_data("")))
+    core.receive_data(option(7, go_data("")), 0.0)
     flags = struct.unpack(">H", out(core)[30:32])[0]
     assert flags & SEND_DF
     assert core.structured
@@ -243,7 +243,7 @@ def test_structured_reply_negotiation_adds_send_df() -> None:
 def test_unknown_options_and_starttls_are_unsupported() -> None:
     core = make_core()
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(5) + option(11) + option(999))
+    core.receive_data(struct.pack(">I", 1) + option(5) + option(11) + option(999), 0.0)
     reply = out(core)
     kinds = []
     while reply:
@@ -258,9 +258,9 @@ def test_oversized_option_is_skipped_without_allocating() -> None:
     core = make_core(pool=pool)
     out(core)
     big = 1 << 20
-    core.receive_data(struct.pack(">I", 1) + IHAVEOPT + struct.pack(">II", 7, big))
-    core.receive_data(bytes(big))
-    core.receive_data(option(3))
+    core.receive_data(struct.pack(">I", 1) + IHAVEOPT + struct.pack(">II", 7, big), 0.0)
+    core.receive_data(bytes(big), 0.0)
+    core.receive_data(option(3), 0.0)
     reply = out(core)
     assert reply[8:16] == struct.pack(">II", 7, ERR + 9)
     assert reply.endswith(rep(3, 1))
@@ -269,13 +269,13 @@ def test_oversized_option_is_skipped_without_allocating() -> None:
 
 def test_oversized_export_name_is_a_violation() -> None:
     core = make_core()
-    core.receive_data(struct.pack(">I", 1) + IHAVEOPT + struct.pack(">II", 1, 1 << 20))
+    core.receive_data(struct.pack(">I", 1) + IHAVEOPT + struct.pack(">II", 1, 1 << 20), 0.0)
     assert isinstance(events(core)[0], ProtocolViolation)
 
 
 def test_bad_option_magic_is_a_violation() -> None:
     core = make_core()
-    core.receive_data(struct.pack(">I", 1) + b"IHAVEOPX" + struct.pack(">II", 3, 0))
+    core.receive_data(struct.pack(">I", 1) + b"IHAVEOPX" + struct.pack(">II", 3, 0), 0.0)
     (ev,) = events(core)
     assert isinstance(ev, ProtocolViolation) and "magic" in ev.message
 
@@ -284,14 +284,14 @@ def test_shutdown_refuses_options() -> None:
     core = make_core()
     out(core)
     core.start_shutdown()
-    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")) + option(2))
+    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")) + option(2), 0.0)
     assert out(core) == rep(7, ERR + 7, b"the server is shutting down") + rep(2, 1)
 
 
 def test_read_only_export_flags() -> None:
     core = make_core(ExportInfo(size=4096, read_only=True, can_trim=True))
     out(core)
-    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")))
+    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")), 0.0)
     flags = struct.unpack(">H", out(core)[30:32])[0]
     assert flags == HAS_FLAGS | READ_ONLY | SEND_FLUSH | CAN_MULTI_CONN
 
@@ -299,7 +299,7 @@ def test_read_only_export_flags() -> None:
 # ---- transmission ----------------------------------------------------------
 def test_read_simple_reply_sends_the_same_view() -> None:
     core = connected()
-    core.receive_data(request(0, 0xABCDEF, 4096, 8))
+    core.receive_data(request(0, 0xABCDEF, 4096, 8), 0.0)
     (ev,) = events(core)
     assert isinstance(ev, Request) and ev.payload is None
     assert (ev.handle, ev.command, ev.flags, ev.offset, ev.length) == (
@@ -318,7 +318,7 @@ def test_read_simple_reply_sends_the_same_view() -> None:
 
 def test_read_structured_reply_is_one_final_offset_data_chunk() -> None:
     core = connected(structured=True)
-    core.receive_data(request(0, 7, 4096, 8, flags=4))  # DF is accepted
+    core.receive_data(request(0, 7, 4096, 8, flags=4), 0.0)  # DF is accepted
     (ev,) = events(core)
     assert isinstance(ev, Request) and ev.flags == IoFlags.NONE
     core.reply_read(7, memoryview(b"abcdefgh"))
@@ -332,7 +332,7 @@ def test_write_carries_its_payload_in_any_chunking() -> None:
         pool = RecordingPool()
         core = connected(pool=pool)
         for i in range(0, len(wire), step):
-            core.receive_data(wire[i : i + step])
+            core.receive_data(wire[i : i + step], 0.0)
         write, flush = events(core)
         assert isinstance(write, Request) and write.command == Command.WRITE
         assert write.flags == IoFlags.FUA and write.offset == 512
@@ -351,11 +351,11 @@ def test_large_write_payload_is_received_in_place() -> None:
     pool = RecordingPool()
     core = connected(pool=pool)
     length = 4 * DIRECT_THRESHOLD
-    core.receive_data(request(1, 1, 0, length))
+    core.receive_data(request(1, 1, 0, length), 0.0)
     buf = core.get_buffer()
     assert buf.nbytes == length  # the payload buffer itself, not the staging buffer
     buf[:] = b"\x5a" * length
-    core.buffer_updated(length)
+    core.buffer_updated(length, 0.0)
     (ev,) = events(core)
     assert isinstance(ev, Request) and ev.payload is not None
     assert ev.payload.view.obj is buf.obj and bytes(ev.payload.view) == b"\x5a" * length
@@ -364,7 +364,8 @@ def test_large_write_payload_is_received_in_place() -> None:
 def test_trim_zeroes_flush_and_flags() -> None:
     core = connected()
     core.receive_data(
-        request(4, 1, 0, 4096, flags=1) + request(6, 2, 8192, 4096, flags=3) + request(3, 3, 0, 0)
+        request(4, 1, 0, 4096, flags=1) + request(6, 2, 8192, 4096, flags=3) + request(3, 3, 0, 0),
+        0.0,
     )
     trim, zero, flush = events(core)
     assert isinstance(trim, Request) and trim.command == Command.TRIM and trim.flags == IoFlags.FUA
@@ -375,7 +376,7 @@ def test_trim_zeroes_flush_and_flags() -> None:
 
 def test_disc_is_a_clean_disconnect() -> None:
     core = connected()
-    core.receive_data(request(0, 1, 0, 512) + request(2, 2, 0, 0) + request(0, 3, 0, 512))
+    core.receive_data(request(0, 1, 0, 512) + request(2, 2, 0, 0) + request(0, 3, 0, 512), 0.0)
     read, disc = events(core)
     assert isinstance(read, Request) and isinstance(disc, Disconnect)
     core.reply_read(1, memoryview(bytes(512)))  # in-flight replies are still sent
@@ -417,7 +418,7 @@ def simple_error(handle: int, code: int) -> bytes:
 )
 def test_invalid_requests_are_refused_by_the_core(req: bytes, code: int) -> None:
     core = connected()
-    core.receive_data(req)
+    core.receive_data(req, 0.0)
     assert events(core) == []
     assert out(core) == simple_error(5, code)
     assert core.requests_rejected == 1
@@ -426,19 +427,19 @@ def test_invalid_requests_are_refused_by_the_core(req: bytes, code: int) -> None
 def test_refused_writes_consume_their_payload() -> None:
     pool = RecordingPool()
     ro = connected(ExportInfo(size=SIZE, read_only=True), pool=pool)
-    ro.receive_data(request(1, 1, 0, 4096) + bytes(4096) + request(0, 2, 0, 512))
+    ro.receive_data(request(1, 1, 0, 4096) + bytes(4096) + request(0, 2, 0, 512), 0.0)
     (ev,) = events(ro)
     assert isinstance(ev, Request) and ev.handle == 2  # the payload was not parsed as a header
     assert out(ro) == simple_error(1, errno.EPERM)
-    ro.receive_data(request(4, 3, 0, 4096) + request(6, 4, 0, 4096))
+    ro.receive_data(request(4, 3, 0, 4096) + request(6, 4, 0, 4096), 0.0)
     assert out(ro) == simple_error(3, errno.EPERM) + simple_error(4, errno.EPERM)
     rw = connected(pool=pool)
-    rw.receive_data(request(1, 5, SIZE - 512, 1024) + bytes(1024) + request(3, 6, 0, 0))
+    rw.receive_data(request(1, 5, SIZE - 512, 1024) + bytes(1024) + request(3, 6, 0, 0), 0.0)
     assert out(rw) == simple_error(5, errno.ENOSPC)
     big = 32 * MiB + 4096
-    rw.receive_data(request(1, 7, 0, big))
-    rw.receive_data(bytes(big))
-    rw.receive_data(request(3, 8, 0, 0))
+    rw.receive_data(request(1, 7, 0, big), 0.0)
+    rw.receive_data(bytes(big), 0.0)
+    rw.receive_data(request(3, 8, 0, 0), 0.0)
     assert out(rw) == simple_error(7, errno.EINVAL)
     assert [e.handle for e in events(rw) if isinstance(e, Request)] == [6, 8]
     assert pool.asked == []  # nothing was allocated for refused payloads
@@ -455,11 +456,11 @@ def test_a_refused_write_is_answered_after_its_payload(
 ) -> None:
     core = connected(export, structured=structured)
     n = 8 * MiB
-    core.receive_data(request(1, 1, 0, n) + bytes(n // 2))
+    core.receive_data(request(1, 1, 0, n) + bytes(n // 2), 0.0)
     assert out(core) == b""  # the client is still sending: no reply yet
-    core.receive_data(bytes(n // 2 - 1))
+    core.receive_data(bytes(n // 2 - 1), 0.0)
     assert out(core) == b""
-    core.receive_data(bytes(1) + request(0, 2, 0, 512))
+    core.receive_data(bytes(1) + request(0, 2, 0, 512), 0.0)
     reply = out(core)
     assert struct.unpack(">Q", reply[8:16])[0] == 1  # the handle, in either reply form
     code = reply[20:24] if structured else reply[4:8]
@@ -469,7 +470,7 @@ def test_a_refused_write_is_answered_after_its_payload(
 
 def test_structured_error_carries_the_message() -> None:
     core = connected(structured=True)
-    core.receive_data(request(0, 5, SIZE, 512))
+    core.receive_data(request(0, 5, SIZE, 512), 0.0)
     reply = out(core)
     magic, flags, kind, handle, length, code, mlen = struct.unpack(">IHHQIIH", reply[:26])
     assert (magic, flags, kind, handle, code) == (0x668E33EF, 1, 0x8001, 5, errno.EINVAL)
@@ -479,38 +480,41 @@ def test_structured_error_carries_the_message() -> None:
 def test_fua_and_trim_are_refused_when_not_advertised() -> None:
     core = connected(ExportInfo(size=SIZE, can_fua=False, can_trim=False, can_zero=False))
     core.receive_data(
-        request(1, 1, 0, 4, flags=1) + b"abcd" + request(4, 2, 0, 4096) + request(6, 3, 0, 4096)
+        request(1, 1, 0, 4, flags=1) + b"abcd" + request(4, 2, 0, 4096) + request(6, 3, 0, 4096),
+        0.0,
     )
     assert out(core) == b"".join(simple_error(h, errno.EINVAL) for h in (1, 2, 3))
 
 
 def test_alignment_to_the_minimum_block_size() -> None:
     core = connected(ExportInfo(size=SIZE, min_block=512))
-    core.receive_data(request(0, 1, 100, 512) + request(0, 2, 512, 100) + request(0, 3, 512, 512))
+    core.receive_data(
+        request(0, 1, 100, 512) + request(0, 2, 512, 100) + request(0, 3, 512, 512), 0.0
+    )
     assert out(core) == simple_error(1, errno.EINVAL) + simple_error(2, errno.EINVAL)
     assert [e.handle for e in events(core) if isinstance(e, Request)] == [3]
 
 
 def test_zero_length_requests_are_answered_at_once() -> None:
     core = connected()
-    core.receive_data(request(0, 1, 0, 0) + request(1, 2, 0, 0))
+    core.receive_data(request(0, 1, 0, 0) + request(1, 2, 0, 0), 0.0)
     assert events(core) == []
     assert out(core) == simple_error(1, 0) + simple_error(2, 0)
     core = connected(structured=True)
-    core.receive_data(request(0, 1, 0, 0))
+    core.receive_data(request(0, 1, 0, 0), 0.0)
     assert out(core) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 1, 0)
 
 
 def test_bad_request_magic_is_a_violation() -> None:
     core = connected()
-    core.receive_data(b"\x00" * 28 + request(0, 1, 0, 512))
+    core.receive_data(b"\x00" * 28 + request(0, 1, 0, 512), 0.0)
     (ev,) = events(core)
     assert isinstance(ev, ProtocolViolation) and "magic" in ev.message
 
 
 def test_reply_error_maps_errno_to_the_nbd_set() -> None:
     core = connected()
-    core.receive_data(b"".join(request(3, h, 0, 0) for h in range(1, 6)))
+    core.receive_data(b"".join(request(3, h, 0, 0) for h in range(1, 6)), 0.0)
     assert len(events(core)) == 5
     for h, err in enumerate((errno.ENOENT, errno.EDQUOT, errno.EROFS, errno.EIO, 0), start=1):
         core.reply_error(h, err, "boom")
@@ -522,7 +526,7 @@ def test_reply_error_maps_errno_to_the_nbd_set() -> None:
 
 def test_replies_check_the_handle_and_kind() -> None:
     core = connected()
-    core.receive_data(request(0, 1, 0, 8))
+    core.receive_data(request(0, 1, 0, 8), 0.0)
     events(core)
     with pytest.raises(ValueError):
         core.reply_ok(1)  # a READ needs data
@@ -534,7 +538,7 @@ def test_replies_check_the_handle_and_kind() -> None:
 def test_shutdown_refuses_requests_and_discards_payloads() -> None:
     core = connected()
     core.start_shutdown()
-    core.receive_data(request(1, 1, 0, 16) + bytes(16) + request(0, 2, 0, 8))
+    core.receive_data(request(1, 1, 0, 16) + bytes(16) + request(0, 2, 0, 8), 0.0)
     assert out(core) == simple_error(1, 108) + simple_error(2, 108)
     assert events(core) == []
 
@@ -542,9 +546,9 @@ def test_shutdown_refuses_requests_and_discards_payloads() -> None:
 def test_connection_lost_returns_a_partial_payload() -> None:
     pool = BufferPool()
     core = connected(pool=pool)
-    core.receive_data(request(1, 1, 0, MiB) + bytes(1000))
+    core.receive_data(request(1, 1, 0, MiB) + bytes(1000), 0.0)
     assert pool.stats.outstanding == 1
-    core.connection_lost()
+    core.connection_lost(0.0)
     assert pool.stats.outstanding == 0
     core.reply_ok(1)  # answering after the loss is silently dropped
     assert core.data_to_send() == []

@@ -161,7 +161,7 @@ def test_corrupt_request_is_answered_checksum_and_resent_at_once() -> None:
     out = bytearray(b"".join(bytes(x) for x in p.client.data_to_send()))
     out[40] ^= 0xFF  # a payload byte
     assert p.server is not None
-    p.server.receive_data(bytes(out))
+    p.server.receive_data(bytes(out), 0.0)
     p.run()
     evs = p.take_events()
     assert any(isinstance(e, ChecksumMismatch) for e in evs)
@@ -356,10 +356,10 @@ def test_reply_buffers_are_released_only_after_their_frame_is_handed_over() -> N
     assert sum(len(x) for x in first) == 24 + (512 << 10)  # A's header and data, no trailer yet
     assert srv.take_handed() == []
     jobs[1].run()
-    srv.job_done(jobs[1])
+    srv.job_done(jobs[1], 0.0)
     assert srv.data_to_send() == [] and srv.take_handed() == []  # B waits behind A's trailer
     jobs[0].run()
-    srv.job_done(jobs[0])
+    srv.job_done(jobs[0], 0.0)
     rest = srv.data_to_send()
     assert len(rest) == 4  # A's trailer, B's header, data and trailer
     assert [f() for f in srv.take_handed()] == [None, None] and released == ["a", "b"]
@@ -392,7 +392,7 @@ def test_large_payloads_travel_in_records_of_their_own_opened_in_place(cipher: s
     r = p.client.submit(Command.READ, 0, len(buf), 0, p.now, into=memoryview(buf))
     assert p.server is not None
     p.run(deliver=False)
-    p.server.receive_data(bytes(p.c2s))
+    p.server.receive_data(bytes(p.c2s), 0.0)
     p.c2s.clear()
     p._server_events()
     reply = bytearray(b"".join(bytes(b) for b in p.server.data_to_send()))

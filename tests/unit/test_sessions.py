@@ -237,7 +237,7 @@ def test_an_answer_to_a_probe_never_sent_is_ignored() -> None:
     p = probed_pair()
     assert p.server is not None
     frame = RequestHeader(Command.PING, 0, 0, 7, 0, 0).pack()
-    p.server.receive_data(frame + get_checksum("crc32c").compute(frame))
+    p.server.receive_data(frame + get_checksum("crc32c").compute(frame), 0.0)
     assert p.server.next_event() is None and not p.server.dead
     assert p.server.data_to_send() == []  # and not answered either
 

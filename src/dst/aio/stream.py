@@ -223,6 +223,19 @@ class SocketStream:
         else:
             self._after.append((self._queued_total, callback))
 
+    async def wait_sent(self) -> None:
+        """Wait until everything queued so far has left (or the stream closed)."""
+        if self._closed or self.bytes_out >= self._queued_total:
+            return
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def sent() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.after_sent(sent)
+        await fut
+
     async def drain(self) -> None:
         """Wait until the send queue is below the high-water mark."""
         if self._closed:

@@ -1,9 +1,10 @@
 """The asyncio shell shared by every network member: connect, reconnect, pump, timer.
 
 A member (a DST export or an NBD server) is a sans-IO client core that lives for the
-whole session, plus this shell: it connects with back-off, feeds the core from a
-``SocketStream``, writes what the core wants written, keeps one timer armed at the
-core's deadline, and lets the subclass handle the core's events.  The first
+whole session, plus this shell: it connects with back-off and hands each connection to
+the core's :class:`CoreDriver` (which feeds the core, sends what it wants sent and keeps
+its timer, also while disconnected: the resend clock runs on), and lets the subclass
+handle the core's events.  The first
 handshake can be awaited (``connect``) or left to happen in the background
 (``launch``, for a mirror leg that may be down when the client node starts).
 """
@@ -17,14 +18,12 @@ import logging
 import os
 import time
 from abc import abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dst import trace
+from dst.aio.driver import Core, CoreDriver
 from dst.aio.listen import connect
-from dst.aio.stream import SocketStream
-from dst.aio.timer import CoreTimer
 from dst.client.latency import Latency
 from dst.device import BlockDevice, Capabilities
 from dst.errors import DstError
@@ -40,18 +39,8 @@ class LinkOptions:
     reconnect_max: float = 5.0
 
 
-class LinkCore(Protocol):
-    """What the shell needs of a client core (DST or NBD)."""
-
-    def connection_made(self, now: float) -> None: ...
-    def connection_lost(self, now: float) -> None: ...
-    def get_buffer(self) -> memoryview: ...
-    def buffer_updated(self, nbytes: int, now: float) -> None: ...
-    def data_to_send(self) -> list[Any]: ...
-    def take_handed(self) -> list[Callable[[], None]]: ...
-    def next_event(self) -> Any: ...
-    def get_timer(self) -> float | None: ...
-    def handle_timer(self, now: float) -> None: ...
+class LinkCore(Core[object], Protocol):
+    """What the shell needs of a client core (DST or NBD), beyond every core's verbs."""
 
     generation: int
     config: Any  # has ``resend_timeout``
@@ -69,9 +58,15 @@ class LinkedDevice(BlockDevice):
     what = "member"  # for messages: "cannot reach <what> <uri>"
     op_names: tuple[str, ...] = ("read", "write", "flush", "trim", "zero")
     # transaction id -> (future, command, offset, length, monotonic submit time)
-    _pending: dict[int, tuple[Any, int, int, int, float]]  # id -> (waiter, cmd, offset, length, start)
+    _pending: dict[
+        int, tuple[Any, int, int, int, float]
+    ]  # id -> (waiter, cmd, offset, length, start)
 
-    def __init__(self, uri: MemberUri, options: LinkOptions | None) -> None:
+    def __init__(self, uri: MemberUri, options: LinkOptions | None, core: LinkCore) -> None:
+        self.core = core
+        self.driver: CoreDriver[object] = CoreDriver(
+            core, self._on_event, name=uri.text, on_lost=self._on_lost
+        )
         self.uri = uri
         self.name = uri.text
         self.options = options or LinkOptions()
@@ -82,8 +77,6 @@ class LinkedDevice(BlockDevice):
         self._last_error = ""
         self.last_error_at: float | None = None
         self.reconnects = 0
-        self._stream: SocketStream | None = None
-        self._timer = CoreTimer(self._on_timer)
         self._lost: asyncio.Event | None = None
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -103,9 +96,6 @@ class LinkedDevice(BlockDevice):
     @abstractmethod
     def _ever_connected(self) -> bool:
         """True once a first handshake succeeded (later losses are reconnects)."""
-
-    def _after_events(self) -> None:
-        """Hook after the events of one pump (e.g. start offloaded jobs)."""
 
     @property
     def last_error(self) -> str:
@@ -229,14 +219,9 @@ class LinkedDevice(BlockDevice):
             else:
                 assert self._lost is not None
                 self._lost.clear()
-                self._stream = SocketStream(sock, self)
-                self.core.connection_made(time.monotonic())
-                self._stream.start()
-                self._pump()
+                self.driver.attach(sock)
+                self.driver.start()
                 await self._lost.wait()
-                self._stream = None
-                self.core.connection_lost(time.monotonic())
-                self._pump()
                 if self._closing or self.state == "failed":
                     break
                 if self._ever_connected:
@@ -268,64 +253,30 @@ class LinkedDevice(BlockDevice):
             log.warning("%s: %d request(s) given up: %s", self.name, n, reason)
         if trace.on.proto:
             trace.emit("proto", "fenced", member=self.name, requests=n, why=reason)
-        if self._stream is not None:
-            self._stream.abort()  # nothing queued for this connection is sent any more
-        self._pump()  # the callers see their requests fail
+        if self.driver.stream is not None:
+            self.driver.stream.abort()  # nothing queued for this connection is sent any more
+        self.driver.pump()  # the callers see their requests fail
         return True
 
-    # ---- Receiver protocol for SocketStream --------------------------------------------
-    def get_buffer(self) -> memoryview:
-        return self.core.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.core.buffer_updated(nbytes, time.monotonic())
-        self._pump()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
+    # ---- the driver's connection ------------------------------------------------------
+    def _on_lost(self, exc: BaseException | None) -> None:
         if exc is not None:
             self.last_error = str(exc)
         if self._lost is not None:
             self._lost.set()
 
-    # ---- the pump -----------------------------------------------------------------------
-    def _pump(self) -> None:
-        core = self.core
-        while (ev := core.next_event()) is not None:
-            self._on_event(ev)
-        self._after_events()
-        self._send()
-        self._arm_timer()
-
-    def _send(self) -> None:
-        """Hand what the core queued to the socket; buffers go back once it was sent."""
-        stream = self._stream
-        if stream is not None:
-            out = self.core.data_to_send()
-            if out:
-                stream.write(out)
-        for release in self.core.take_handed():
-            if stream is not None:
-                stream.after_sent(release)
-            else:
-                release()
+    @property
+    def _connected(self) -> bool:
+        return self.driver.connected
 
     def _close_stream(self) -> None:
-        if self._stream is not None:
-            self._send()
-            self._stream.close()
-
-    def _arm_timer(self) -> None:
-        self._timer.arm(None if self._closing else self.core.get_timer())
-
-    def _on_timer(self) -> None:
-        self.core.handle_timer(time.monotonic())
-        self._pump()
+        self.driver.close()
 
     async def _stop_link(self) -> None:
         """Cancel the timer and the connect loop (the subclass closed the session)."""
-        if self._stream is not None:
-            self._stream.close()
-        self._timer.cancel()
+        if self.driver.stream is not None:
+            self.driver.stream.close()
+        await self.driver.aclose()
         if self._kick is not None:
             self._kick.set()
         if self._task is not None:

@@ -99,18 +99,18 @@ class NbdDevice(LinkedDevice):
         resend_timeout: float = 5.0,
         queue_depth: int = 128,
     ) -> None:
-        super().__init__(uri, options)
         self.read_only = read_only
         self.core: NbdClientCore = NbdClientCore(
             NbdClientConfig(
                 export=uri.export,
                 resends=resends,
                 resend_timeout=resend_timeout,
-                handshake_timeout=self.options.connect_timeout,
+                handshake_timeout=(options or LinkOptions()).connect_timeout,
                 queue_depth=queue_depth,
                 contexts=(BASE_ALLOCATION,),
             )
         )
+        super().__init__(uri, options, self.core)
         self._flags = TF(0)
         self._pending: dict[int, tuple[asyncio.Future[None], int, int, int, float]] = {}
         self._extents: dict[int, tuple[Extent, ...]] = {}  # answers of finished BLOCK_STATUS
@@ -214,7 +214,7 @@ class NbdDevice(LinkedDevice):
         handle = self.core.submit(cmd, offset, length, flags, now, payload, into)
         self._pending[handle] = (fut, cmd, offset, length, now)
         self.counts[OPS[cmd]] += 1
-        self._pump()
+        self.driver.pump()
         await fut
         return handle
 
@@ -324,7 +324,7 @@ class NbdDevice(LinkedDevice):
             cfg.resend_timeout = float(value)
         elif key not in ("ping-interval", "ping-timeout"):
             raise KeyError(key)
-        self._arm_timer()
+        self.driver.pump()
 
     def statistics(self) -> dict[str, Any]:
         st = self.core.stats
@@ -348,9 +348,9 @@ class NbdDevice(LinkedDevice):
         if self._closing:
             return
         self._closing = True
-        if self._stream is not None and self.core.ready:
+        if self._connected and self.core.ready:
             self.core.close()
-            self._pump()
+            self.driver.pump()
             assert self._lost is not None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), 2.0)

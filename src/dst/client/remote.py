@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 from dst import trace
-from dst.aio import workers
 from dst.buffers import BufferPool
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import (
@@ -37,7 +36,6 @@ from dst.proto.events import (
     Refused,
     Resent,
 )
-from dst.proto.jobs import Job
 from dst.proto.wire import MAX_EXTENTS_LENGTH, Command, Status
 from dst.uri import MemberUri
 
@@ -73,9 +71,9 @@ class RemoteDevice(LinkedDevice):
         options: LinkOptions | None = None,
         pool: BufferPool | None = None,
     ) -> None:
-        super().__init__(uri, options)
         self.pool = pool or BufferPool()
         self.core: ClientCore = ClientCore(config, self.pool)
+        super().__init__(uri, options, self.core)
         # transaction id -> (what to call when it ends, command, offset, length, start time)
         self._pending: dict[int, tuple[Done, int, int, int, float]] = {}
         self._extents: dict[int, tuple[Extent, ...]] = {}  # answers of finished EXTENTS
@@ -108,15 +106,6 @@ class RemoteDevice(LinkedDevice):
             self._close_stream()
         elif isinstance(ev, Refused):
             self._on_refused(ev)
-
-    def _after_events(self) -> None:
-        jobs = self.core.take_jobs()
-        if jobs:
-            workers.run_jobs(jobs, self._job_done)
-
-    def _job_done(self, job: Job) -> None:
-        self.core.job_done(job, time.monotonic())
-        self._pump()
 
     def _on_ready(self, ev: Ready) -> None:
         w = ev.welcome
@@ -290,7 +279,7 @@ class RemoteDevice(LinkedDevice):
                 length=length,
                 flags=int(flags),
             )
-        self._pump()
+        self.driver.pump()
         return tid
 
     def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
@@ -421,7 +410,7 @@ class RemoteDevice(LinkedDevice):
             cfg.ping_timeout = float(value)
         else:
             raise KeyError(key)
-        self._arm_timer()
+        self.driver.pump()
 
     def statistics(self) -> dict[str, Any]:
         st = self.core.stats
@@ -445,9 +434,9 @@ class RemoteDevice(LinkedDevice):
         if self._closing:
             return
         self._closing = True
-        if self._stream is not None and self.core.connected:
+        if self._connected and self.core.connected:
             self.core.close()
-            self._pump()
+            self.driver.pump()
             with contextlib.suppress(TimeoutError):
                 assert self._lost is not None
                 await asyncio.wait_for(self._lost.wait(), 2.0)

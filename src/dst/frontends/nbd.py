@@ -1,15 +1,16 @@
 """Serve a BlockDevice over NBD, so qemu, libnbd tools, fio and the kernel attach it.
 
 A thin asyncio shell around :class:`dst.nbd.NbdServerConnection`: each client
-connection is a :class:`~dst.aio.stream.SocketStream` feeding the core, and every
-request the core validates runs as its own task against the shared device, so
-replies complete out of order. All connections share one device, hence
+connection is the core driven by a :class:`~dst.aio.driver.CoreDriver`. A READ or
+WRITE the core validated starts on the shared device and is answered in its callback
+(in the same pump when nothing blocks); the other commands run as tasks. Replies
+complete out of order. All connections share one device, hence
 ``CAN_MULTI_CONN``: a FLUSH on any connection covers writes acked on all of them.
 
 Read replies are sent without copying: the header and the pooled read buffer go
 to ``sendmsg`` as separate buffers. The stream may keep a view of that buffer
 queued, so it goes back to the pool only once the stream's byte counter shows the
-kernel took all of it (:class:`_ReplyStream`). Each connection has at most
+kernel took all of it (the core hands the release with the reply). Each connection has at most
 ``max_inflight`` requests and ``max_inflight_bytes`` of payload in flight; past
 either, the connection stops reading until replies drain (backpressure).
 """
@@ -21,15 +22,14 @@ import contextlib
 import errno
 import logging
 import socket
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
+from dst.aio.driver import CoreDriver
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
-from dst.aio.stream import Receiver, SocketStream
-from dst.buffers import BufferPool, PooledBuffer
+from dst.buffers import BufferPool
 from dst.device import BlockDevice, Extent, IoFlags
 from dst.errors import IoError
 from dst.layers.checkpoints import CHANGED_PREFIX, changed_extents, checkpoint_contexts
@@ -37,6 +37,7 @@ from dst.nbd import (
     MAX_BLOCK,
     Command,
     Disconnect,
+    Event,
     ExportChosen,
     ExportInfo,
     NbdServerConnection,
@@ -94,126 +95,59 @@ def export_info(device: BlockDevice, description: str = "") -> ExportInfo:
     )
 
 
-class _ReplyStream(SocketStream):
-    """A SocketStream that gives pooled read buffers back once their bytes left.
-
-    ``bytes_out + write_buffer_size`` after a write is the stream position where
-    that write ends; the buffer is released as soon as ``bytes_out`` passes it.
-    """
-
-    def __init__(
-        self, sock: socket.socket, receiver: Receiver, on_release: Callable[[int], None]
-    ) -> None:
-        super().__init__(sock, receiver)
-        self._held: deque[tuple[int, PooledBuffer]] = deque()
-        self._on_release = on_release
-        self._idle: list[asyncio.Future[None]] = []
-
-    def write_replies(
-        self, buffers: Iterable[bytes | memoryview], held: list[PooledBuffer]
-    ) -> None:
-        """Write ``buffers`` now; ``held`` (referenced by them) go back once all of it is
-        sent.  The caller gathered the replies of a whole loop pass already."""
-        self.write(buffers, now=True)
-        if held:
-            end = self.bytes_out + self.write_buffer_size
-            self._held.extend((end, buf) for buf in held)
-        self._release_sent()
-
-    def _flush(self) -> None:
-        super()._flush()
-        self._release_sent()
-
-    def _release_sent(self) -> None:
-        held = self._held
-        while held and (held[0][0] <= self.bytes_out or self.closed):
-            _, buf = held.popleft()
-            n = buf.view.nbytes
-            buf.release()
-            self._on_release(n)
-        if self._idle and (self.write_buffer_size == 0 or self.closed):
-            waiters, self._idle = self._idle, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
-
-    def release_all(self) -> None:
-        """After the connection is gone: nothing queued will be sent any more."""
-        self._release_sent()
-
-    async def wait_sent(self) -> None:
-        """Wait until everything queued was handed to the kernel (or the stream closed)."""
-        if self.write_buffer_size == 0 or self.closed:
-            return
-        fut: asyncio.Future[None] = self.loop.create_future()
-        self._idle.append(fut)
-        await fut
-
-
 class _Connection:
-    """One client: the core, its stream, its request tasks; the Receiver of the stream."""
+    """One client: its core, driven by a :class:`CoreDriver`, and the policy: requests go
+    to the shared device, replies and backpressure come back."""
 
     def __init__(self, front: NbdFrontend, sock: socket.socket) -> None:
         self.front = front
         self.core = NbdServerConnection(
             {EXPORT_NAME: front.export}, default_export=EXPORT_NAME, pool=front.pool
         )
-        self.stream = _ReplyStream(sock, self, self._read_released)
+        self.driver: CoreDriver[Event] = CoreDriver(
+            self.core,
+            self._on_event,
+            name="NBD connection",
+            after_pump=self._apply_backpressure,
+            on_lost=self._on_lost,
+        )
+        self.stream = self.driver.attach(sock)
         self.peer = self.stream.peer
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.driver.name = f"NBD connection from {self.peer}"
         self.inflight_bytes = 0
         self.closed = asyncio.Event()
         self._paused = False
-        self._closer: asyncio.Task[None] | None = None
-        self._send_scheduled = False
-        self._held_pending: list[PooledBuffer] = []
-        self.started = 0  # reads and writes started on the device, not yet called back
-        self._quiet: list[asyncio.Future[None]] = []
+        self.closer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         log.debug("NBD client connected from %s", self.peer)
-        self.stream.start()
-        self._send()
+        self.driver.start()
 
-    # ---- Receiver ----------------------------------------------------------
-    def get_buffer(self) -> memoryview:
-        return self.core.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.core.buffer_updated(nbytes)
-        self._handle_events()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.core.connection_lost()
-        self.stream.release_all()
+    def _on_lost(self, exc: BaseException | None) -> None:
         if exc is not None:
             log.debug("NBD connection from %s lost: %s", self.peer, exc)
         self.closed.set()
         self.front._forget(self)
 
     # ---- events ------------------------------------------------------------
-    def _handle_events(self) -> None:
-        core = self.core
-        while (ev := core.next_event()) is not None:
-            if isinstance(ev, Request):
-                self._dispatch(ev)
-            elif isinstance(ev, ExportChosen):
-                log.debug(
-                    "NBD client %s chose export %r (structured replies: %s, contexts: %s)",
-                    self.peer,
-                    ev.name,
-                    ev.structured,
-                    ", ".join(ev.contexts) or "none",
-                )
-            elif isinstance(ev, Disconnect):
-                log.debug("NBD client %s disconnects: %s", self.peer, ev.reason)
-                self.begin_close()
-            elif isinstance(ev, ProtocolViolation):
-                self.front.stats["protocol_errors"] += 1
-                log.warning("closing NBD connection from %s: %s", self.peer, ev.message)
-                self.begin_close()
-        self._send()
-        self._apply_backpressure()
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, Request):
+            self._dispatch(ev)
+        elif isinstance(ev, ExportChosen):
+            log.debug(
+                "NBD client %s chose export %r (structured replies: %s, contexts: %s)",
+                self.peer,
+                ev.name,
+                ev.structured,
+                ", ".join(ev.contexts) or "none",
+            )
+        elif isinstance(ev, Disconnect):
+            log.debug("NBD client %s disconnects: %s", self.peer, ev.reason)
+            self.begin_close()
+        elif isinstance(ev, ProtocolViolation):
+            self.front.stats["protocol_errors"] += 1
+            log.warning("closing NBD connection from %s: %s", self.peer, ev.message)
+            self.begin_close()
 
     def _dispatch(self, req: Request) -> None:
         if req.command == Command.READ:
@@ -224,37 +158,33 @@ class _Connection:
             self.inflight_bytes += req.length
             self._start_write(req)
             return
-        task = asyncio.get_running_loop().create_task(self._run(req))
-        self.tasks.add(task)
-        self.front.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.front.tasks.discard(task)
-        self._ended()
+        self.driver.spawn(self._run(req), _OPS[req.command])
 
     # ---- reads and writes: started on the device, finished in its callback ----------
     def _start_read(self, req: Request) -> None:
         """No task: the device calls back when the data is in the buffer (at once for a
-        page-cache read), and the reply goes out with the others of this loop pass."""
+        page-cache read), and the reply goes out with the others of this pump."""
         front = self.front
         front.stats["requests"]["read"] += 1
         buf = front.pool.get(req.length)
-        self.started += 1
+        n = req.length
+        driver = self.driver
+        driver.begin()
+
+        def release() -> None:  # the reply left (or never will): the buffer goes back
+            buf.release()
+            self.inflight_bytes -= n
+            self._apply_backpressure()
 
         def done(err: BaseException | None) -> None:
-            self.started -= 1
             if err is None:
-                front.stats["bytes_read"] += req.length
-                self.core.reply_read(req.handle, buf.view)
-                self._send(buf)  # the stream owns the buffer and its accounting now
+                front.stats["bytes_read"] += n
+                self.core.reply_read(req.handle, buf.view, release)
             else:
-                buf.release()
-                self.inflight_bytes -= req.length
+                release()
                 self._failed(req, err)
-                self._send()
-            self._ended()
+            driver.end()
+            driver.wake()
 
         front.device.start_read(req.offset, buf.view, req.flags, done)
 
@@ -263,10 +193,10 @@ class _Connection:
         front.stats["requests"]["write"] += 1
         payload = req.payload
         assert payload is not None
-        self.started += 1
+        driver = self.driver
+        driver.begin()
 
         def done(err: BaseException | None) -> None:
-            self.started -= 1
             payload.release()
             self.inflight_bytes -= req.length
             if err is None:
@@ -274,8 +204,8 @@ class _Connection:
                 self.core.reply_ok(req.handle)
             else:
                 self._failed(req, err)
-            self._send()
-            self._ended()
+            driver.end()
+            driver.wake()
 
         front.device.start_write(req.offset, payload.view, req.flags, done)
 
@@ -299,51 +229,20 @@ class _Connection:
     @property
     def busy(self) -> int:
         """Requests in flight: tasks, and reads and writes started on the device."""
-        return len(self.tasks) + self.started
-
-    def _ended(self) -> None:
-        self._apply_backpressure()
-        if self._quiet and not self.busy:
-            waiters, self._quiet = self._quiet, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
-
-    async def _all_done(self) -> None:
-        if self.busy:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._quiet.append(fut)
-            await fut
-
-    def _read_released(self, nbytes: int) -> None:
-        self.inflight_bytes -= nbytes
-        self._apply_backpressure()
+        return self.driver.busy
 
     def _apply_backpressure(self) -> None:
         busy = (
-            self.busy >= self.front.max_inflight
+            self.driver.busy >= self.front.max_inflight
             or self.inflight_bytes >= self.front.max_inflight_bytes
         )
         if busy and not self._paused:
             self._paused = True
             self.front.stats["read_pauses"] += 1
             self.stream.pause_reading()
-        elif not busy and self._paused and self._closer is None:
+        elif not busy and self._paused and self.closer is None:
             self._paused = False
             self.stream.resume_reading()
-
-    def _send(self, held: PooledBuffer | None = None) -> None:
-        """Queue the core's output; replies finished in one loop pass go out in one sendmsg."""
-        if held is not None:
-            self._held_pending.append(held)
-        if not self._send_scheduled:
-            self._send_scheduled = True
-            self.stream.loop.call_soon(self.send_now)
-
-    def send_now(self) -> None:
-        self._send_scheduled = False
-        held, self._held_pending = self._held_pending, []
-        self.stream.write_replies(self.core.data_to_send(), held)
 
     # ---- requests ----------------------------------------------------------
     async def _run(self, req: Request) -> None:
@@ -355,7 +254,7 @@ class _Connection:
                 await self._execute(req)
             except Exception as exc:
                 self._failed(req, exc)
-            self._send()
+            self.driver.wake()
             with contextlib.suppress(ConnectionError):
                 await self.stream.drain()
         finally:
@@ -400,24 +299,23 @@ class _Connection:
     # ---- closing -----------------------------------------------------------
     def begin_close(self) -> None:
         """Stop reading, finish what is in flight, send it, then close."""
-        if self._closer is None and not self.stream.closed:
+        if self.closer is None and not self.stream.closed:
             self.stream.pause_reading()
-            self._closer = asyncio.get_running_loop().create_task(self._close_when_done())
-            self.front.tasks.add(self._closer)
-            self._closer.add_done_callback(self.front.tasks.discard)
+            self.closer = self.driver.spawn(self._close_when_done(), "close")
 
     async def _close_when_done(self) -> None:
         timeout = self.front.close_timeout
+        me = asyncio.current_task()
         try:
-            if self.busy:
-                await asyncio.wait_for(self._all_done(), timeout)
-            self.send_now()
+            await asyncio.wait_for(self.driver.settled(but=me), timeout)
+            self.driver.send(now=True)
             await asyncio.wait_for(self.stream.wait_sent(), timeout)
         except TimeoutError:
             log.warning("NBD connection from %s did not finish in %.1f s", self.peer, timeout)
         finally:
-            for t in list(self.tasks):
-                t.cancel()
+            for t in list(self.driver.tasks):
+                if t is not me:
+                    t.cancel()
             self.stream.close()
 
 
@@ -448,7 +346,6 @@ class NbdFrontend:
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
         self.close_timeout = close_timeout
-        self.tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, Any] = {
             "connections_total": 0,
             "requests": dict.fromkeys(_OPS.values(), 0),
@@ -538,18 +435,16 @@ class NbdFrontend:
             self._sock.close()
             if self.requested.path is not None:
                 unlink_unix(self.requested)
-        for conn in list(self._conns):
+        conns = list(self._conns)
+        for conn in conns:
             conn.core.start_shutdown()
             conn.begin_close()
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=self.close_timeout + 1.0)
-        for conn in list(self._conns):
+        closers = [c.closer for c in conns if c.closer is not None]
+        if closers:
+            await asyncio.wait(closers, timeout=self.close_timeout + 1.0)
+        for conn in conns:
             conn.stream.abort()
-        leftover = set(self.tasks)
-        for t in leftover:
-            t.cancel()
-        if leftover:
-            await asyncio.gather(*leftover, return_exceptions=True)
+            await conn.driver.aclose()  # cancels and awaits what is left; errors are logged
         log.info("stopped serving NBD on %s", self.uri)
 
     async def __aenter__(self) -> NbdFrontend:

@@ -68,6 +68,7 @@ from dst.nbd.constants import (
 )
 from dst.nbd.events import Event
 from dst.nbd.meta import BASE_ALLOCATION, parse_block_status
+from dst.proto.jobs import Job
 
 STAGE_SIZE = 64 << 10  # staging buffer for headers, option replies and chunk metadata
 DIRECT_THRESHOLD = 16 << 10  # read data at least this big is received in place
@@ -293,6 +294,13 @@ class NbdClientCore(Handshake):
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
         return out
+
+    def take_jobs(self) -> list[Job]:
+        """Nothing runs off the loop here (no checksums or ciphers on NBD)."""
+        return []
+
+    def job_done(self, job: Job, now: float) -> None:
+        raise ValueError("the NBD client core never hands out jobs")
 
     def take_handed(self) -> list[Callable[[], None]]:
         """No send buffer of this core outlives ``data_to_send``'s caller: nothing to run."""

@@ -33,7 +33,7 @@ There are no timers: NBD has none, so unlike the DST core this one takes no ``no
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dst.buffers import BufferPool, PooledBuffer
@@ -54,6 +54,7 @@ from dst.nbd.events import Disconnect, Event, ExportChosen, ProtocolViolation, R
 from dst.nbd.export import ExportInfo
 from dst.nbd.meta import block_status_descriptors
 from dst.nbd.options import MAX_OPTION_LENGTH, Negotiation, OptionOutcome
+from dst.proto.jobs import Job
 
 STAGE_SIZE = 64 << 10  # staging buffer for headers and small payloads
 DIRECT_THRESHOLD = 16 << 10  # a pending payload at least this big is received in place
@@ -119,6 +120,7 @@ class NbdServerConnection:
         self._discard = 0  # bytes still to skip (an unwanted payload or option data)
         self._discard_reply: bytes | None = None  # the refusal sent once that payload is skipped
         self._inflight: dict[int, list[_Pending]] = {}
+        self._handed: list[Callable[[], None]] = []  # releases of reply data handed out
         self._recv_closed = False
         self._send_closed = False
         # fixed for the connection once the export is chosen (see _cache_limits)
@@ -144,6 +146,24 @@ class NbdServerConnection:
         """From now on, options get NBD_REP_ERR_SHUTDOWN and requests ESHUTDOWN."""
         self._nego.shutting_down = True
 
+    # ---- lifecycle (the verbs every core has; this one keeps no deadline) ----------
+    def connection_made(self, now: float) -> None:
+        """The transport is up; the greeting is already queued."""
+
+    def get_timer(self) -> float | None:
+        """The NBD server waits for its client without a deadline: never a timer."""
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Nothing is ever due (see :meth:`get_timer`)."""
+
+    def take_jobs(self) -> list[Job]:
+        """Nothing runs off the loop here (no checksums or ciphers on NBD)."""
+        return []
+
+    def job_done(self, job: Job, now: float) -> None:
+        raise ValueError("the NBD server core never hands out jobs")
+
     # ---- receiving -------------------------------------------------------
     def get_buffer(self) -> memoryview:
         """A non-empty writable buffer for the next bytes from the peer."""
@@ -162,7 +182,7 @@ class NbdServerConnection:
             self._start, self._end = 0, n
         return self._stage_view[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes: int, now: float) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
         if self._recv_closed or nbytes <= 0:
             return
@@ -175,23 +195,23 @@ class NbdServerConnection:
             self._end += nbytes
         self._process()
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Feed bytes by copying them into the buffers ``get_buffer()`` hands out."""
         mv = memoryview(data).cast("B")
         while mv.nbytes and not self._recv_closed:
             buf = self.get_buffer()
             n = min(buf.nbytes, mv.nbytes)
             buf[:n] = mv[:n]
-            self.buffer_updated(n)
+            self.buffer_updated(n, now)
             mv = mv[n:]
 
-    def connection_lost(self) -> None:
+    def connection_lost(self, now: float) -> None:
         """The transport is gone: give back every buffer still held, answer nothing more."""
         self._recv_closed = self._send_closed = True
         self._discard_reply = None
         self._release_body()
         self._inflight.clear()
-        self._out.clear()
+        self._out.clear()  # the owner runs take_handed(): those buffers go back at once
         for ev in self._events:
             if isinstance(ev, Request) and ev.payload is not None:
                 ev.payload.release()
@@ -462,6 +482,12 @@ class NbdServerConnection:
         out, self._out = self._out, []
         return out
 
+    def take_handed(self) -> list[Callable[[], None]]:
+        """Releases of reply data handed out by ``data_to_send`` (``reply_read``'s): run
+        each once the socket has sent those bytes, or at once if the connection is gone."""
+        handed, self._handed = self._handed, []
+        return handed
+
     def _pop(self, handle: int, kind: str = "error", length: int = 0) -> _Pending | None:
         """The oldest unanswered request with ``handle``; checks that a ``kind`` of reply
         ("read", "ok", "status" or "error") fits it."""
@@ -483,11 +509,19 @@ class NbdServerConnection:
             del self._inflight[handle]
         return entry
 
-    def reply_read(self, handle: int, data: memoryview) -> None:
-        """Answer a READ with its data (one OFFSET_DATA chunk when structured)."""
+    def reply_read(
+        self, handle: int, data: memoryview, release: Callable[[], None] | None = None
+    ) -> None:
+        """Answer a READ with its data (one OFFSET_DATA chunk when structured); ``release``
+        gives the data's buffer back, through ``take_handed`` once it was sent (at once if
+        the reply is not sent: the connection is gone)."""
         entry = self._pop(handle, "read", data.nbytes)
         if entry is None:
+            if release is not None:
+                release()
             return
+        if release is not None:
+            self._handed.append(release)
         if self.structured:
             self._out.append(wire.offset_data_header(handle, entry.offset, data.nbytes))
         else:

@@ -151,8 +151,9 @@ class ServerCore:
     def connection_made(self, now: float) -> None:
         self._hs_deadline = now + self.config.handshake_timeout
 
-    def connection_lost(self) -> None:
+    def connection_lost(self, now: float) -> None:
         self.state = SState.CLOSED
+        self._hs_deadline = None
         self._channel.stop()
         self._channel.discard_output()
         if self._payload is not None:
@@ -171,13 +172,13 @@ class ServerCore:
     def get_buffer(self) -> memoryview:
         return self._channel.get_buffer()
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes: int, now: float) -> None:
         try:
             self._channel.buffer_updated(nbytes)
         except ProtocolError as exc:
             self._die(f"protocol error: {exc}")
 
-    def receive_data(self, data: Buf) -> None:
+    def receive_data(self, data: Buf, now: float) -> None:
         try:
             self._channel.feed(data)
         except ProtocolError as exc:
@@ -441,7 +442,7 @@ class ServerCore:
 
         self._order.add(job, complete)
 
-    def job_done(self, job: Job) -> None:
+    def job_done(self, job: Job, now: float) -> None:
         """The shell finished ``job`` on a worker; let its results take effect."""
         try:
             job.finish()

@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dst import trace
-from dst.aio import workers
+from dst.aio.driver import CoreDriver
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
-from dst.aio.stream import SocketStream
-from dst.aio.timer import CoreTimer
 from dst.buffers import BufferPool, PooledBuffer
 from dst.device import BlockDevice, Capabilities, IoFlags
 from dst.errors import IoError
@@ -24,6 +22,7 @@ from dst.proto.events import (
     ChecksumMismatch,
     ConnectionDead,
     Disconnecting,
+    Event,
     HelloReceived,
     ProbeAnswered,
     Refused,
@@ -31,7 +30,6 @@ from dst.proto.events import (
     Request,
 )
 from dst.proto.handshake import Hello
-from dst.proto.jobs import Job
 from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
 from dst.proto.wire import QUERY_COMMANDS, Command, Refusal, ReqFlags, Status, pack_extents
 from dst.server.sessions import Decision, Session, SessionTable, probe_key
@@ -87,18 +85,25 @@ class Export:
 
 
 class Connection:
-    """One client connection: a core, a socket stream and the requests it started."""
+    """One client connection: its core, driven by a :class:`CoreDriver`, and the policy:
+    what a handshake, a request or a disconnect means on this export node."""
 
     def __init__(self, node: ExportNode, sock: socket.socket) -> None:
         self.node = node
         self.core = ServerCore(node.server_config, node.pool)
-        self.stream = SocketStream(sock, self)
+        self.driver: CoreDriver[Event] = CoreDriver(
+            self.core,
+            self._on_event,
+            name="export connection",
+            after_pump=self._after_pump,
+            on_lost=self._on_lost,
+        )
+        self.stream = self.driver.attach(sock)
         self.peer = _peer(sock, self.stream.peer)
+        self.driver.name = f"connection from {self.peer}"
         self.export: Export | None = None
         self.session: Session | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
-        self._timer = CoreTimer(self._on_timer)
         self._disconnect_txn: int | None = None
         self._authenticated = False
         self.running: set[int] = set()
@@ -106,23 +111,11 @@ class Connection:
         self.fenced = False  # closed by us for a newer connection or session
         self._probe: asyncio.Future[bool] | None = None
         self._probe_no = 0
-        self.started = 0  # reads and writes started on the device, not yet called back
-        self._quiet: list[asyncio.Future[None]] = []
-        self._pumping = False
 
-    # Receiver protocol for SocketStream
-    def get_buffer(self) -> memoryview:
-        return self.core.get_buffer()
+    def start(self) -> None:
+        self.driver.start()
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self.core.buffer_updated(nbytes)
-        self._pump(now=True)  # every request of this receive was handled: send their replies
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.core.connection_lost()
-        for release in self.core.take_handed():
-            release()
-        self._timer.cancel()
+    def _on_lost(self, exc: BaseException | None) -> None:
         if not self._authenticated:
             self.node.pending.pop(self, None)
             self._authenticated = True
@@ -130,97 +123,53 @@ class Connection:
             self._probe.set_result(False)
         self.closed.set()
 
-    def start(self) -> None:
-        self.core.connection_made(time.monotonic())
-        self.stream.start()
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        self._timer.arm(self.core.get_timer())
-
-    def _on_timer(self) -> None:
-        self.core.handle_timer(time.monotonic())
-        self._pump()
-
-    def _job_done(self, job: Job) -> None:
-        self.core.job_done(job)
-        self._pump()
-
-    def _flush_out(self, now: bool = False) -> None:
-        jobs = self.core.take_jobs()
-        if jobs:
-            workers.run_jobs(jobs, self._job_done)
-        out = self.core.data_to_send()
-        if out:
-            self.stream.write(out, now)
-        for release in self.core.take_handed():
-            self.stream.after_sent(release)
-
-    def _pump(self, now: bool = False) -> None:
-        """Handle every event the core produced, then send what it wants sent (``now``: at
-        once rather than later in this loop iteration)."""
-        core = self.core
-        was, self._pumping = self._pumping, True  # requests done inline reply in this pump
-        try:
-            if not self._handle_events():
-                return  # the core gave up on this connection: closed
-        finally:
-            self._pumping = was
-        self._flush_out(now)
-        if core.dead and not self.stream.closed:
-            self.stream.close()
+    def _after_pump(self) -> None:
+        """Close a connection the core gave up on; stop reading while the client has its
+        whole queue depth in flight."""
+        core, stream = self.core, self.stream
+        if stream.closed:
             return
-        if core.state == SState.READY:
-            if core.in_flight >= core.welcome.queue_depth if core.welcome else False:
-                self.stream.pause_reading()
+        if core.dead:
+            self.driver.close()
+        elif core.state == SState.READY:
+            w = core.welcome
+            if w is not None and core.in_flight >= w.queue_depth:
+                stream.pause_reading()
             else:
-                self.stream.resume_reading()
-        self._arm_timer()
+                stream.resume_reading()
 
-    def _handle_events(self) -> bool:
-        """Act on the core's events; False when one of them closed the connection."""
-        core = self.core
-        while (ev := core.next_event()) is not None:
-            if isinstance(ev, Request):
-                self._start_request(ev)
-            elif isinstance(ev, HelloReceived):
-                t = asyncio.create_task(self._on_hello(ev))
-                self.tasks.add(t)
-                t.add_done_callback(self.tasks.discard)
-            elif isinstance(ev, ProbeAnswered):
-                probe = self._probe
-                if ev.probe == self._probe_no and probe is not None and not probe.done():
-                    probe.set_result(True)
-            elif isinstance(ev, Rejected):
-                log.warning(
-                    "%s: rejected transaction %d from %s: %s",
-                    self._who(),
-                    ev.txn,
-                    self.peer,
-                    ev.message,
-                )
-            elif isinstance(ev, ChecksumMismatch):
-                log.warning(
-                    "%s: checksum mismatch in transaction %d; asked for a resend",
-                    self._who(),
-                    ev.txn,
-                )
-            elif isinstance(ev, Disconnecting):
-                self._disconnect_txn = ev.txn
-                t = asyncio.create_task(self._disconnect())
-                self.tasks.add(t)
-                t.add_done_callback(self.tasks.discard)
-            elif isinstance(ev, Refused):
-                if ev.by_peer:
-                    log.warning("%s refused the handshake: %s", self.peer, ev.message)
-                else:
-                    log.warning("refused %s: %s", self._who(), ev.message)
-            elif isinstance(ev, ConnectionDead):
-                log.info("closing connection from %s: %s", self.peer, ev.reason)
-                self._flush_out()
-                self.stream.close()
-                return False
-        return True
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, Request):
+            self._start_request(ev)
+        elif isinstance(ev, HelloReceived):
+            self.driver.spawn(self._on_hello(ev), "handshake")
+        elif isinstance(ev, ProbeAnswered):
+            probe = self._probe
+            if ev.probe == self._probe_no and probe is not None and not probe.done():
+                probe.set_result(True)
+        elif isinstance(ev, Rejected):
+            log.warning(
+                "%s: rejected transaction %d from %s: %s",
+                self._who(),
+                ev.txn,
+                self.peer,
+                ev.message,
+            )
+        elif isinstance(ev, ChecksumMismatch):
+            log.warning(
+                "%s: checksum mismatch in transaction %d; asked for a resend", self._who(), ev.txn
+            )
+        elif isinstance(ev, Disconnecting):
+            self._disconnect_txn = ev.txn
+            self.driver.spawn(self._disconnect(), "disconnect")
+        elif isinstance(ev, Refused):
+            if ev.by_peer:
+                log.warning("%s refused the handshake: %s", self.peer, ev.message)
+            else:
+                log.warning("refused %s: %s", self._who(), ev.message)
+        elif isinstance(ev, ConnectionDead):
+            log.info("closing connection from %s: %s", self.peer, ev.reason)
+            self.driver.close()
 
     def _who(self) -> str:
         h = self.core.hello
@@ -239,7 +188,7 @@ class Connection:
                 Refusal.UNKNOWN_EXPORT,
                 f"unknown export {hello.export!r}; this export node serves: {names}",
             )
-            self._pump()
+            self.driver.pump()
             return
         if node.allow is not None and hello.client_id not in node.allow:
             self.core.refuse(
@@ -247,7 +196,7 @@ class Connection:
                 f"client id {hello.client_id!r} is not allowed on this export node; add "
                 f"--allow {hello.client_id} to dst export",
             )
-            self._pump()
+            self.driver.pump()
             return
         read_only = export.read_only or hello.read_only
         answered: dict[tuple[bytes, int], bool] = {}
@@ -282,7 +231,7 @@ class Connection:
             f"the sessions of export {export.name!r} kept changing while this node probed them; "
             "try again",
         )
-        self._pump()
+        self.driver.pump()
 
     def _probe_wait(self, hello: Hello) -> float:
         """How long an older session gets to answer: the new client's ping timeout, within
@@ -305,7 +254,7 @@ class Connection:
                 lost.conn.stream.close(flush=False)  # counted as lost: the claim lingers
         if d.refusal is not None:
             self.core.refuse(d.refusal, d.message)
-            self._pump()
+            self.driver.pump()
             return
         for old in d.fence:
             if old is d.session:
@@ -377,7 +326,7 @@ class Connection:
                     cipher=w.cipher,
                     checksum=w.checksum,
                 )
-        self._pump()
+        self.driver.pump()
 
     async def probe(self, wait: float) -> bool:
         """True when the client answers a probe ping within ``wait`` seconds; False when it
@@ -389,7 +338,7 @@ class Connection:
                 return False
             self._probe_no = n
             self._probe = asyncio.get_running_loop().create_future()
-            self._pump()
+            self.driver.pump()
         try:
             return await asyncio.wait_for(asyncio.shield(self._probe), wait)
         except TimeoutError:
@@ -404,13 +353,7 @@ class Connection:
     async def settled(self, but: asyncio.Task[Any] | None = None) -> None:
         """Wait until every request started so far has ended: its task (other than
         ``but``), or its device callback."""
-        tasks = [t for t in self.tasks if t is not but]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if self.started:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._quiet.append(fut)
-            await fut
+        await self.driver.settled(but)
 
     # ---- requests -------------------------------------------------------------------
     def _start_request(self, req: Request) -> None:
@@ -435,9 +378,7 @@ class Connection:
         if req.command == Command.READ or req.command == Command.WRITE:
             self._start_io(req)
             return
-        t = asyncio.create_task(self._run(req))
-        self.tasks.add(t)
-        t.add_done_callback(self.tasks.discard)
+        self.driver.spawn(self._run(req), Command(req.command).name.lower())
 
     def _start_io(self, req: Request) -> None:
         """A READ or WRITE without a task: the device calls back when it is done (before
@@ -447,7 +388,7 @@ class Connection:
         assert export is not None
         flags = _IO_FLAGS[req.flags & 7]
         self.running.add(req.txn)
-        self.started += 1
+        self.driver.begin()
         if req.command == Command.READ:
             buf = self.node.pool.get(req.length)
 
@@ -468,7 +409,6 @@ class Connection:
         export = self.export
         s = self.session
         assert export is not None and s is not None
-        self.started -= 1
         self.running.discard(req.txn)
         if req.payload is not None:
             req.payload.release()
@@ -485,20 +425,12 @@ class Connection:
         else:  # cancelled (the loop is stopping): no answer, as for a cancelled task
             if buf is not None:
                 buf.release()
-            self._ended()
+            self.driver.end()
             return
         self._served(req, status)
         self.core.reply(req, status, data, buf.release if buf is not None else None)
-        if not self._pumping:
-            self._pump()  # a later completion (the pool): send its reply now
-        self._ended()
-
-    def _ended(self) -> None:
-        if not self.started and self._quiet:
-            waiters, self._quiet = self._quiet, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
+        self.driver.wake()  # a later completion (the pool): its reply leaves this iteration
+        self.driver.end()
 
     async def _run(self, req: Request) -> None:
         export = self.export
@@ -546,7 +478,7 @@ class Connection:
                 req.payload.release()
         self._served(req, status)
         self.core.reply(req, status, data, buf.release if buf is not None else None)
-        self._pump()
+        self.driver.pump()
 
     def _failure(self, req: Request, exc: Exception) -> int:
         """The status a failed request is answered with; the failure is logged."""
@@ -592,12 +524,12 @@ class Connection:
         if self._disconnect_txn is not None:
             self.core.reply_disconnect(self._disconnect_txn)
         self.clean = True
-        self._flush_out()
-        self.stream.close()
+        self.driver.close()
 
     async def aclose(self) -> None:
         self.stream.close()
         await self.settled()
+        await self.driver.aclose()
 
 
 class ExportNode:
