@@ -11,7 +11,7 @@ import asyncio
 import errno
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
@@ -141,19 +141,69 @@ class IoCounters:
         return d
 
 
-def check_range(size: int, offset: int, length: int, max_request: int | None = None) -> None:
-    """Raise EINVAL/ENOSPC-style errors for a request outside the device, before any I/O."""
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """How one kind of request is admitted, the same on every device (and on the wire:
+    docs/protocol.md, "Validation on the export node")."""
+
+    op: str
+    changes: bool  # refused with EPERM on a read-only device
+    limited: bool  # at most ``max_request`` bytes (EINVAL); the others are split by the device
+    past_end: int  # the errno of a range past the end
+
+
+READ = Rule("read", changes=False, limited=True, past_end=errno.EINVAL)
+WRITE = Rule("write", changes=True, limited=True, past_end=errno.ENOSPC)
+TRIM = Rule("trim", changes=True, limited=False, past_end=errno.EINVAL)
+ZERO = Rule("write_zeroes", changes=True, limited=False, past_end=errno.ENOSPC)
+EXTENTS = Rule("extents", changes=False, limited=False, past_end=errno.EINVAL)
+
+
+def refusal(
+    rule: Rule, name: str, size: int, offset: int, length: int, read_only: bool, max_request: int
+) -> IoError | None:
+    """Why a request must not reach the storage, or None: permission first (EPERM), then a
+    negative range (EINVAL), then a length over ``max_request`` (EINVAL), then a range
+    past the end: ENOSPC for a write or zeroes (there is no room there), EINVAL for a
+    read, a trim or an extents query (there is nothing there). NBD asks the same."""
+    op = rule.op
+    if rule.changes and read_only:
+        return IoError(errno.EPERM, f"{name} is read-only: {op} refused; attach it read-write")
     if offset < 0 or length < 0:
-        raise IoError(errno.EINVAL, f"negative offset {offset} or length {length}")
-    if max_request is not None and length > max_request:
-        raise IoError(
-            errno.EINVAL, f"request of {length} bytes exceeds the maximum of {max_request}"
+        return IoError(
+            errno.EINVAL, f"{name}: {op} with negative offset {offset} or length {length}"
+        )
+    if rule.limited and length > max_request:
+        return IoError(
+            errno.EINVAL,
+            f"{name}: {op} of {length} bytes exceeds the maximum of {max_request}; split it",
         )
     if offset + length > size:
-        raise IoError(
-            errno.EINVAL,
-            f"request [{offset}, {offset + length}) is beyond the end of the {size}-byte device",
+        return IoError(
+            rule.past_end,
+            f"{name}: {op} of [{offset}, {offset + length}) is beyond the end of the "
+            f"{size}-byte device",
         )
+    return None
+
+
+def pieces(offset: int, length: int, step: int) -> Iterator[tuple[int, int, bool]]:
+    """``(offset, length, last)`` of consecutive pieces of at most ``step`` bytes: how a
+    device splits a request larger than what the next one down takes (a FUA belongs on
+    the last piece only, so that it covers all of them)."""
+    step = max(step, 1)
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(step, end - pos)
+        yield pos, n, pos + n >= end
+        pos += n
+
+
+def piece_flags(flags: IoFlags, last: bool) -> IoFlags:
+    """The flags of one piece: FUA on the last only, PREFLUSH on the first only (the
+    caller sends the pieces in order after the first completed, or strips PREFLUSH itself
+    after a flush)."""
+    return flags if last else flags & ~IoFlags.FUA
 
 
 class BlockDevice(ABC):
@@ -169,6 +219,7 @@ class BlockDevice(ABC):
 
     size: int
     capabilities: Capabilities
+    counters: IoCounters | None = None  # a device that counts keeps refusals in .errors
     name: str = "device"
     identity: uuid.UUID | None = None
     state: str = "connected"
@@ -186,6 +237,18 @@ class BlockDevice(ABC):
         self.state = state
         for cb in list(self._state_listeners or ()):
             cb(self, state)
+
+    def check(self, rule: Rule, offset: int, length: int, *, split: bool = False) -> None:
+        """The one admission check of a request before any I/O (:func:`refusal`): raises
+        the IoError, counted in ``counters.errors`` where the device counts. ``split``: this
+        device splits a request over ``max_request`` itself, so its length is not limited."""
+        caps = self.capabilities
+        limit = caps.max_request if not split else 1 << 63
+        err = refusal(rule, self.name, self.size, offset, length, caps.read_only, limit)
+        if err is not None:
+            if self.counters is not None:
+                self.counters.errors += 1
+            raise err
 
     @abstractmethod
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
@@ -205,16 +268,10 @@ class BlockDevice(ABC):
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         """Make a range read back as zeroes; the default emulates it with writes."""
-        chunk = min(length, 1 << 20)
-        zero = bytes(chunk)
-        pos = 0
-        while pos < length:
-            n = min(chunk, length - pos)
-            last = pos + n >= length
-            await self.write(
-                offset + pos, memoryview(zero)[:n], flags if last else flags & ~IoFlags.FUA
-            )
-            pos += n
+        self.check(ZERO, offset, length)
+        zero = memoryview(bytes(min(length, 1 << 20)))
+        for pos, n, last in pieces(offset, length, len(zero)):
+            await self.write(pos, zero[:n], piece_flags(flags, last))
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The allocation status of ``[offset, offset + length)``: consecutive extents from
@@ -222,7 +279,7 @@ class BlockDevice(ABC):
         They may stop short of the range's end (ask again from there, or use
         :func:`all_extents`). The default, for devices that cannot tell, is all data, which
         is always a correct answer: readers then read it instead of skipping it."""
-        check_range(self.size, offset, length)
+        self.check(EXTENTS, offset, length)
         return [Extent(offset, length)] if length else []
 
     async def read(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> bytes:

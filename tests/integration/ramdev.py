@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Capabilities, IoFlags, check_range
+from dst.device import READ, TRIM, WRITE, ZERO, BlockDevice, Buffer, Capabilities, IoFlags
 from dst.errors import IoError
 from dst.frontends.nbd import NbdFrontend
 from dst.units import Address
@@ -38,13 +38,8 @@ class RamDevice(BlockDevice):
         self.fail_reads_at: int | None = None  # an offset whose reads fail with EIO
         self.read_delay = 0.0  # seconds each read takes, to keep requests in flight
 
-    def _check(self, offset: int, length: int, writing: bool) -> None:
-        if writing and self.capabilities.read_only:
-            raise IoError(errno.EPERM, "the RAM device is read-only")
-        check_range(self.size, offset, length)
-
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, buf.nbytes, False)
+        self.check(READ, offset, buf.nbytes)
         self.calls["read"] += 1
         if self.read_delay:
             await asyncio.sleep(self.read_delay)
@@ -54,7 +49,7 @@ class RamDevice(BlockDevice):
 
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         mv = memoryview(data).cast("B")
-        self._check(offset, mv.nbytes, True)
+        self.check(WRITE, offset, mv.nbytes)
         self.calls["write"] += 1
         if flags & IoFlags.FUA:
             self.fua_writes += 1
@@ -64,12 +59,12 @@ class RamDevice(BlockDevice):
         self.calls["flush"] += 1
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self.check(TRIM, offset, length)
         self.calls["trim"] += 1
         self.data[offset : offset + length] = bytes(length)
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self.check(ZERO, offset, length)
         self.calls["zero"] += 1
         self.data[offset : offset + length] = bytes(length)
 

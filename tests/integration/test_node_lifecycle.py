@@ -90,8 +90,8 @@ def test_a_reconnect_waits_for_every_request_the_old_connection_started(sockdir:
         await dev.connect()
         first = asyncio.create_task(dev.write(0, b"\x11" * 4096))
         await asyncio.wait_for(held.entered.wait(), 5)
-        assert dev._stream is not None
-        dev._stream.abort()  # the connection breaks while the export node holds the write
+        assert dev.driver.stream is not None
+        dev.driver.stream.abort()  # the connection breaks while the export node holds the write
         deadline = time.monotonic() + 5
         # until the reconnect's handshake is fencing the old connection (or, wrongly, served)
         while not export.lock.locked() and dev.state != "connected":

@@ -19,6 +19,11 @@ from typing import Any, TypeVar
 
 from dst.backends.base import AsyncBackend, Backend
 from dst.device import (
+    EXTENTS,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
     BlockDevice,
     Buffer,
     Capabilities,
@@ -26,7 +31,7 @@ from dst.device import (
     Extent,
     IoCounters,
     IoFlags,
-    check_range,
+    Rule,
     checked_extents,
     merge_extents,
     run_in_task,
@@ -129,7 +134,7 @@ class BackendDevice(BlockDevice):
             can_trim=backend.can_trim and not backend.read_only,
             can_zero=not backend.read_only,  # native, or emulated by writing zeroes
         )
-        self.counters = IoCounters()
+        self.counters: IoCounters = IoCounters()
         self._executor = (
             executor if executor is not None else (shared_executor() if backend.blocking else None)
         )
@@ -182,19 +187,6 @@ class BackendDevice(BlockDevice):
         except OSError as e:
             raise self._failed(op, offset, length, e) from e
 
-    def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
-        """Refuse what the backend must never see: writes to read-only stores, bad ranges."""
-        try:
-            if change and self.backend.read_only:
-                raise IoError(
-                    errno.EPERM,
-                    f"{self.name} is read-only: {op} refused; export it read-write to change it",
-                )
-            check_range(self.size, offset, length, self.capabilities.max_request if limit else None)
-        except IoError:
-            self.counters.errors += 1
-            raise
-
     def _wrap(
         self, flags: IoFlags, fn: Callable[[], None], emulate_fua: bool
     ) -> Callable[[], None]:
@@ -217,7 +209,7 @@ class BackendDevice(BlockDevice):
         if self._aio is not None:
             await _wait(lambda done: self._aio_read(offset, view, flags, done))
             return
-        self._check("read", offset, len(view), change=False, limit=True)
+        self.check(READ, offset, len(view))
         backend = self.backend
         if not (flags & IoFlags.PREFLUSH) and self._fast(
             "read", offset, len(view), lambda: backend.try_pread_nowait(view, offset)
@@ -241,7 +233,7 @@ class BackendDevice(BlockDevice):
         if self._aio is not None:
             await _wait(lambda done: self._aio_write(offset, view, flags, done))
             return
-        self._check("write", offset, len(view), change=True, limit=True)
+        self.check(WRITE, offset, len(view))
         backend = self.backend
         native_fua = backend.can_fua and bool(flags & IoFlags.FUA)
         done = 0
@@ -276,7 +268,7 @@ class BackendDevice(BlockDevice):
         backend = self.backend
         try:
             if offset < 0 or offset + n > self.size:  # n <= FAST_PATH_MAX <= max_request
-                self._check("read", offset, n, change=False, limit=True)
+                self.check(READ, offset, n)
             if self._executor is not None:
                 if not self._fast(
                     "read", offset, n, lambda: backend.try_pread_nowait(view, offset)
@@ -311,7 +303,7 @@ class BackendDevice(BlockDevice):
         f = int(flags)
         try:
             if offset < 0 or offset + n > self.size or backend.read_only:
-                self._check("write", offset, n, change=True, limit=True)
+                self.check(WRITE, offset, n)
             try:
                 if not f & (_FUA | _PREFLUSH):
                     backend.pwrite(view, offset, False)
@@ -340,7 +332,7 @@ class BackendDevice(BlockDevice):
         if self._aio is not None:
             await _wait(lambda done: self._aio_trim(offset, length, flags, done))
             return
-        self._check("trim", offset, length, change=True, limit=False)
+        self.check(TRIM, offset, length)
         backend = self.backend
         run = self._wrap(flags, lambda: backend.trim(offset, length), True)
         await self._call("trim", offset, length, run)
@@ -350,7 +342,7 @@ class BackendDevice(BlockDevice):
         if self._aio is not None:
             await _wait(lambda done: self._aio_zero(offset, length, flags, done))
             return
-        self._check("write_zeroes", offset, length, change=True, limit=False)
+        self.check(ZERO, offset, length)
         backend = self.backend
         may_trim = not flags & IoFlags.NO_HOLE
         run = self._wrap(flags, lambda: backend.zero(offset, length, may_trim), True)
@@ -359,7 +351,7 @@ class BackendDevice(BlockDevice):
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The backend's view of allocation (SEEK_DATA/SEEK_HOLE, its own map, ...)."""
-        self._check("extents", offset, length, change=False, limit=False)
+        self.check(EXTENTS, offset, length)
         if not length:
             return []
         backend = self.backend
@@ -377,7 +369,7 @@ class BackendDevice(BlockDevice):
                 self.counters.bytes_read += n
             done(err)
 
-        if self._refused("read", offset, n, False, True, done):
+        if self._refused(READ, offset, n, done):
             return
         start: Step = (lambda d: aio.start_read(view, offset, d)) if n else _nothing
         self._begin("read", offset, n, flags, start, False, counted)
@@ -393,7 +385,7 @@ class BackendDevice(BlockDevice):
                 self.counters.bytes_written += n
             done(err)
 
-        if self._refused("write", offset, n, True, True, done):
+        if self._refused(WRITE, offset, n, done):
             return
         start: Step = (lambda d: aio.start_write(view, offset, fua, d)) if n else _nothing
         self._begin("write", offset, n, flags, start, not aio.can_fua, counted)
@@ -418,7 +410,7 @@ class BackendDevice(BlockDevice):
                 self.counters.trims += 1
             done(err)
 
-        if self._refused("trim", offset, length, True, False, done):
+        if self._refused(TRIM, offset, length, done):
             return
         start: Step = (lambda d: aio.start_trim(offset, length, d)) if length else _nothing
         self._begin("trim", offset, length, flags, start, True, counted)
@@ -433,19 +425,17 @@ class BackendDevice(BlockDevice):
                 self.counters.zeroes += 1
             done(err)
 
-        if self._refused("write_zeroes", offset, length, True, False, done):
+        if self._refused(ZERO, offset, length, done):
             return
         start: Step = (
             (lambda d: aio.start_zero(offset, length, may_trim, d)) if length else _nothing
         )
         self._begin("write_zeroes", offset, length, flags, start, True, counted)
 
-    def _refused(
-        self, op: str, offset: int, length: int, change: bool, limit: bool, done: Done
-    ) -> bool:
-        """``_check`` for a started request: True (and ``done`` told) when it is refused."""
+    def _refused(self, rule: Rule, offset: int, length: int, done: Done) -> bool:
+        """:meth:`check` for a started request: True (and ``done`` told) when refused."""
         try:
-            self._check(op, offset, length, change=change, limit=limit)
+            self.check(rule, offset, length)
         except IoError as e:
             done(e)
             return True

@@ -37,13 +37,19 @@ from typing import Any
 
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import (
+    EXTENTS,
     MAX_REQUEST,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
     Buffer,
     Capabilities,
     Extent,
     IoFlags,
-    check_range,
+    Rule,
     checked_extents,
+    pieces,
 )
 from dst.errors import DstError, IoError
 from dst.nbd.client import (
@@ -221,18 +227,13 @@ class NbdDevice(LinkedDevice):
     async def _ranged(self, cmd: Command, offset: int, length: int, flags: int) -> None:
         """TRIM or WRITE_ZEROES, in parallel pieces when the length exceeds 32 bits."""
         await asyncio.gather(
-            *(
-                self._txn(cmd, offset + p, min(_RANGE_STEP, length - p), flags)
-                for p in range(0, length, _RANGE_STEP)
-            )
+            *(self._txn(cmd, pos, n, flags) for pos, n, _ in pieces(offset, length, _RANGE_STEP))
         )
 
-    def _check(self, offset: int, length: int, write: bool, io: bool = False) -> None:
-        """Refuse before any I/O: out of range, a READ/WRITE beyond max_request, read-only,
-        unaligned to the server's minimum block size."""
-        check_range(self.size, offset, length, self.capabilities.max_request if io else None)
-        if write and self.capabilities.read_only:
-            raise IoError(errno.EPERM, f"{self.name} is read-only")
+    def check(self, rule: Rule, offset: int, length: int, *, split: bool = False) -> None:
+        """The one check, then the server's alignment: a range not aligned to its minimum
+        block size would be refused by the server (EINVAL), so it is refused here."""
+        super().check(rule, offset, length, split=split)
         if (offset | length) % self.capabilities.min_block:
             raise IoError(
                 errno.EINVAL,
@@ -253,7 +254,7 @@ class NbdDevice(LinkedDevice):
 
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         n = buf.nbytes
-        self._check(offset, n, False, io=True)
+        self.check(READ, offset, n)
         if flags & IoFlags.PREFLUSH:
             await self.flush()
         if n:
@@ -263,7 +264,7 @@ class NbdDevice(LinkedDevice):
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         mv = (data if isinstance(data, memoryview) else memoryview(data)).cast("B")
         n = mv.nbytes
-        self._check(offset, n, True, io=True)
+        self.check(WRITE, offset, n)
         wflags = await self._write_flags(flags)
         if n:
             await self._txn(Command.WRITE, offset, n, wflags, payload=mv)
@@ -275,7 +276,7 @@ class NbdDevice(LinkedDevice):
             await self._txn(Command.FLUSH, 0, 0)
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self.check(TRIM, offset, length)
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
         wflags = await self._write_flags(flags)
@@ -284,7 +285,7 @@ class NbdDevice(LinkedDevice):
         await self._after_write(flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self.check(ZERO, offset, length)
         if not self._flags & TF.SEND_WRITE_ZEROES:
             await super().write_zeroes(offset, length, flags)
             return
@@ -298,7 +299,7 @@ class NbdDevice(LinkedDevice):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The server's ``base:allocation`` (BLOCK_STATUS), or all data from a server that
         does not offer it; a request longer than 32 bits asks for its first part."""
-        self._check(offset, length, False)
+        self.check(EXTENTS, offset, length)
         x = self.core.export
         if not length or x is None or x.context_id(BASE_ALLOCATION) is None:
             return await super().extents(offset, length)

@@ -18,13 +18,18 @@ from dst import trace
 from dst.buffers import BufferPool
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import (
+    EXTENTS,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
     Buffer,
     Capabilities,
     Done,
     Extent,
     IoFlags,
-    check_range,
     checked_extents,
+    pieces,
 )
 from dst.errors import DstError, IoError
 from dst.proto.client import ClientConfig, ClientCore, State
@@ -288,7 +293,7 @@ class RemoteDevice(LinkedDevice):
             super().start_read(offset, buf, flags, done)  # split: several transactions
             return
         try:
-            self._check(offset, n, False)
+            self.check(READ, offset, n)
             pre = _PREFLUSH if int(flags) & _PREFLUSH_BIT else _NO_FLAGS  # no Flag arithmetic
             self._start(Command.READ, offset, n, pre, done, into=buf)
         except IoError as e:
@@ -302,21 +307,16 @@ class RemoteDevice(LinkedDevice):
             super().start_write(offset, data, flags, done)
             return
         try:
-            self._check(offset, n, True)
+            self.check(WRITE, offset, n)
             self._start(Command.WRITE, offset, n, flags, done, payload=data)
         except IoError as e:
             done(e)
             return
         self.bytes["write"] += n
 
-    def _check(self, offset: int, length: int, write: bool) -> None:
-        check_range(self.size, offset, length)
-        if write and self.capabilities.read_only:
-            raise IoError(errno.EPERM, f"{self.name} is read-only")
-
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         n = len(buf)
-        self._check(offset, n, False)
+        self.check(READ, offset, n, split=True)
         step = self.capabilities.max_request
         pre = flags & IoFlags.PREFLUSH  # a barrier before the read; FUA means nothing here
         if n <= step:
@@ -339,7 +339,7 @@ class RemoteDevice(LinkedDevice):
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         mv = data if isinstance(data, memoryview) else memoryview(data)
         n = len(mv)
-        self._check(offset, n, True)
+        self.check(WRITE, offset, n, split=True)
         step = self.capabilities.max_request
         if n <= step:
             await self._txn(Command.WRITE, offset, n, flags, payload=mv)
@@ -358,13 +358,13 @@ class RemoteDevice(LinkedDevice):
         await self._txn(Command.FLUSH, 0, 0, IoFlags.NONE)
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self.check(TRIM, offset, length)
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
         await self._ranged(Command.TRIM, offset, length, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self.check(ZERO, offset, length)
         await self._ranged(Command.WRITE_ZEROES, offset, length, flags)
 
     async def _ranged(self, cmd: Command, offset: int, length: int, flags: IoFlags) -> None:
@@ -373,16 +373,13 @@ class RemoteDevice(LinkedDevice):
             await self._txn(cmd, offset, length, flags)
             return
         await asyncio.gather(
-            *(
-                self._txn(cmd, offset + p, min(step, length - p), flags)
-                for p in range(0, length, step)
-            )
+            *(self._txn(cmd, pos, n, flags) for pos, n, _ in pieces(offset, length, step))
         )
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The export node's allocation status (EXTENTS), or all data from an export node
         that does not offer the command (an older version): always a correct answer."""
-        self._check(offset, length, False)
+        self.check(EXTENTS, offset, length)
         w = self.core.welcome
         if not length or w is None or not w.commands & (1 << Command.EXTENTS):
             return await super().extents(offset, length)

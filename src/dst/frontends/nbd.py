@@ -30,7 +30,7 @@ from urllib.parse import quote
 from dst.aio.driver import CoreDriver
 from dst.aio.listen import bind_listener, bound_address, serve, unlink_unix
 from dst.buffers import BufferPool
-from dst.device import BlockDevice, Extent, IoFlags
+from dst.device import BlockDevice, Extent, IoFlags, piece_flags, pieces
 from dst.errors import IoError
 from dst.layers.checkpoints import CHANGED_PREFIX, changed_extents, checkpoint_contexts
 from dst.nbd import (
@@ -287,14 +287,11 @@ class _Connection:
         return []  # a context offered without an answer here: the core reports data
 
     async def _in_chunks(self, op: Callable[[int, int, IoFlags], Any], req: Request) -> None:
-        """TRIM and WRITE_ZEROES may exceed the device's request limit: split them."""
-        step = max(self.front.device.capabilities.max_request, 1)
-        pos, end = req.offset, req.offset + req.length
-        while pos < end:
-            n = min(step, end - pos)
-            flags = req.flags if pos + n >= end else req.flags & ~IoFlags.FUA
-            await op(pos, n, flags)
-            pos += n
+        """TRIM and WRITE_ZEROES may exceed the device's request limit: split them, in
+        order (FUA on the last piece covers them all)."""
+        step = self.front.device.capabilities.max_request
+        for pos, n, last in pieces(req.offset, req.length, step):
+            await op(pos, n, piece_flags(req.flags, last))
 
     # ---- closing -----------------------------------------------------------
     def begin_close(self) -> None:

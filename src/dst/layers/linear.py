@@ -17,13 +17,17 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar, cast
 
 from dst.device import (
+    EXTENTS,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
     BlockDevice,
     Buffer,
     Capabilities,
     Extent,
     IoCounters,
     IoFlags,
-    check_range,
     checked_extents,
     merge_extents,
 )
@@ -113,7 +117,7 @@ class Composite(BlockDevice):
         self.name = name or self.kind
         self.size = 0
         self.capabilities = Capabilities()
-        self.counters = IoCounters()
+        self.counters: IoCounters = IoCounters()
         self._closed = False
         self.state = combined_state(self.members)
         for m in self.members:
@@ -138,15 +142,6 @@ class Composite(BlockDevice):
     @abstractmethod
     def _layout(self) -> None:
         """Compute the size and where each member's bytes are (stripe or concatenation)."""
-
-    def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
-        try:
-            if change and self.capabilities.read_only:
-                raise IoError(errno.EPERM, f"{self.name} is read-only: {op} refused")
-            check_range(self.size, offset, length, self.capabilities.max_request if limit else None)
-        except IoError:
-            self.counters.errors += 1
-            raise
 
     async def _preflush(self, flags: IoFlags) -> IoFlags:
         if flags & IoFlags.PREFLUSH:
@@ -222,7 +217,7 @@ class LinearDevice(Composite):
 
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(buf)
-        self._check("read", offset, len(view), change=False, limit=True)
+        self.check(READ, offset, len(view))
         flags = await self._preflush(flags)
         await gather_all(
             [
@@ -235,7 +230,7 @@ class LinearDevice(Composite):
 
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(data)
-        self._check("write", offset, len(view), change=True, limit=True)
+        self.check(WRITE, offset, len(view))
         flags = await self._preflush(flags)
         await gather_all(
             [m.write(mo, view[r : r + n], flags) for m, mo, r, n in self._pieces(offset, len(view))]
@@ -244,7 +239,7 @@ class LinearDevice(Composite):
         self.counters.bytes_written += len(view)
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check("trim", offset, length, change=True, limit=False)
+        self.check(TRIM, offset, length)
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
         flags = await self._preflush(flags)
@@ -252,7 +247,7 @@ class LinearDevice(Composite):
         self.counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check("write_zeroes", offset, length, change=True, limit=False)
+        self.check(ZERO, offset, length)
         flags = await self._preflush(flags)
         await gather_all(
             [m.write_zeroes(mo, n, flags) for m, mo, _, n in self._pieces(offset, length)]
@@ -262,7 +257,7 @@ class LinearDevice(Composite):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Each member's extents for its piece, shifted to the device's offsets; an answer
         that stops short ends the result there (the caller asks again from that point)."""
-        self._check("extents", offset, length, change=False, limit=False)
+        self.check(EXTENTS, offset, length)
         pieces = self._pieces(offset, length)
         answers = await gather_results([m.extents(mo, n) for m, mo, _, n in pieces])
         out: list[Extent] = []

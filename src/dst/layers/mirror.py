@@ -37,13 +37,18 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from dst.device import (
+    EXTENTS,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
     BlockDevice,
     Buffer,
     Capabilities,
     Extent,
     IoCounters,
     IoFlags,
-    check_range,
+    Rule,
     checked_extents,
 )
 from dst.errors import DstError, IoError, UsageError
@@ -163,7 +168,7 @@ class MirrorCore(BlockDevice):
         self.verify_state: VerifyState | None = None
         self.retry_min = 5.0
         self.retry_max = 300.0
-        self.counters = IoCounters()
+        self.counters: IoCounters = IoCounters()
         self.repairs = 0
         self.degrades = 0
         self.foreground = Foreground()
@@ -461,16 +466,15 @@ class MirrorCore(BlockDevice):
             log.error("%s: %s", self.name, e)
 
     # ---- helpers for the data path ---------------------------------------------------------
-    def _check(self, op: str, offset: int, length: int, *, change: bool, limit: bool) -> None:
-        try:
-            if self._closed or not self._started:
-                raise IoError(errno.EIO, f"{self.name}: {op} on a mirror that is not running")
-            if change and self.capabilities.read_only:
-                raise IoError(errno.EPERM, f"{self.name} is read-only: {op} refused")
-            check_range(self.size, offset, length, self.capabilities.max_request if limit else None)
-        except IoError:
+    def _running(self, op: str) -> None:
+        if self._closed or not self._started:
             self.counters.errors += 1
-            raise
+            raise IoError(errno.EIO, f"{self.name}: {op} on a mirror that is not running")
+
+    def check(self, rule: Rule, offset: int, length: int, *, split: bool = False) -> None:
+        """A mirror that is not running refuses everything (EIO); then the one check."""
+        self._running(rule.op)
+        super().check(rule, offset, length, split=split)
 
     async def _on_leg(self, leg: Leg, aw: Awaitable[None]) -> None:
         leg.inflight += 1
@@ -651,7 +655,7 @@ class MirrorCore(BlockDevice):
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(data)
         n = len(view)
-        self._check("write", offset, n, change=True, limit=True)
+        self.check(WRITE, offset, n)
         if n == 0:
             if flags & (IoFlags.FUA | IoFlags.PREFLUSH):
                 await self.flush()
@@ -672,14 +676,14 @@ class MirrorCore(BlockDevice):
             pos += n
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check("trim", offset, length, change=True, limit=False)
+        self.check(TRIM, offset, length)
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
         await self._ranged("trim", offset, length, lambda d, o, n: d.trim(o, n, flags), flags)
         self.counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check("write_zeroes", offset, length, change=True, limit=False)
+        self.check(ZERO, offset, length)
         await self._ranged(
             "zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags), flags
         )
@@ -688,7 +692,7 @@ class MirrorCore(BlockDevice):
     async def flush(self) -> None:
         """Flush every leg that gets writes; a leg whose flush failed may have lost writes
         since its last flush, so those extents are marked for its resync."""
-        self._check("flush", 0, 0, change=False, limit=False)
+        self._running("flush")
         self.foreground.begin()
         try:
             barrier(self)  # asynchronous legs: the writes before this flush, then the rest
@@ -821,7 +825,7 @@ class MirrorCore(BlockDevice):
 
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(buf)
-        self._check("read", offset, len(view), change=False, limit=True)
+        self.check(READ, offset, len(view))
         if flags & IoFlags.PREFLUSH:  # every leg's earlier writes, not just the reader's
             await self.flush()
             flags &= ~IoFlags.PREFLUSH
@@ -883,7 +887,7 @@ class MirrorCore(BlockDevice):
         """Allocation status from an in-sync leg: in-sync legs hold the same bytes, so what
         one reads as zeroes all do. Another in-sync leg answers if that one fails; legs that
         are behind (degraded, resyncing) never answer."""
-        self._check("extents", offset, length, change=False, limit=False)
+        self.check(EXTENTS, offset, length)
         tried: set[Leg] = set()
         failures: list[tuple[Leg, BaseException]] = []
         while (leg := self._pick_reader(tried)) is not None:

@@ -15,7 +15,19 @@ import errno
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Extent, IoFlags, all_extents, merge_extents
+from dst.device import (
+    EXTENTS,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
+    BlockDevice,
+    Buffer,
+    Extent,
+    IoFlags,
+    all_extents,
+    merge_extents,
+)
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.linear import Composite, as_bytes_view, gather_all, gather_results, log
 from dst.units import format_size
@@ -99,7 +111,7 @@ class StripeDevice(Composite):
 
     async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(buf)
-        self._check("read", offset, len(view), change=False, limit=True)
+        self.check(READ, offset, len(view))
         flags = await self._preflush(flags)
         split = self._split(offset, len(view))
         await gather_all(
@@ -110,7 +122,7 @@ class StripeDevice(Composite):
 
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(data)
-        self._check("write", offset, len(view), change=True, limit=True)
+        self.check(WRITE, offset, len(view))
         flags = await self._preflush(flags)
         aws: list[Awaitable[None]] = []
         for i, pieces in self._split(offset, len(view)).items():
@@ -143,7 +155,7 @@ class StripeDevice(Composite):
         return out
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check("trim", offset, length, change=True, limit=False)
+        self.check(TRIM, offset, length)
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
         flags = await self._preflush(flags)
@@ -151,7 +163,7 @@ class StripeDevice(Composite):
         self.counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self._check("write_zeroes", offset, length, change=True, limit=False)
+        self.check(ZERO, offset, length)
         flags = await self._preflush(flags)
         await gather_all(
             [m.write_zeroes(mo, n, flags) for m, mo, n in self._ranges(offset, length)]
@@ -162,7 +174,7 @@ class StripeDevice(Composite):
         """Every member's extents over its one range, dealt back chunk by chunk; whole rows
         on which all members agree become one extent without visiting their chunks (a hole
         of many gigabytes is one step, not one per chunk)."""
-        self._check("extents", offset, length, change=False, limit=False)
+        self.check(EXTENTS, offset, length)
         if not length:
             return []
         ranges = self._ranges(offset, length)

@@ -15,7 +15,18 @@ import errno
 import logging
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Done, IoFlags, Layer, check_range, run_in_task
+from dst.device import (
+    TRIM,
+    WRITE,
+    ZERO,
+    BlockDevice,
+    Buffer,
+    Done,
+    IoFlags,
+    Layer,
+    Rule,
+    run_in_task,
+)
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.activity import ActivityLog
 from dst.layers.bitmap import Record
@@ -108,17 +119,16 @@ class ChangeTracker(Layer):
         )
 
     # ---- changes ---------------------------------------------------------------------
-    def _check(self, op: str, offset: int, length: int, limit: bool) -> None:
+    def check(self, rule: Rule, offset: int, length: int, *, split: bool = False) -> None:
+        """A tracker that is not running refuses everything (EIO); then the one check."""
         if self._closed or not self._started:
-            raise IoError(errno.EIO, f"{self.name}: {op} on a device that is not running")
-        if self.capabilities.read_only:
-            raise IoError(errno.EPERM, f"{self.name} is read-only: {op} refused")
-        check_range(self.size, offset, length, self.capabilities.max_request if limit else None)
+            raise IoError(errno.EIO, f"{self.name}: {rule.op} on a device that is not running")
+        super().check(rule, offset, length, split=split)
 
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         view = as_bytes_view(data)
         n = len(view)
-        self._check("write", offset, n, limit=True)
+        self.check(WRITE, offset, n)
         if n == 0:
             await self.inner.write(offset, view, flags)
             return
@@ -132,7 +142,7 @@ class ChangeTracker(Layer):
         """Without a task when the activity log already holds the extents (hot ones)."""
         n = data.nbytes
         try:
-            self._check("write", offset, n, limit=True)
+            self.check(WRITE, offset, n)
         except IoError as e:
             done(e)
             return
@@ -149,9 +159,9 @@ class ChangeTracker(Layer):
     def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
         self.inner.start_read(offset, buf, flags, done)
 
-    async def _ranged(self, op: str, offset: int, length: int, flags: IoFlags) -> None:
+    async def _ranged(self, rule: Rule, offset: int, length: int, flags: IoFlags) -> None:
         """Big trims and zeroes go a few extents at a time, so the activity log stays small."""
-        self._check(op, offset, length, limit=False)
+        self.check(rule, offset, length)
         step = self.al_extent * SPLIT_EXTENTS
         pos, end = offset, offset + length
         while pos < end:
@@ -160,7 +170,7 @@ class ChangeTracker(Layer):
             await self.al.begin(pos, n)
             try:
                 f = flags if last else flags & ~IoFlags.FUA
-                if op == "trim":
+                if rule is TRIM:
                     await self.inner.trim(pos, n, f)
                 else:
                     await self.inner.write_zeroes(pos, n, f)
@@ -171,10 +181,10 @@ class ChangeTracker(Layer):
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         if not self.capabilities.can_trim:
             raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
-        await self._ranged("trim", offset, length, flags)
+        await self._ranged(TRIM, offset, length, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        await self._ranged("zero", offset, length, flags)
+        await self._ranged(ZERO, offset, length, flags)
 
     def statistics(self) -> dict[str, Any]:
         return self.inner.statistics()

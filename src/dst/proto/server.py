@@ -528,7 +528,11 @@ class ServerCore:
         if cmd == Command.EXTENTS and length == 0:
             return Status.EINVAL, "EXTENTS of 0 bytes: ask for at least one byte"
         if offset + length > terms.size:
-            status = Status.ENOSPC if cmd in WRITE_COMMANDS else Status.EINVAL
+            # as every device answers it (dst.device.refusal): no room there for a write or
+            # zeroes; nothing there to read, trim or describe
+            status = (
+                Status.ENOSPC if cmd in (Command.WRITE, Command.WRITE_ZEROES) else Status.EINVAL
+            )
             return status, (
                 f"{cmd.name} of [{offset}, {offset + length}) is beyond the end of the "
                 f"{terms.size}-byte export"
