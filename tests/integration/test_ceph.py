@@ -348,8 +348,10 @@ def test_online_migration_into_ceph(ceph_cluster: Cluster, procs: Procs, sockdir
 
     name = image_name("mig")
     exp, ceph_member = export(procs, c, c.spec(name), "--size", "64M", sock=sockdir / "c.sock")
+    # 16 s of writing at 2 MB/s: the move (64 MiB into Ceph) must end while it runs, also
+    # on a busy machine
     fio = subprocess.Popen(
-        fio_writer(uri, size="24M", rate="4m"),
+        fio_writer(uri, size="32M", rate="2m"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -370,7 +372,7 @@ def test_online_migration_into_ceph(ceph_cluster: Cluster, procs: Procs, sockdir
         if fio.poll() is None:
             fio.kill()
             fio.communicate()
-    assert job["write"]["io_bytes"] >= 24 * MiB  # type: ignore[index]
+    assert job["write"]["io_bytes"] >= 32 * MiB  # type: ignore[index]
     qemu_io(uri, "flush")
     qemu_img = need_tool("qemu-img")
     run([qemu_img, "compare", "-f", "raw", "-F", "raw", uri, c.qemu(name)], timeout=120)
