@@ -69,12 +69,12 @@ from dst.nbd.constants import (
 from dst.nbd.events import Event
 from dst.nbd.meta import BASE_ALLOCATION, parse_block_status
 from dst.proto.jobs import Job
+from dst.proto.reader import ChunkReader
 
 STAGE_SIZE = 64 << 10  # staging buffer for headers, option replies and chunk metadata
 DIRECT_THRESHOLD = 16 << 10  # read data at least this big is received in place
 MAX_CHUNK_META = 16 << 10  # the same for the payload of an error chunk
 MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)  # a block status chunk of more descriptors: violation
-_MIN_FREE = 4096
 _ERROR_BIT = 1 << 15
 _SIMPLE_REST = struct.Struct(">IQ")  # error, handle (after the magic)
 _CHUNK_REST = struct.Struct(">HHQI")  # flags, type, handle, length (after the magic)
@@ -125,6 +125,10 @@ class ClientStats:
     connections: int = 0
 
 
+def _unexpected(chunk: memoryview) -> None:
+    raise AssertionError("every expected chunk of the NBD client core has its own handler")
+
+
 class NbdClientCore(Handshake):
     """Sans-IO NBD client for one member: feed it bytes and time, take bytes and events."""
 
@@ -146,15 +150,7 @@ class NbdClientCore(Handshake):
         self._now = 0.0
         self._hs_deadline: float | None = None
         self._dead = True  # no connection yet
-        self._stage = bytearray(STAGE_SIZE)
-        self._view = memoryview(self._stage)
-        self._start = self._end = 0
-        self._need = 0
-        self._handler: Callable[[memoryview], None] = self._on_greeting
-        self._sink: memoryview | None = None
-        self._sink_left = 0
-        self._sink_done: Callable[[], None] = self._expect_header
-        self._direct = False
+        self._rx = self._new_reader()
         self._current: _Req | None = None  # the request whose data is being received
         self._option = 0
         self._info: dict[int, tuple[int, ...]] = {}
@@ -169,8 +165,9 @@ class NbdClientCore(Handshake):
         self.generation += 1
         self.stats.connections += 1
         self.ready = self._dead = self._structured = False
-        self._start = self._end = self._sink_left = self._inflight = 0
-        self._sink, self._out, self._info, self._option = None, [], {}, 0
+        self._rx = self._new_reader()
+        self._inflight = 0
+        self._out, self._info, self._option = [], {}, 0
         self._meta = {}
         self._expect(wire.GREETING.size, self._on_greeting)
         self._hs_deadline = now + self.config.handshake_timeout
@@ -184,7 +181,8 @@ class NbdClientCore(Handshake):
                 ConnectionDead(f"the server closed the connection during the handshake{hint}")
             )
         self.ready, self._dead, self._hs_deadline = False, True, None
-        self._sink, self._sink_left, self._inflight, self._out = None, 0, 0, []
+        self._rx.stop()
+        self._inflight, self._out = 0, []
         self._current = None
         for r in list(self._reqs.values()):
             if r.reported:
@@ -202,6 +200,7 @@ class NbdClientCore(Handshake):
     def shutdown(self, error: int = errno.ESHUTDOWN, message: str = "device closed") -> None:
         """Fail every request still pending (the owner is going away or gave up)."""
         self.closed = self._dead = True
+        self._rx.stop()
         for r in list(self._reqs.values()):
             if not r.reported:
                 self._report(r, error, message)
@@ -216,6 +215,7 @@ class NbdClientCore(Handshake):
             self._report(r, error, message)
         self._queue.clear()
         self._dead = True
+        self._rx.stop()
         return len(given_up)
 
     @property
@@ -351,7 +351,7 @@ class NbdClientCore(Handshake):
         if not r.sent:
             self._reqs.pop(r.handle, None)
         elif r is self._current:
-            self._sink = None  # the rest of its data is dropped, not written into the buffer
+            self._rx.drop_target()  # the rest of its data is dropped, not written into the buffer
         r.into = r.payload = None
 
     def _report(
@@ -370,6 +370,7 @@ class NbdClientCore(Handshake):
     def _die(self, reason: str, violation: bool = False) -> None:
         if not self._dead:
             self._dead = True
+            self._rx.stop()  # nothing after a protocol error is parsed
             self._hs_deadline = None
             self.stats.violations += violation
             self._events.append(ServerViolation(reason) if violation else ConnectionDead(reason))
@@ -378,35 +379,24 @@ class NbdClientCore(Handshake):
         self._die(f"protocol error from the NBD server: {message}", violation=True)
 
     # ---- receiving -------------------------------------------------------------------
+    @staticmethod
+    def _new_reader() -> ChunkReader:
+        """The receive buffer every core uses, fresh for each connection (the server
+        speaks first: its greeting is expected by ``connection_made``)."""
+        return ChunkReader(_unexpected, staging_size=STAGE_SIZE, direct_min=DIRECT_THRESHOLD)
+
     def get_buffer(self) -> memoryview:
         """A non-empty writable buffer for the next bytes (a slice of a read buffer, often)."""
-        sink = self._sink
-        if sink is not None and self._sink_left >= DIRECT_THRESHOLD and not self._dead:
-            self._direct = True
-            return sink[sink.nbytes - self._sink_left :]
-        self._direct = False
-        if self._start == self._end or self._dead:
-            self._start = self._end = 0
-        elif STAGE_SIZE - self._end < _MIN_FREE:
-            n = self._end - self._start
-            self._stage[:n] = self._stage[self._start : self._end]
-            self._start, self._end = 0, n
-        return self._view[self._end :]
+        if self._dead:
+            self._rx.stop()  # never into a caller's buffer once the connection is given up
+        return self._rx.get_buffer()
 
     def buffer_updated(self, nbytes: int, now: float) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
         self._now = self._progress = now
         if nbytes <= 0 or self._dead:
             return
-        if self._direct:
-            self._direct = False
-            self._sink_left -= nbytes
-            if not self._sink_left:
-                self._sink = None
-                self._sink_done()
-        else:
-            self._end += nbytes
-        self._process()
+        self._rx.buffer_updated(nbytes)
         self._send_pending()
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
@@ -420,34 +410,19 @@ class NbdClientCore(Handshake):
             mv = mv[n:]
 
     def _expect(self, n: int, handler: Callable[[memoryview], None]) -> None:
-        self._need, self._handler = n, handler
+        if n:
+            self._rx.expect(n, then=handler)
+        else:
+            handler(memoryview(b""))
 
     def _expect_data(self, sink: memoryview | None, n: int, done: Callable[[], None]) -> None:
-        self._sink, self._sink_left, self._sink_done = sink, n, done
+        """``n`` bytes into ``sink``, or dropped when it is None; then ``done``."""
         if n == 0:
             done()
-
-    def _process(self) -> None:
-        while not self._dead:
-            avail = self._end - self._start
-            if self._sink_left:
-                take = min(avail, self._sink_left)
-                if take == 0:
-                    return
-                if self._sink is not None:
-                    pos = self._sink.nbytes - self._sink_left
-                    self._sink[pos : pos + take] = self._view[self._start : self._start + take]
-                self._start += take
-                self._sink_left -= take
-                if not self._sink_left:
-                    self._sink = None
-                    self._sink_done()
-                continue
-            if avail < self._need:
-                return
-            chunk = self._view[self._start : self._start + self._need]
-            self._start += self._need
-            self._handler(chunk)
+        elif sink is None:
+            self._rx.skip(n, done)
+        else:
+            self._rx.expect(n, sink, lambda _view: done())
 
     # ---- replies -----------------------------------------------------------------------
     def _expect_header(self) -> None:

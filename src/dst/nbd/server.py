@@ -55,10 +55,10 @@ from dst.nbd.export import ExportInfo
 from dst.nbd.meta import block_status_descriptors
 from dst.nbd.options import MAX_OPTION_LENGTH, Negotiation, OptionOutcome
 from dst.proto.jobs import Job
+from dst.proto.reader import ChunkReader
 
 STAGE_SIZE = 64 << 10  # staging buffer for headers and small payloads
 DIRECT_THRESHOLD = 16 << 10  # a pending payload at least this big is received in place
-_MIN_FREE = 4096  # compact the staging buffer when less than this is free at its end
 
 _ALLOWED_FLAGS: dict[int, int] = {
     Command.READ: CommandFlags.FUA | CommandFlags.DF,
@@ -107,17 +107,15 @@ class NbdServerConnection:
         self._out: list[bytes | memoryview] = [
             wire.greeting(HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES)
         ]
-        self._stage = bytearray(STAGE_SIZE)  # never resized: views of it stay valid
-        self._stage_view = memoryview(self._stage)
-        self._start = 0
-        self._end = 0
+        # the receive buffer every core uses: headers staged, payloads received in place
+        self._rx = ChunkReader(
+            self._on_header, staging_size=STAGE_SIZE, direct_min=DIRECT_THRESHOLD
+        )
         self._header = wire.CLIENT_FLAGS.size  # size of the next fixed-size message
+        self._rx.expect(self._header)
         self._body: PooledBuffer | None = None  # option data or WRITE payload being filled
-        self._body_filled = 0
         self._body_option = 0  # the option whose data is in _body (when not a WRITE payload)
         self._body_request: tuple[int, IoFlags, int] | None = None  # handle, flags, offset
-        self._direct = False  # the last get_buffer() handed out the body itself
-        self._discard = 0  # bytes still to skip (an unwanted payload or option data)
         self._discard_reply: bytes | None = None  # the refusal sent once that payload is skipped
         self._inflight: dict[int, list[_Pending]] = {}
         self._handed: list[Callable[[], None]] = []  # releases of reply data handed out
@@ -166,34 +164,15 @@ class NbdServerConnection:
 
     # ---- receiving -------------------------------------------------------
     def get_buffer(self) -> memoryview:
-        """A non-empty writable buffer for the next bytes from the peer."""
-        body = self._body
-        if body is not None and not self._recv_closed:
-            remaining = len(body.view) - self._body_filled
-            if remaining >= DIRECT_THRESHOLD:
-                self._direct = True
-                return body.view[self._body_filled :]
-        self._direct = False
-        if self._start == self._end or self._recv_closed:
-            self._start = self._end = 0
-        elif len(self._stage) - self._end < _MIN_FREE:
-            n = self._end - self._start
-            self._stage[:n] = self._stage[self._start : self._end]
-            self._start, self._end = 0, n
-        return self._stage_view[self._end :]
+        """A non-empty writable buffer for the next bytes from the peer (a WRITE payload's
+        own buffer when one is pending)."""
+        return self._rx.get_buffer()
 
     def buffer_updated(self, nbytes: int, now: float) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer()``."""
         if self._recv_closed or nbytes <= 0:
             return
-        if self._direct:
-            self._direct = False
-            self._body_filled += nbytes
-            if self._body is not None and self._body_filled >= len(self._body.view):
-                self._finish_body()
-        else:
-            self._end += nbytes
-        self._process()
+        self._rx.buffer_updated(nbytes)
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Feed bytes by copying them into the buffers ``get_buffer()`` hands out."""
@@ -207,7 +186,8 @@ class NbdServerConnection:
 
     def connection_lost(self, now: float) -> None:
         """The transport is gone: give back every buffer still held, answer nothing more."""
-        self._recv_closed = self._send_closed = True
+        self._close_recv()
+        self._send_closed = True
         self._discard_reply = None
         self._release_body()
         self._inflight.clear()
@@ -220,49 +200,46 @@ class NbdServerConnection:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    def _process(self) -> None:
-        stage = self._stage_view
-        while not self._recv_closed:
-            avail = self._end - self._start
-            body = self._body
-            if body is not None:
-                take = min(avail, len(body.view) - self._body_filled)
-                if take == 0:
-                    return
-                body.view[self._body_filled : self._body_filled + take] = stage[
-                    self._start : self._start + take
-                ]
-                self._start += take
-                self._body_filled += take
-                if self._body_filled == len(body.view):
-                    self._finish_body()
-                continue
-            if self._discard:
-                take = min(avail, self._discard)
-                if take == 0:
-                    return
-                self._start += take
-                self._discard -= take
-                if not self._discard and self._discard_reply is not None:
-                    self._out.append(self._discard_reply)
-                    self._discard_reply = None
-                continue
-            need = self._header
-            if avail < need:
-                return
-            header = self._stage_view[self._start : self._start + need]
-            self._start += need
-            if self.export is not None:
-                self._on_request(header)
-            elif need == wire.CLIENT_FLAGS.size:
-                self._on_client_flags(header)
-            else:
-                self._on_option_header(header)
+    def _on_header(self, header: memoryview) -> None:
+        """The next fixed-size message: a request once an export is chosen, else the
+        client flags or an option header."""
+        if self.export is not None:
+            self._on_request(header)
+        elif len(header) == wire.CLIENT_FLAGS.size:
+            self._on_client_flags(header)
+        else:
+            self._on_option_header(header)
+
+    def _next_header(self, size: int) -> None:
+        self._header = size
+        if not self._recv_closed:
+            self._rx.expect(size)
+
+    def _close_recv(self) -> None:
+        """Read nothing more from this connection."""
+        self._recv_closed = True
+        self._rx.stop()
+
+    def _discard_then(self, length: int, reply: bytes | None) -> None:
+        """Skip ``length`` bytes the client sends (an unwanted payload or option data);
+        ``reply`` goes out once they are consumed."""
+        self._discard_reply = reply
+        self._rx.skip(length, self._discarded)
+
+    def _discarded(self) -> None:
+        if self._discard_reply is not None:
+            self._out.append(self._discard_reply)
+            self._discard_reply = None
+        self._next_header(self._header)
 
     def _expect_body(self, length: int) -> None:
         """Receive the next ``length`` bytes into a pool buffer (length already capped)."""
-        self._body = self.pool.get(length)
-        self._body_filled = 0
+        self._body = body = self.pool.get(length)
+        self._rx.expect(length, body.view, self._body_received)
+
+    def _body_received(self, _view: memoryview) -> None:
+        self._finish_body()
+        self._next_header(self._header)
 
     def _finish_body(self) -> None:
         body, self._body = self._body, None
@@ -285,7 +262,7 @@ class NbdServerConnection:
             body.release()
 
     def _violation(self, message: str) -> None:
-        self._recv_closed = True
+        self._close_recv()
         self._release_body()
         self._events.append(ProtocolViolation(message))
 
@@ -297,7 +274,7 @@ class NbdServerConnection:
             self._violation(f"unknown client flags 0x{flags:08x} (the server knows 0x{known:x})")
             return
         self._nego.no_zeroes = bool(flags & ClientFlags.NO_ZEROES)
-        self._header = wire.OPTION_HEADER.size
+        self._next_header(wire.OPTION_HEADER.size)
 
     def _on_option_header(self, header: memoryview) -> None:
         magic, option, length = wire.OPTION_HEADER.unpack(header)
@@ -305,7 +282,7 @@ class NbdServerConnection:
             self._violation(f"bad option magic 0x{magic:016x} (expected IHAVEOPT)")
             return
         if length > MAX_OPTION_LENGTH:
-            self._discard = length
+            self._discard_then(length, None)
             self._apply(self._nego.too_big(option, length))
         elif length:
             self._body_option = option
@@ -321,13 +298,13 @@ class NbdServerConnection:
         if outcome.violation is not None:
             self._violation(outcome.violation)
         elif outcome.abort:
-            self._recv_closed = True
+            self._close_recv()
             self._events.append(Disconnect("the client aborted the handshake"))
         elif outcome.chosen is not None:
             self.export_name = outcome.chosen
             self.export = self._nego.exports[outcome.chosen]
             self.contexts = self._nego.contexts_for(outcome.chosen)
-            self._header = wire.REQUEST.size
+            self._next_header(wire.REQUEST.size)
             self._cache_limits(self.export)
             self._events.append(
                 ExportChosen(outcome.chosen, self.export, self.structured, self.contexts)
@@ -378,7 +355,7 @@ class NbdServerConnection:
             self._violation(f"bad request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x})")
             return
         if ctype == Command.DISC:
-            self._recv_closed = True
+            self._close_recv()
             self._events.append(Disconnect("the client sent NBD_CMD_DISC"))
             return
         rejection = self._validate(ctype, cflags, offset, length)
@@ -390,8 +367,7 @@ class NbdServerConnection:
                 # The client may still be sending the payload: a reply now would come before
                 # the request is complete on its side (libnbd then drops the connection), so
                 # it goes out once the payload has been skipped.
-                self._discard = length
-                self._discard_reply = reply
+                self._discard_then(length, reply)
             else:
                 self._out.append(reply)
             return

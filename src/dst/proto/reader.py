@@ -7,6 +7,11 @@ payload is pending and nothing is staged, :meth:`get_buffer` returns the target
 itself, so the socket's ``recv_into`` writes the payload where it belongs and no
 Python code copies it.  Small payloads arrive together with their headers in
 the staging buffer and are copied once (cheaper than an extra system call).
+``skip(n, then)`` drops bytes nobody wants (a refused request's payload) without a
+buffer for them.
+
+Every core reads through it: the DST cores (their frames and sealed records, via
+``proto/channel.py``) and the NBD server and client cores.
 """
 
 from __future__ import annotations
@@ -37,11 +42,20 @@ class ChunkReader:
         self._filled = 0
         self._direct = False
         self._stopped = False
+        self._then: Callable[[memoryview], None] | None = None
+        self._skip = 0
+        self._skip_then: Callable[[], None] | None = None
         self.direct_bytes = 0  # payload bytes received without a copy (for statistics)
         self.copied_bytes = 0
 
-    def expect(self, n: int, target: memoryview | None = None) -> None:
-        """Ask for the next ``n`` bytes (``n`` > 0), into ``target`` if given."""
+    def expect(
+        self,
+        n: int,
+        target: memoryview | None = None,
+        then: Callable[[memoryview], None] | None = None,
+    ) -> None:
+        """Ask for the next ``n`` bytes (``n`` > 0), into ``target`` if given; they go to
+        ``then`` if given (until the next ``expect``), else to the owner's ``on_chunk``."""
         if n <= 0:
             raise ValueError("expect() needs a positive length")
         if target is None and n > len(self._buf):
@@ -49,6 +63,16 @@ class ChunkReader:
         self._need = n
         self._target = target
         self._filled = 0
+        self._then = then
+
+    def skip(self, n: int, then: Callable[[], None]) -> None:
+        """Drop the next ``n`` bytes (``n`` > 0), then call ``then`` (which says what comes
+        next with ``expect``)."""
+        if n <= 0:
+            raise ValueError("skip() needs a positive length")
+        self._skip = n
+        self._skip_then = then
+        self._target = None
 
     def grow(self, staging_size: int) -> None:
         """Use a larger staging buffer from now on (after authentication)."""
@@ -60,6 +84,17 @@ class ChunkReader:
         self._buf = buf
         self._mv = memoryview(buf)
         self._r, self._w = 0, n
+
+    def drop_target(self) -> None:
+        """Write nothing more into the pending target (its owner gave it up): the rest of
+        its bytes are skipped, and its handler then runs with an empty view."""
+        t = self._target
+        if t is None or self._stopped:
+            return
+        left = self._need - self._filled
+        then = self._then or self._on_chunk
+        self._direct = False
+        self.skip(left, lambda: then(memoryview(b"")))
 
     def stop(self) -> None:
         """Discard everything from now on (after a protocol error)."""
@@ -109,7 +144,7 @@ class ChunkReader:
                 target = self._target
                 assert target is not None
                 self._target = None
-                self._on_chunk(target[: self._need])
+                (self._then or self._on_chunk)(target[: self._need])
             return
         self._w += n
         self._process()
@@ -130,6 +165,16 @@ class ChunkReader:
             avail = self._w - self._r
             if avail == 0:
                 break
+            if self._skip:
+                k = min(avail, self._skip)
+                self._r += k
+                self._skip -= k
+                if self._skip:
+                    break
+                then, self._skip_then = self._skip_then, None
+                assert then is not None
+                then()
+                continue
             t = self._target
             if t is not None:
                 k = min(avail, self._need - self._filled)
@@ -140,13 +185,13 @@ class ChunkReader:
                 if self._filled < self._need:
                     break
                 self._target = None
-                self._on_chunk(t[: self._need])
+                (self._then or self._on_chunk)(t[: self._need])
             else:
                 if avail < self._need:
                     break
                 view = self._mv[self._r : self._r + self._need]
                 self._r += self._need
-                self._on_chunk(view)
+                (self._then or self._on_chunk)(view)
         if self._r == self._w:
             self._r = self._w = 0
 
