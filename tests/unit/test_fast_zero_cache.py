@@ -26,6 +26,7 @@ from dst.backends.base import Backend
 from dst.device import BlockDevice, IoFlags
 from dst.errors import IoError
 from dst.layers import FaultDevice, LinearDevice, StripeDevice
+from dst.layers.tracker import ChangeTracker
 from tests.model import contents, started
 from tests.unit.test_backends import loop_device, read  # noqa: F401 - a fixture
 
@@ -326,5 +327,27 @@ def test_a_stripe_with_a_member_that_cannot_zero_fast_refuses_at_once() -> None:
         assert refused(exc)
         assert [m.counts["zero"] for m in members] == [0, 0]
         await dev.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_change_tracker_passes_fast_zero_and_cache_through(tmp_path: Path) -> None:
+    async def main() -> None:
+        for can in (True, False):
+            inner = FaultDevice(open_device("memory:1M"), name="m")
+            inner.capabilities = inner.capabilities.with_(can_fast_zero=can)
+            t = ChangeTracker(inner, bitmap=str(tmp_path / f"bm-{can}"), granularity=4096)
+            await t.start()
+            await t.write(0, b"\x55" * 8192)
+            if can:
+                await t.write_zeroes(0, 4096, FAST)
+                assert await t.read(0, 8192) == bytes(4096) + b"\x55" * 4096
+            else:  # refused before the activity log or the device below sees it
+                with pytest.raises(IoError) as exc:
+                    await t.write_zeroes(0, 4096, FAST)
+                assert refused(exc) and inner.counts["zero"] == 0
+            await t.cache(0, MIB)
+            assert isinstance(inner.inner, BackendDevice) and inner.inner.counters.caches == 1
+            await t.aclose()
 
     asyncio.run(main())

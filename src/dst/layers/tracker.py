@@ -15,7 +15,16 @@ import errno
 import logging
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Done, IoFlags, Layer, check_range, run_in_task
+from dst.device import (
+    BlockDevice,
+    Buffer,
+    Done,
+    IoFlags,
+    Layer,
+    check_range,
+    fast_zero_refused,
+    run_in_task,
+)
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.activity import ActivityLog
 from dst.layers.bitmap import Record
@@ -174,6 +183,10 @@ class ChangeTracker(Layer):
         await self._ranged("trim", offset, length, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        if flags & IoFlags.FAST_ZERO and not self.capabilities.can_fast_zero:
+            # refused below anyway: not worth an activity-log write and a changed mark
+            self._check("zero", offset, length, limit=False)  # EPERM first when read-only
+            raise fast_zero_refused(self.name, "the device below cannot zero fast")
         await self._ranged("zero", offset, length, flags)
 
     def statistics(self) -> dict[str, Any]:
