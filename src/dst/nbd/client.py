@@ -92,6 +92,7 @@ _COMMANDS = (
 )
 _NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
 _DONE = int(ReplyFlags.DONE)  # a plain int: int & IntFlag runs Flag arithmetic in Python
+_CACHE = int(Command.CACHE)  # CACHE and above (WRITE_ZEROES) may go unsent: _unsupported
 
 
 @dataclass(eq=False, slots=True)
@@ -281,7 +282,7 @@ class NbdClientCore(Handshake):
                 self._reqs.pop(r.handle, None)  # never sent: this server has no such context
                 self._report(r, errno.EOPNOTSUPP, "the NBD server has no base:allocation now")
                 continue
-            if r.command >= Command.CACHE and self._unsupported(r):
+            if r.command >= _CACHE and self._unsupported(r):
                 continue
             if self._inflight == 0:
                 self._progress = self._now
