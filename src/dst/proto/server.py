@@ -48,6 +48,7 @@ from dst.proto.handshake import (
 from dst.proto.jobs import InOrder, Job
 from dst.proto.wire import (
     ALL_REQ_FLAGS,
+    BASE_REQ_FLAGS,
     HS_HEADER,
     HS_MAGIC,
     MAX_HANDSHAKE_BODY,
@@ -94,6 +95,12 @@ class ExportTerms:
     commands: frozenset[int] = field(default_factory=lambda: frozenset(Command))
     flags: int = int(ALL_REQ_FLAGS)  # announced in FLAGS; any other bit is refused EINVAL
     trim_zeroes: bool = False
+
+
+def honoured_flags(*, fast_zero: bool) -> int:
+    """The FLAGS of a WELCOME: every request flag, FAST_ZERO only where the storage can
+    zero natively (elsewhere the client refuses it itself, without sending it)."""
+    return int(ALL_REQ_FLAGS if fast_zero else BASE_REQ_FLAGS)
 
 
 class SState(Enum):

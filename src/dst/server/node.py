@@ -32,17 +32,8 @@ from dst.proto.events import (
 )
 from dst.proto.handshake import Hello
 from dst.proto.jobs import Job
-from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
-from dst.proto.wire import (
-    ALL_REQ_FLAGS,
-    BASE_REQ_FLAGS,
-    QUERY_COMMANDS,
-    Command,
-    Refusal,
-    ReqFlags,
-    Status,
-    pack_extents,
-)
+from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState, honoured_flags
+from dst.proto.wire import QUERY_COMMANDS, Command, Refusal, ReqFlags, Status, pack_extents
 from dst.server.sessions import Decision, Session, SessionTable, probe_key
 from dst.units import Address
 
@@ -86,8 +77,6 @@ class Export:
         }
         if caps.can_trim:
             commands.add(Command.TRIM)
-        # FAST_ZERO where a zero can be fast; elsewhere the client refuses it itself
-        flags = ALL_REQ_FLAGS if caps.can_fast_zero else BASE_REQ_FLAGS
         return ExportTerms(
             size=self.device.size,
             read_only=read_only,
@@ -95,7 +84,7 @@ class Export:
             min_block=caps.min_block,
             preferred_block=caps.preferred_block,
             commands=frozenset(commands),
-            flags=int(flags),
+            flags=honoured_flags(fast_zero=caps.can_fast_zero),
             trim_zeroes=self.trim_zeroes,
         )
 
