@@ -20,6 +20,9 @@ Rules (docs/mirror.md says why):
   it degrades at once (a rewrite would only wait out another transaction budget).
 - Writes and resync/verify steps take byte-range locks, so overlapping writes are
   applied in the same order on every leg and a resync copy never overwrites new data.
+- A FAST_ZERO zero is refused (ENOTSUP) before any leg is asked when a leg that takes
+  writes cannot zero fast, or when every leg refused it; legs that refused while others
+  zeroed zero again without it, so the legs never differ (a refusal degrades nothing).
 - An asynchronous leg (``async_legs``) is never read from, never waited for and never
   counts as "the last in-sync leg": once the synchronous legs took a change, it is
   queued for it in order (``dst.layers.shipper``), FLUSH and FUA as barriers.  When it
