@@ -32,6 +32,7 @@ class IoFlags(IntFlag):
     FUA = 1  # durable on stable storage before the ack
     PREFLUSH = 2  # every write acked before this request is durable before it runs
     NO_HOLE = 4  # WRITE_ZEROES must allocate, not punch
+    FAST_ZERO = 8  # WRITE_ZEROES: fail at once with ENOTSUP rather than write zeroes
 
 
 class ExtentFlags(IntFlag):
@@ -112,6 +113,9 @@ class Capabilities:
     can_fua: bool = True
     can_trim: bool = False
     can_zero: bool = True
+    # honours FAST_ZERO: zeroes natively, or refuses at once (ENOTSUP) where zeroing would
+    # mean writing zeroes, and never emulates; False where such a zero could never succeed
+    can_fast_zero: bool = False
     can_multi_conn: bool = True
     min_block: int = 1
     preferred_block: int = 4096
@@ -130,6 +134,7 @@ class IoCounters:
     flushes: int = 0
     trims: int = 0
     zeroes: int = 0
+    caches: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0
@@ -157,6 +162,17 @@ WRITE = Rule("write", changes=True, limited=True, past_end=errno.ENOSPC)
 TRIM = Rule("trim", changes=True, limited=False, past_end=errno.EINVAL)
 ZERO = Rule("write_zeroes", changes=True, limited=False, past_end=errno.ENOSPC)
 EXTENTS = Rule("extents", changes=False, limited=False, past_end=errno.EINVAL)
+CACHE = Rule("cache", changes=False, limited=False, past_end=errno.EINVAL)
+
+
+def fast_zero_refused(name: str, why: str) -> IoError:
+    """The answer to a FAST_ZERO request that could only be served by writing zeroes: the
+    caller writes them itself (qemu-img does), nothing was changed."""
+    return IoError(
+        errno.EOPNOTSUPP,
+        f"{name}: no fast zeroing here ({why}); write the zeroes instead, or zero without "
+        "FAST_ZERO",
+    )
 
 
 def refusal(
@@ -267,11 +283,19 @@ class BlockDevice(ABC):
         raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        """Make a range read back as zeroes; the default emulates it with writes."""
+        """Make a range read back as zeroes; the default emulates it with writes, so with
+        FAST_ZERO it refuses (ENOTSUP) before writing anything."""
         self.check(ZERO, offset, length)
+        if flags & IoFlags.FAST_ZERO:
+            raise fast_zero_refused(self.name, "it zeroes by writing zeroes")
         zero = memoryview(bytes(min(length, 1 << 20)))
         for pos, n, last in pieces(offset, length, len(zero)):
             await self.write(pos, zero[:n], piece_flags(flags, last))
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range for reads to come (NBD_CMD_CACHE): a hint that changes nothing.
+        The default, for devices that cannot prefetch, checks the range and does nothing."""
+        self.check(CACHE, offset, length)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The allocation status of ``[offset, offset + length)``: consecutive extents from
@@ -359,6 +383,9 @@ class Layer(BlockDevice):
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         await self.inner.write_zeroes(offset, length, flags)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.inner.cache(offset, length)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return await self.inner.extents(offset, length)

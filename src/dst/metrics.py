@@ -70,6 +70,7 @@ EXPORT_OPS = {
     "flushes": "flush",
     "trims": "trim",
     "zeroes": "zero",
+    "caches": "cache",
 }
 MAX_REQUEST_HEAD = 8192
 # the classic text format, which every scraper accepts; our names need nothing newer

@@ -241,7 +241,7 @@ def test_nbdinfo_json_shows_the_advertised_flags(served: Served) -> None:
         "can_multi_conn": True,
         "can_df": True,
         "can_fast_zero": False,
-        "can_cache": False,
+        "can_cache": True,  # a hint every device takes
         "block_size_minimum": 1,
         "block_size_preferred": 4096,
         "block_size_maximum": 32 * MiB,

@@ -98,7 +98,13 @@ class FakeAio(AsyncBackend):
     def start_trim(self, offset: int, length: int, done: Done) -> None:
         self._finish("trim", lambda: None, done)
 
-    def start_zero(self, offset: int, length: int, may_trim: bool, done: Done) -> None:
+    def start_zero(
+        self, offset: int, length: int, may_trim: bool, done: Done, fast: bool = False
+    ) -> None:
+        if fast and not may_trim:  # as librbd's thick provisioning: refused for FAST_ZERO
+            done(OSError(errno.EOPNOTSUPP, "no fast zeroing with NO_HOLE"))
+            return
+
         def work() -> None:
             self.data[offset : offset + length] = bytes(length)
 

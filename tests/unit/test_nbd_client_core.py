@@ -511,3 +511,39 @@ def test_shutdown_fails_everything_pending() -> None:
     assert all(isinstance(e, Completed) and e.error == errno.ESHUTDOWN for e in evs)
     with pytest.raises(ValueError):
         core.submit(FLUSH, 0, 0, 0, 0.0)
+
+
+SEND_CACHE, SEND_FAST_ZERO, CACHE, FAST_ZERO = 1 << 10, 1 << 11, 5, 0x10
+
+
+def test_cache_and_fast_zero_go_to_a_server_that_advertises_them() -> None:
+    core = connected(flags=ALL | SEND_CACHE | SEND_FAST_ZERO)
+    h1 = core.submit(CACHE, 0, MiB, 0, 0.0)
+    h2 = core.submit(ZEROES, MiB, MiB, FAST_ZERO, 0.0)
+    assert sent(core) == request(CACHE, h1, 0, MiB) + request(ZEROES, h2, MiB, MiB, FAST_ZERO)
+    core.receive_data(simple(h1) + error_chunk(h2, 95, b"no fast zero"), 1.0)
+    done = {e.handle: e.error for e in events(core) if isinstance(e, Completed)}
+    assert done == {h1: 0, h2: errno.EOPNOTSUPP}
+
+
+def test_without_them_cache_is_done_and_fast_zero_refused_unsent() -> None:
+    core = connected()  # no SEND_CACHE, no SEND_FAST_ZERO
+    h1 = core.submit(CACHE, 0, MiB, 0, 0.0)
+    h2 = core.submit(ZEROES, MiB, MiB, FAST_ZERO, 0.0)
+    h3 = core.submit(ZEROES, MiB, MiB, 0, 0.0)
+    assert sent(core) == request(ZEROES, h3, MiB, MiB)
+    done = {e.handle: e.error for e in events(core) if isinstance(e, Completed)}
+    assert done == {h1: 0, h2: errno.EOPNOTSUPP}
+    assert core.in_flight == 1
+
+
+def test_a_resend_obeys_the_server_of_the_new_connection() -> None:
+    core = connected(flags=ALL | SEND_CACHE | SEND_FAST_ZERO)
+    h1 = core.submit(CACHE, 0, MiB, 0, 0.0)
+    h2 = core.submit(ZEROES, 0, MiB, FAST_ZERO, 0.0)
+    sent(core)
+    evs = reconnect(core, 1.0)  # the server that answers now advertises neither
+    assert isinstance(evs[0], Connected) and evs[0].reconnect
+    done = {e.handle: e.error for e in evs if isinstance(e, Completed)}
+    assert done == {h1: 0, h2: errno.EOPNOTSUPP}
+    assert REQ_MAGIC not in sent(core)

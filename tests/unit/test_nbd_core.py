@@ -486,6 +486,47 @@ def test_fua_and_trim_are_refused_when_not_advertised() -> None:
     assert out(core) == b"".join(simple_error(h, errno.EINVAL) for h in (1, 2, 3))
 
 
+SEND_CACHE, SEND_FAST_ZERO = 1 << 10, 1 << 11
+
+
+def test_fast_zero_and_cache_when_advertised() -> None:
+    export = ExportInfo(size=SIZE, can_fast_zero=True, can_cache=True)
+    core = make_core(export)
+    out(core)
+    core.receive_data(struct.pack(">I", 1) + option(7, go_data("")), 0.0)
+    flags = struct.unpack(">H", out(core)[30:32])[0]
+    assert flags & SEND_FAST_ZERO and flags & SEND_CACHE and flags & SEND_WRITE_ZEROES
+    assert [type(e) for e in events(core)] == [ExportChosen]
+    core.receive_data(
+        request(6, 1, 0, 4096, flags=0x10)  # FAST_ZERO
+        + request(6, 2, 0, 4096, flags=0x12)  # with NO_HOLE
+        + request(5, 3, SIZE - 4096, 4096)  # CACHE, up to the end
+        + request(5, 4, 0, 64 * MiB, flags=1)  # the whole export (FUA is ignored)
+        + request(5, 5, SIZE - 4096, 8192)  # past the end
+        + request(5, 6, 0, 0),  # nothing to do
+        0.0,
+    )
+    reqs = [e for e in events(core) if isinstance(e, Request)]
+    assert [(r.handle, r.command, r.flags) for r in reqs] == [
+        (1, Command.WRITE_ZEROES, IoFlags.FAST_ZERO),
+        (2, Command.WRITE_ZEROES, IoFlags.FAST_ZERO | IoFlags.NO_HOLE),
+        (3, Command.CACHE, IoFlags.NONE),
+        (4, Command.CACHE, IoFlags.FUA),
+    ]
+    assert out(core) == simple_error(5, errno.EINVAL) + simple_error(6, 0)
+    core.reply_error(1, errno.EOPNOTSUPP, "no fast zeroing here")
+    core.reply_ok(3)
+    assert out(core) == simple_error(1, 95) + simple_error(3, 0)
+
+
+def test_fast_zero_is_not_advertised_for_a_read_only_export() -> None:
+    export = ExportInfo(size=SIZE, read_only=True, can_fast_zero=True, can_cache=True)
+    flags = int(export.transmission_flags(structured=True))
+    assert not flags & SEND_FAST_ZERO and not flags & SEND_WRITE_ZEROES and flags & SEND_CACHE
+    no_zero = ExportInfo(size=SIZE, can_zero=False, can_fast_zero=True)
+    assert not int(no_zero.transmission_flags(structured=True)) & SEND_FAST_ZERO
+
+
 def test_alignment_to_the_minimum_block_size() -> None:
     core = connected(ExportInfo(size=SIZE, min_block=512))
     core.receive_data(

@@ -71,9 +71,19 @@ class Backend(ABC):
         """Discard a range; a hint, so doing nothing is correct."""
         return None
 
-    def zero(self, offset: int, length: int, may_trim: bool) -> None:
-        """Make a range read back as zeroes; the default writes zeroes."""
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        """Make a range read back as zeroes; the default writes zeroes.
+
+        With ``fast`` (FAST_ZERO) a plugin zeroes only where that is cheaper than writing
+        zeroes, and otherwise raises EOPNOTSUPP before changing anything (see
+        :func:`not_fast`): the caller then writes the zeroes itself."""
+        if fast:
+            raise not_fast(self.spec, "it has no native zeroing")
         write_zeroes(self, offset, length)
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range (NBD_CMD_CACHE); a hint, so doing nothing is correct."""
+        return None
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Allocation status from ``offset`` on (``length`` > 0), as
@@ -127,8 +137,11 @@ class AsyncBackend(Backend):
         """Discard a range (a hint)."""
 
     @abstractmethod
-    def start_zero(self, offset: int, length: int, may_trim: bool, done: Done) -> None:
-        """Make a range read back as zeroes; ``may_trim`` False: keep it allocated."""
+    def start_zero(
+        self, offset: int, length: int, may_trim: bool, done: Done, fast: bool = False
+    ) -> None:
+        """Make a range read back as zeroes; ``may_trim`` False: keep it allocated;
+        ``fast``: as for :meth:`Backend.zero`, EOPNOTSUPP to ``done`` rather than a slow zero."""
 
 
 def fill_zeroes(buf: memoryview) -> None:
@@ -139,6 +152,11 @@ def fill_zeroes(buf: memoryview) -> None:
         n = min(len(zero), len(buf) - pos)
         buf[pos : pos + n] = zero[:n]
         pos += n
+
+
+def not_fast(spec: str, why: str) -> OSError:
+    """What a plugin raises for a FAST_ZERO request it could only serve slowly."""
+    return OSError(errno.EOPNOTSUPP, f"no fast zeroing on {spec}: {why}")
 
 
 def write_zeroes(backend: Backend, offset: int, length: int) -> None:
@@ -323,6 +341,12 @@ class FdBackend(Backend):
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
+
+    def cache(self, offset: int, length: int) -> None:
+        """Start reading the range into the page cache (POSIX_FADV_WILLNEED); the kernel
+        reads ahead in the background, so this returns before the data is there."""
+        if length > 0:  # a length of 0 would mean "to the end of the file"
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def _seek_end(self) -> int:
         """Where SEEK_DATA/SEEK_HOLE answers end: the file's current end (a file someone

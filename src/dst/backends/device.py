@@ -4,8 +4,8 @@ Like nbdkit's server core, it checks every range before the plugin sees it,
 refuses changes to read-only stores, runs blocking plugins on a bounded worker
 pool (non-blocking ones inline on the loop, asynchronous ones - librbd - started
 on the loop and finished by their completion callback), emulates what a plugin
-lacks (FUA by a flush after the write) and turns ``OSError`` into ``IoError``
-that names the request.
+lacks (FUA by a flush after the write; zeroes by writes, which FAST_ZERO refuses
+instead) and turns ``OSError`` into ``IoError`` that names the request.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from dst.backends.base import AsyncBackend, Backend
 from dst.device import (
+    CACHE,
     EXTENTS,
     READ,
     TRIM,
@@ -33,6 +34,7 @@ from dst.device import (
     IoFlags,
     Rule,
     checked_extents,
+    fast_zero_refused,
     merge_extents,
     run_in_task,
 )
@@ -133,6 +135,8 @@ class BackendDevice(BlockDevice):
             can_fua=True,  # native, or emulated by a flush after the write
             can_trim=backend.can_trim and not backend.read_only,
             can_zero=not backend.read_only,  # native, or emulated by writing zeroes
+            # FAST_ZERO: the plugin's own zeroing, never the emulation (refused instead)
+            can_fast_zero=backend.can_zero and not backend.read_only,
         )
         self.counters: IoCounters = IoCounters()
         self._executor = (
@@ -345,9 +349,28 @@ class BackendDevice(BlockDevice):
         self.check(ZERO, offset, length)
         backend = self.backend
         may_trim = not flags & IoFlags.NO_HOLE
-        run = self._wrap(flags, lambda: backend.zero(offset, length, may_trim), True)
+        fast = self._fast_zero(flags)
+        run = self._wrap(flags, lambda: backend.zero(offset, length, may_trim, fast), True)
         await self._call("write_zeroes", offset, length, run)
         self.counters.zeroes += 1
+
+    def _fast_zero(self, flags: IoFlags) -> bool:
+        """Whether a zero is FAST_ZERO; refused here at once when the plugin has no
+        zeroing of its own (the framework's would write zeroes)."""
+        if not flags & IoFlags.FAST_ZERO:
+            return False
+        if not self.backend.can_zero:
+            self.counters.errors += 1
+            raise fast_zero_refused(self.name, "the store has no native zeroing")
+        return True
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch (the plugin's ``cache``: POSIX_FADV_WILLNEED on files and disks)."""
+        self.check(CACHE, offset, length)
+        if length:
+            backend = self.backend  # on the pool when it may block, like a read
+            await self._call("cache", offset, length, lambda: backend.cache(offset, length))
+        self.counters.caches += 1
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The backend's view of allocation (SEEK_DATA/SEEK_HOLE, its own map, ...)."""
@@ -427,8 +450,13 @@ class BackendDevice(BlockDevice):
 
         if self._refused(ZERO, offset, length, done):
             return
+        try:
+            fast = self._fast_zero(flags)
+        except IoError as e:
+            done(e)
+            return
         start: Step = (
-            (lambda d: aio.start_zero(offset, length, may_trim, d)) if length else _nothing
+            (lambda d: aio.start_zero(offset, length, may_trim, d, fast)) if length else _nothing
         )
         self._begin("write_zeroes", offset, length, flags, start, True, counted)
 

@@ -19,6 +19,7 @@ from dst.backends.base import (
     UNSUPPORTED,
     FdBackend,
     fallocate,
+    not_fast,
     open_error,
     write_zeroes,
 )
@@ -188,8 +189,13 @@ class FileBackend(FdBackend):
                 raise
             self.can_trim = False
 
-    def zero(self, offset: int, length: int, may_trim: bool) -> None:
-        """Punch when allowed, else ZERO_RANGE, else punch and re-allocate, else write."""
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        """Punch when allowed, else ZERO_RANGE, else punch and re-allocate, else write.
+
+        ``fast`` (FAST_ZERO) takes the first two, and the third except on a memory
+        filesystem, where allocating a page means zeroing it: as slow as writing zeroes
+        (tmpfs has no ZERO_RANGE, so NO_HOLE with FAST_ZERO is refused there). Writing
+        zeroes is refused (EOPNOTSUPP) before anything changed."""
         fd = self._fd
         if may_trim and self.can_trim:
             try:
@@ -207,7 +213,8 @@ class FileBackend(FdBackend):
                 if e.errno not in UNSUPPORTED:
                     raise
                 self._zero_range = False  # e.g. tmpfs
-        if self.can_trim:
+        in_memory = self.filesystem in MEMORY_FILESYSTEMS
+        if self.can_trim and not (fast and in_memory):
             try:
                 fallocate(fd, PUNCH, offset, length)
                 fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)  # allocate again: no hole
@@ -215,6 +222,15 @@ class FileBackend(FdBackend):
             except OSError as e:
                 if e.errno not in UNSUPPORTED:
                     raise
+        if fast:
+            raise not_fast(
+                self.spec,
+                f"{self.filesystem} has no ZERO_RANGE, and allocating its pages costs as much "
+                "as writing zeroes"
+                if self.can_trim
+                else f"the {self.filesystem or 'filesystem'} can neither punch holes nor "
+                "zero ranges",
+            )
         self.can_zero = False
         write_zeroes(self, offset, length)
 
@@ -335,8 +351,34 @@ class DiskBackend(FdBackend):
                 raise
             self.can_trim = False
 
-    def zero(self, offset: int, length: int, may_trim: bool) -> None:
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        """Unmap-zero (``fallocate(PUNCH_HOLE)``) when allowed, else BLKZEROOUT; the
+        unaligned edges are written.
+
+        On a block device ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` is the kernel's zero-out
+        *without* fallback (the device's write-zeroes offload, or EOPNOTSUPP), while
+        BLKZEROOUT and ZERO_RANGE fall back to writing zero pages. So ``fast`` (FAST_ZERO)
+        takes only the first, on a block-aligned range: NO_HOLE, unaligned edges and a
+        device without the offload are refused (EOPNOTSUPP) before anything is written."""
         start, end = self._aligned(offset, length)
+        if fast:
+            if not may_trim:
+                raise not_fast(
+                    self.spec,
+                    "keeping the range allocated (NO_HOLE) needs BLKZEROOUT, which "
+                    "may write zeroes",
+                )
+            if start != offset or end != offset + length or end <= start:
+                raise not_fast(
+                    self.spec, f"the range is not aligned to the {self.block_size}-byte blocks"
+                )
+            try:
+                fallocate(self._fd, PUNCH, start, end - start)
+            except OSError as e:
+                if e.errno not in UNSUPPORTED:
+                    raise
+                raise not_fast(self.spec, "the device has no write-zeroes offload") from None
+            return
         if end <= start:
             write_zeroes(self, offset, length)
             return

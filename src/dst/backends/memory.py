@@ -81,8 +81,9 @@ class MemoryBackend(Backend):
     def trim(self, offset: int, length: int) -> None:
         self.zero(offset, length, True)
 
-    def zero(self, offset: int, length: int, may_trim: bool) -> None:
-        """Give whole pages back to the kernel; zero the partial pages at the edges.
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        """Give whole pages back to the kernel; zero the partial pages at the edges (always
+        fast: nothing larger than a page is written, so FAST_ZERO changes nothing).
 
         The granules it covers whole become holes, or (NO_HOLE) allocated zeroes; the
         partial ones at the edges keep their state, which stays true (zeroes were written

@@ -35,8 +35,8 @@ class NullBackend(Backend):
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         pass
 
-    def zero(self, offset: int, length: int, may_trim: bool) -> None:
-        pass
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        pass  # nothing to do, so always fast
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Nothing is ever stored: one hole that reads as zeroes (nbdkit's null does this)."""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dst.backends.base import AsyncBackend
+from dst.backends.base import AsyncBackend, not_fast
 from dst.device import Done
 from dst.errors import StorageError, UsageError
 
@@ -182,6 +182,10 @@ def _failure(ret: int, what: str) -> OSError | None:
     return OSError(-ret, f"librbd {what}: {os.strerror(-ret)}")
 
 
+def _thick_not_fast(spec: str) -> OSError:
+    return not_fast(spec, "NO_HOLE means thick provisioning, which writes every byte")
+
+
 def errno_of(e: Exception) -> int:
     """The errno of a binding error (they are not OSErrors), EIO when it has none."""
     return int(getattr(e, "errno", None) or errno.EIO)
@@ -285,7 +289,15 @@ class RbdBackend(AsyncBackend):
 
         self._submit(lambda img: img.aio_discard(offset, length, complete), done)
 
-    def start_zero(self, offset: int, length: int, may_trim: bool, done: Done) -> None:
+    def start_zero(
+        self, offset: int, length: int, may_trim: bool, done: Done, fast: bool = False
+    ) -> None:
+        """librbd write_zeroes: objects covered whole are discarded and the rest zeroed by
+        the OSDs, a metadata operation (fast); NO_HOLE asks for thick provisioning, which
+        writes every byte on the OSDs, so with ``fast`` (FAST_ZERO) it is refused."""
+        if fast and not may_trim:
+            done(_thick_not_fast(self.spec))
+            return
         post = self._loop_handoff().post
         flags = 0 if may_trim else THICK
 
@@ -321,7 +333,9 @@ class RbdBackend(AsyncBackend):
     def trim(self, offset: int, length: int) -> None:
         self._sync(lambda img: img.discard(offset, length))
 
-    def zero(self, offset: int, length: int, may_trim: bool) -> None:
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        if fast and not may_trim:
+            raise _thick_not_fast(self.spec)
         self._sync(lambda img: img.write_zeroes(offset, length, 0 if may_trim else THICK))
 
     def _sync(self, call: Callable[[Any], Any]) -> Any:

@@ -19,6 +19,8 @@ What NBD cannot give, and what this device does instead:
   nothing for ``resend_timeout`` is closed and re-established.
 - **Allocation**: ``extents`` passes the server's own ``base:allocation`` through
   (NBD_CMD_BLOCK_STATUS) when it offers that context, and reports all data otherwise.
+- **FAST_ZERO and CACHE** go to the server when it advertises SEND_FAST_ZERO and
+  SEND_CACHE; otherwise a fast zero is refused (ENOTSUP) and a cache is a no-op here.
 
 A request fails with EIO at the latest ``(resends + 1) * resend_timeout`` after it
 was submitted; an error reply from the server (EIO, ENOSPC, EPERM) goes to the
@@ -37,6 +39,7 @@ from typing import Any
 
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import (
+    CACHE,
     EXTENTS,
     MAX_REQUEST,
     READ,
@@ -49,6 +52,7 @@ from dst.device import (
     IoFlags,
     Rule,
     checked_extents,
+    fast_zero_refused,
     pieces,
 )
 from dst.errors import DstError, IoError
@@ -74,6 +78,7 @@ OPS = {
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
     Command.BLOCK_STATUS: "extents",
+    Command.CACHE: "cache",
 }
 _RANGE_STEP = 1 << 31  # TRIM and WRITE_ZEROES lengths are 32-bit on the wire
 _STATUS_MAX = 0xFFFFFFFF  # so is a BLOCK_STATUS length
@@ -148,6 +153,9 @@ class NbdDevice(LinkedDevice):
             can_fua=not ro,  # SEND_FUA, or emulated with a flush
             can_trim=not ro and bool(x.flags & TF.SEND_TRIM),
             can_zero=not ro,  # SEND_WRITE_ZEROES, or emulated with writes
+            can_fast_zero=not ro
+            and bool(x.flags & TF.SEND_WRITE_ZEROES)
+            and bool(x.flags & TF.SEND_FAST_ZERO),
             can_multi_conn=bool(x.flags & TF.CAN_MULTI_CONN),
             min_block=x.min_block,
             preferred_block=max(x.preferred_block, x.min_block),
@@ -286,15 +294,27 @@ class NbdDevice(LinkedDevice):
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         self.check(ZERO, offset, length)
+        fast = bool(flags & IoFlags.FAST_ZERO)
+        if fast and not self._flags & TF.SEND_FAST_ZERO:
+            # the server cannot be asked to refuse rather than write: refuse here
+            raise fast_zero_refused(self.name, "the NBD server does not offer SEND_FAST_ZERO")
         if not self._flags & TF.SEND_WRITE_ZEROES:
-            await super().write_zeroes(offset, length, flags)
+            await super().write_zeroes(offset, length, flags)  # refuses FAST_ZERO too
             return
         wflags = await self._write_flags(flags)
         if flags & IoFlags.NO_HOLE:
             wflags |= CommandFlags.NO_HOLE
+        if fast:
+            wflags |= CommandFlags.FAST_ZERO
         if length:
             await self._ranged(Command.WRITE_ZEROES, offset, length, wflags)
         await self._after_write(flags)
+
+    async def cache(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE when the server offers SEND_CACHE; nothing otherwise (a hint)."""
+        self.check(CACHE, offset, length)
+        if length and self._flags & TF.SEND_CACHE:
+            await self._ranged(Command.CACHE, offset, length, 0)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The server's ``base:allocation`` (BLOCK_STATUS), or all data from a server that

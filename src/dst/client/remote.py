@@ -18,6 +18,7 @@ from dst import trace
 from dst.buffers import BufferPool
 from dst.client.link import LinkedDevice, LinkOptions
 from dst.device import (
+    CACHE,
     EXTENTS,
     READ,
     TRIM,
@@ -41,7 +42,7 @@ from dst.proto.events import (
     Refused,
     Resent,
 )
-from dst.proto.wire import MAX_EXTENTS_LENGTH, Command, Status
+from dst.proto.wire import MAX_EXTENTS_LENGTH, Command, ReqFlags, Status
 from dst.uri import MemberUri
 
 log = logging.getLogger("dst.member")
@@ -59,6 +60,7 @@ OPS: dict[int, str] = {
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
     Command.EXTENTS: "extents",
+    Command.CACHE: "cache",
     Command.DISCONNECT: "disconnect",
 }
 
@@ -121,6 +123,10 @@ class RemoteDevice(LinkedDevice):
             can_fua=True,
             can_trim=bool(w.commands & (1 << Command.TRIM)),
             can_zero=bool(w.commands & (1 << Command.WRITE_ZEROES)),
+            # without FAST_ZERO in FLAGS (an older export node) the core refuses it here
+            can_fast_zero=not w.read_only
+            and bool(w.commands & (1 << Command.WRITE_ZEROES))
+            and bool(w.flags & ReqFlags.FAST_ZERO),
             can_multi_conn=True,
             min_block=w.min_block,
             preferred_block=w.preferred_block,
@@ -375,6 +381,19 @@ class RemoteDevice(LinkedDevice):
         await asyncio.gather(
             *(self._txn(cmd, pos, n, flags) for pos, n, _ in pieces(offset, length, step))
         )
+
+    async def cache(self, offset: int, length: int) -> None:
+        """CACHE on the export node, which prefetches; nothing against an export node that
+        does not offer it (the core answers it as done, even after a reconnect)."""
+        self.check(CACHE, offset, length)
+        w = self.core.welcome
+        if not length or w is None or not w.commands & (1 << Command.CACHE):
+            return
+        try:
+            await self._ranged(Command.CACHE, offset, length, IoFlags.NONE)
+        except IoError as exc:
+            if exc.errno != errno.EOPNOTSUPP:  # an older export node: a hint not taken
+                raise
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The export node's allocation status (EXTENTS), or all data from an export node

@@ -60,6 +60,7 @@ _OPS = {
     Command.TRIM: "trim",
     Command.WRITE_ZEROES: "zero",
     Command.BLOCK_STATUS: "block_status",
+    Command.CACHE: "cache",
 }
 CONTEXTS = (BASE_ALLOCATION,)  # the metadata contexts every device answers (see _status)
 # ... and one x-dst:changed:NAME per checkpoint of a device with a --bitmap record
@@ -86,6 +87,8 @@ def export_info(device: BlockDevice, description: str = "") -> ExportInfo:
         can_fua=caps.can_fua,
         can_trim=caps.can_trim,
         can_zero=caps.can_zero,
+        can_fast_zero=caps.can_fast_zero,
+        can_cache=True,  # a hint every device takes (a no-op where it cannot prefetch)
         can_multi_conn=caps.can_multi_conn,
         min_block=caps.min_block,
         preferred_block=caps.preferred_block,
@@ -271,6 +274,11 @@ class _Connection:
             await self._in_chunks(dev.trim, req)
         elif req.command == Command.WRITE_ZEROES:
             await self._in_chunks(dev.write_zeroes, req)
+        elif req.command == Command.CACHE:
+            try:
+                await dev.cache(req.offset, req.length)  # the core checked the range
+            except OSError as exc:  # a prefetch not made is no reason to fail the request
+                log.debug("NBD cache at %d+%d not taken: %s", req.offset, req.length, exc)
         elif req.command == Command.BLOCK_STATUS:
             statuses = {name: await self._status(name, req) for name in core.contexts}
             core.reply_block_status(req.handle, statuses)

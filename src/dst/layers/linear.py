@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar, cast
 
 from dst.device import (
+    CACHE,
     EXTENTS,
     READ,
     TRIM,
@@ -29,6 +30,7 @@ from dst.device import (
     IoCounters,
     IoFlags,
     checked_extents,
+    fast_zero_refused,
     merge_extents,
 )
 from dst.errors import DstError, IoError, UsageError
@@ -46,6 +48,7 @@ def merge_capabilities(caps: Sequence[Capabilities]) -> Capabilities:
         can_fua=all(c.can_fua for c in caps),
         can_trim=all(c.can_trim for c in caps) and not any(c.read_only for c in caps),
         can_zero=all(c.can_zero for c in caps),
+        can_fast_zero=all(c.can_fast_zero for c in caps),
         can_multi_conn=all(c.can_multi_conn for c in caps),
         min_block=max(c.min_block for c in caps),
         preferred_block=max(c.preferred_block for c in caps),
@@ -149,6 +152,14 @@ class Composite(BlockDevice):
             flags &= ~IoFlags.PREFLUSH
         return flags
 
+    def _fast_zero_possible(self, flags: IoFlags) -> None:
+        """A FAST_ZERO that a member could never take is refused before any member
+        zeroes its part. (One that a member refuses at run time may leave the other
+        parts zeroed: the caller writes zeroes over all of it, which is what it asked.)"""
+        if flags & IoFlags.FAST_ZERO and not self.capabilities.can_fast_zero:
+            self.counters.errors += 1
+            raise fast_zero_refused(self.name, "a member cannot zero fast")
+
     async def flush(self) -> None:
         try:
             await gather_all([m.flush() for m in self.members])
@@ -248,11 +259,17 @@ class LinearDevice(Composite):
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         self.check(ZERO, offset, length)
+        self._fast_zero_possible(flags)
         flags = await self._preflush(flags)
         await gather_all(
             [m.write_zeroes(mo, n, flags) for m, mo, _, n in self._pieces(offset, length)]
         )
         self.counters.zeroes += 1
+
+    async def cache(self, offset: int, length: int) -> None:
+        self.check(CACHE, offset, length)
+        await gather_all([m.cache(mo, n) for m, mo, _, n in self._pieces(offset, length)])
+        self.counters.caches += 1
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Each member's extents for its piece, shifted to the device's offsets; an answer

@@ -20,6 +20,9 @@ Rules (docs/mirror.md says why):
   it degrades at once (a rewrite would only wait out another transaction budget).
 - Writes and resync/verify steps take byte-range locks, so overlapping writes are
   applied in the same order on every leg and a resync copy never overwrites new data.
+- A FAST_ZERO zero is refused (ENOTSUP) before any leg is asked when a leg that takes
+  writes cannot zero fast, or when every leg refused it; legs that refused while others
+  zeroed zero again without it, so the legs never differ (a refusal degrades nothing).
 - An asynchronous leg (``async_legs``) is never read from, never waited for and never
   counts as "the last in-sync leg": once the synchronous legs took a change, it is
   queued for it in order (``dst.layers.shipper``), FLUSH and FUA as barriers.  When it
@@ -37,6 +40,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from dst.device import (
+    CACHE,
     EXTENTS,
     READ,
     TRIM,
@@ -50,6 +54,7 @@ from dst.device import (
     IoFlags,
     Rule,
     checked_extents,
+    fast_zero_refused,
 )
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.activity import ActivityLog
@@ -569,6 +574,7 @@ class MirrorCore(BlockDevice):
         fn: LegOp,
         data: memoryview | None = None,
         flags: IoFlags = IoFlags.NONE,
+        fallback: LegOp | None = None,
     ) -> None:
         self.foreground.begin()
         held: list[tuple[Shipper, int]] = []
@@ -583,6 +589,10 @@ class MirrorCore(BlockDevice):
                     if not targets:
                         raise IoError(errno.EIO, f"{self.name}: no in-sync leg to {op} to")
                     results = await self._fan_out(op, targets, lambda x: fn(x.dev, offset, length))
+                    if fallback is not None:
+                        results = await self._redo_refused(
+                            op, targets, results, lambda x: fallback(x.dev, offset, length)
+                        )
                     err = await self._settle(
                         op, targets, results, skipped, [(offset, length)], diverge=True
                     )
@@ -598,6 +608,38 @@ class MirrorCore(BlockDevice):
             for s, n in held:
                 s.unreserve(n)
             self.foreground.end()
+
+    async def _redo_refused(
+        self,
+        op: str,
+        targets: list[Leg],
+        results: list[BaseException | None],
+        call: Callable[[Leg], Awaitable[None]],
+    ) -> list[BaseException | None]:
+        """A FAST_ZERO that legs refused (ENOTSUP): refused as a whole when every leg
+        refused (none changed anything); otherwise the refusing legs zero the slow way
+        (``call``), since another leg already zeroed and the legs must stay identical."""
+        refused: list[tuple[int, BaseException]] = [
+            (i, r)
+            for i, r in enumerate(results)
+            if isinstance(r, OSError) and r.errno == errno.EOPNOTSUPP
+        ]
+        if not refused:
+            return results
+        if len(refused) == len(results):
+            why = self._errors(op, [(targets[i], r) for i, r in refused])
+            raise IoError(errno.EOPNOTSUPP, f"{self.name}: no fast zeroing: {why}")
+        redo = [targets[i] for i, _ in refused]
+        log.info(
+            "%s: %s refused a fast zero that other legs took: zeroing there without it",
+            self.name,
+            ", ".join(x.name for x in redo),
+        )
+        again = await self._fan_out(op, redo, call)
+        out = list(results)
+        for (i, _), r in zip(refused, again, strict=True):
+            out[i] = r
+        return out
 
     async def _settle(
         self,
@@ -666,13 +708,21 @@ class MirrorCore(BlockDevice):
         self.counters.writes += 1
         self.counters.bytes_written += n
 
-    async def _ranged(self, op: str, offset: int, length: int, fn: LegOp, flags: IoFlags) -> None:
+    async def _ranged(
+        self,
+        op: str,
+        offset: int,
+        length: int,
+        fn: LegOp,
+        flags: IoFlags,
+        fallback: LegOp | None = None,
+    ) -> None:
         """Big trims and zeroes go a few extents at a time, so the activity log stays small."""
         step = self.al_extent * SPLIT_EXTENTS
         pos, end = offset, offset + length
         while pos < end:
             n = min(step - pos % step, end - pos)
-            await self._to_end(self._change(op, pos, n, fn, None, flags))
+            await self._to_end(self._change(op, pos, n, fn, None, flags, fallback))
             pos += n
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
@@ -683,11 +733,45 @@ class MirrorCore(BlockDevice):
         self.counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        """FAST_ZERO: refused before any leg is asked when a leg that takes writes cannot
+        zero fast; a leg that refuses at run time while others zeroed zeroes without it
+        (:meth:`_redo_refused`), so the legs never differ."""
         self.check(ZERO, offset, length)
+        fallback: LegOp | None = None
+        if flags & IoFlags.FAST_ZERO:
+            slow = [
+                x.name
+                for x in self.legs
+                if x.status != DEGRADED
+                and not x.asynchronous
+                and not x.dev.capabilities.can_fast_zero
+            ]
+            if slow:
+                raise fast_zero_refused(self.name, f"{', '.join(slow)} cannot zero fast")
+            plain = flags & ~IoFlags.FAST_ZERO
+
+            def fallback(d: BlockDevice, o: int, n: int) -> Awaitable[None]:
+                return d.write_zeroes(o, n, plain)
+
         await self._ranged(
-            "zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags), flags
+            "zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags), flags, fallback
         )
         self.counters.zeroes += 1
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch on every in-sync leg, the legs reads go to; a leg that fails to is only
+        logged (it is a hint: its reads work all the same, or fail over as reads do)."""
+        self.check(CACHE, offset, length)
+        legs = self.in_sync_legs()
+        results = await asyncio.gather(
+            *(self._on_leg(x, x.dev.cache(offset, length)) for x in legs), return_exceptions=True
+        )
+        for leg, r in zip(legs, results, strict=True):
+            if isinstance(r, OSError):
+                log.debug("%s: cache at %d+%d not taken: %s", leg.name, offset, length, r)
+            elif isinstance(r, BaseException):
+                raise r
+        self.counters.caches += 1
 
     async def flush(self) -> None:
         """Flush every leg that gets writes; a leg whose flush failed may have lost writes

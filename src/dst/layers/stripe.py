@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from dst.device import (
+    CACHE,
     EXTENTS,
     READ,
     TRIM,
@@ -164,11 +165,18 @@ class StripeDevice(Composite):
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         self.check(ZERO, offset, length)
+        self._fast_zero_possible(flags)
         flags = await self._preflush(flags)
         await gather_all(
             [m.write_zeroes(mo, n, flags) for m, mo, n in self._ranges(offset, length)]
         )
         self.counters.zeroes += 1
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Each member prefetches its one range of the request."""
+        self.check(CACHE, offset, length)
+        await gather_all([m.cache(mo, n) for m, mo, n in self._ranges(offset, length)])
+        self.counters.caches += 1
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Every member's extents over its one range, dealt back chunk by chunk; whole rows

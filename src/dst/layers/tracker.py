@@ -25,6 +25,7 @@ from dst.device import (
     IoFlags,
     Layer,
     Rule,
+    fast_zero_refused,
     run_in_task,
 )
 from dst.errors import DstError, IoError, UsageError
@@ -184,6 +185,10 @@ class ChangeTracker(Layer):
         await self._ranged(TRIM, offset, length, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
+        if flags & IoFlags.FAST_ZERO and not self.capabilities.can_fast_zero:
+            # refused below anyway: not worth an activity-log write and a changed mark
+            self.check(ZERO, offset, length)  # EPERM first when read-only
+            raise fast_zero_refused(self.name, "the device below cannot zero fast")
         await self._ranged(ZERO, offset, length, flags)
 
     def statistics(self) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from dst.nbd.constants import (
     Option,
     ReplyFlags,
     ReplyType,
+    TransmissionFlags,
 )
 from dst.nbd.events import Event
 from dst.nbd.meta import BASE_ALLOCATION, parse_block_status
@@ -88,9 +89,11 @@ _COMMANDS = (
     Command.TRIM,
     Command.WRITE_ZEROES,
     Command.BLOCK_STATUS,
+    Command.CACHE,
 )
 _NBD_ERRNO = {e.value: e.value for e in NbdError}  # the wire values are Linux errno values
 _DONE = int(ReplyFlags.DONE)  # a plain int: int & IntFlag runs Flag arithmetic in Python
+_CACHE = int(Command.CACHE)  # CACHE and above (WRITE_ZEROES) may go unsent: _unsupported
 
 
 @dataclass(eq=False, slots=True)
@@ -280,6 +283,8 @@ class NbdClientCore(Handshake):
                 self._reqs.pop(r.handle, None)  # never sent: this server has no such context
                 self._report(r, errno.EOPNOTSUPP, "the NBD server has no base:allocation now")
                 continue
+            if r.command >= _CACHE and self._unsupported(r):
+                continue
             if self._inflight == 0:
                 self._progress = self._now
             r.sent = True
@@ -289,6 +294,27 @@ class NbdClientCore(Handshake):
             self._out.append(self._request_header(r.command, r.flags, r.handle, r.offset, r.length))
             if r.payload is not None and r.length:
                 self._out.append(r.payload)
+
+    def _unsupported(self, r: _Req) -> bool:
+        """Answer, without sending it, a CACHE or FAST_ZERO the server of this connection
+        does not advertise (it may differ from the first one's after a reconnect): a cache
+        is done (a hint), a fast zero refused with EOPNOTSUPP."""
+        flags = self.export.flags if self.export is not None else TransmissionFlags(0)
+        if r.command == Command.CACHE and not flags & TransmissionFlags.SEND_CACHE:
+            answer, message = 0, ""
+        elif (
+            r.command == Command.WRITE_ZEROES
+            and r.flags & CommandFlags.FAST_ZERO
+            and not flags & TransmissionFlags.SEND_FAST_ZERO
+        ):
+            answer, message = errno.EOPNOTSUPP, "the NBD server does not offer SEND_FAST_ZERO"
+        else:
+            return False
+        self._reqs.pop(r.handle, None)
+        self.stats.completed += answer == 0
+        self.stats.errors += answer != 0
+        self._report(r, answer, message)
+        return True
 
     # ---- output and time ---------------------------------------------------------
     def data_to_send(self) -> list[bytes | memoryview]:

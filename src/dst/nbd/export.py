@@ -18,7 +18,9 @@ class ExportInfo:
     """An export as advertised; every flag is a promise the front end must keep.
 
     A read-only export advertises neither FUA, TRIM nor WRITE_ZEROES (as nbdkit
-    does): those only make sense for writes, which it answers with EPERM.
+    does): those only make sense for writes, which it answers with EPERM. FAST_ZERO
+    is advertised with WRITE_ZEROES when the device honours it (``can_fast_zero``),
+    CACHE when the server serves it (``can_cache``).
     """
 
     size: int
@@ -27,6 +29,8 @@ class ExportInfo:
     can_fua: bool = True
     can_trim: bool = False
     can_zero: bool = True
+    can_fast_zero: bool = False
+    can_cache: bool = False
     can_multi_conn: bool = True
     min_block: int = 1
     preferred_block: int = 4096
@@ -73,6 +77,10 @@ class ExportInfo:
             f |= TransmissionFlags.SEND_TRIM
         if self.writable and self.can_zero:
             f |= TransmissionFlags.SEND_WRITE_ZEROES
+            if self.can_fast_zero:
+                f |= TransmissionFlags.SEND_FAST_ZERO
+        if self.can_cache:
+            f |= TransmissionFlags.SEND_CACHE
         if structured:
             f |= TransmissionFlags.SEND_DF
         if self.can_multi_conn:

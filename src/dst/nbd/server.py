@@ -65,8 +65,9 @@ _ALLOWED_FLAGS: dict[int, int] = {
     Command.WRITE: CommandFlags.FUA,
     Command.FLUSH: CommandFlags.FUA,
     Command.TRIM: CommandFlags.FUA,
-    Command.WRITE_ZEROES: CommandFlags.FUA | CommandFlags.NO_HOLE,
+    Command.WRITE_ZEROES: CommandFlags.FUA | CommandFlags.NO_HOLE | CommandFlags.FAST_ZERO,
     Command.BLOCK_STATUS: CommandFlags.FUA | CommandFlags.REQ_ONE,
+    Command.CACHE: CommandFlags.FUA,  # valid on every command (the spec), meaningless here
 }
 
 
@@ -377,6 +378,8 @@ class NbdServerConnection:
             flags |= IoFlags.FUA
         if cflags & CommandFlags.NO_HOLE:
             flags |= IoFlags.NO_HOLE
+        if cflags & CommandFlags.FAST_ZERO:
+            flags |= IoFlags.FAST_ZERO
         if length == 0 and command != Command.FLUSH:  # nothing to do; answer at once
             if command == Command.READ and self.structured:
                 self._out.append(wire.structured_done(handle))
@@ -411,6 +414,8 @@ class NbdServerConnection:
             allowed &= ~int(CommandFlags.FUA)
         if not advertised & TransmissionFlags.SEND_DF:
             allowed &= ~int(CommandFlags.DF)
+        if not advertised & TransmissionFlags.SEND_FAST_ZERO:
+            allowed &= ~int(CommandFlags.FAST_ZERO)
         if cflags & ~allowed:
             return NbdError.EINVAL, f"flags 0x{cflags:x} are not valid for {name}"
         writes = command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
@@ -424,6 +429,8 @@ class NbdServerConnection:
             return NbdError.EINVAL, "TRIM is not supported by this export"
         if command == Command.WRITE_ZEROES and not advertised & TransmissionFlags.SEND_WRITE_ZEROES:
             return NbdError.EINVAL, "WRITE_ZEROES is not supported by this export"
+        if command == Command.CACHE and not advertised & TransmissionFlags.SEND_CACHE:
+            return NbdError.EINVAL, "CACHE is not supported by this export"
         if command == Command.BLOCK_STATUS:
             if not self.contexts:
                 return NbdError.EINVAL, (

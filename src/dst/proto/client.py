@@ -49,6 +49,7 @@ from dst.proto.wire import (
     Command,
     MsgType,
     Refusal,
+    ReqFlags,
     Status,
     pack_handshake,
     status_name,
@@ -57,6 +58,8 @@ from dst.proto.wire import (
 
 _READ = int(Command.READ)  # plain ints on the per-request path
 _EXTENTS = int(Command.EXTENTS)
+_CACHE = int(Command.CACHE)
+_FAST_ZERO = int(ReqFlags.FAST_ZERO)
 
 
 @dataclass
@@ -151,6 +154,9 @@ class ClientCore:
         self._ping: Txn | None = None
         self._dead = False
         self._closing_txn: int | None = None
+        # what this connection's export node lacks, answered here instead (_answer_here)
+        self._unhonoured = _FAST_ZERO
+        self._cache_offered = False
 
     # ---- connection lifecycle -------------------------------------------
     def connection_made(self, now: float) -> None:
@@ -358,6 +364,8 @@ class ClientCore:
                 )
                 return
         self.welcome = welcome
+        self._unhonoured = _FAST_ZERO & ~welcome.flags
+        self._cache_offered = bool(welcome.commands & (1 << Command.CACHE))
         self._checksum = get_checksum(welcome.checksum)
         self._digest_size = self._checksum.digest_size
         if welcome.cipher != "none":
@@ -606,7 +614,24 @@ class ClientCore:
         while unsent and self._in_flight_sent < limit:
             t = unsent.popleft()
             if not t.sent and t.id in txns:  # else resent meanwhile, or ended
+                if (t.flags & self._unhonoured or t.command == _CACHE) and self._answer_here(t):
+                    continue
                 self._send(t)
+
+    def _answer_here(self, t: Txn) -> bool:
+        """Finish, without sending it, a request this connection's export node does not
+        know (an older version, or a node that reconnected as one): FAST_ZERO is refused
+        ENOTSUP, which the caller answers by writing the zeroes itself; CACHE, a hint, is
+        done. Checked at every send, so a resend after a reconnect obeys the new WELCOME."""
+        if t.flags & self._unhonoured:
+            self._finish(
+                t, Status.ENOTSUP, "the export node does not announce FAST_ZERO: no fast zeroing"
+            )
+            return True
+        if t.command == _CACHE and not self._cache_offered:
+            self._finish(t, Status.OK, "")
+            return True
+        return False
 
     def _send(self, t: Txn) -> None:
         t.attempt += 1

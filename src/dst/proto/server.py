@@ -48,6 +48,7 @@ from dst.proto.handshake import (
 from dst.proto.jobs import InOrder, Job
 from dst.proto.wire import (
     ALL_REQ_FLAGS,
+    BASE_REQ_FLAGS,
     HS_HEADER,
     HS_MAGIC,
     MAX_HANDSHAKE_BODY,
@@ -68,7 +69,6 @@ SKIP_CHUNK = 1 << 20
 # plain ints on the per-request path (an IntEnum attribute or call costs more)
 _READ = int(Command.READ)
 _WRITE = int(Command.WRITE)
-_BAD_FLAGS = ~int(ALL_REQ_FLAGS)
 
 
 @dataclass
@@ -93,8 +93,14 @@ class ExportTerms:
     min_block: int = 1
     preferred_block: int = 4096
     commands: frozenset[int] = field(default_factory=lambda: frozenset(Command))
-    flags: int = int(ALL_REQ_FLAGS)
+    flags: int = int(ALL_REQ_FLAGS)  # announced in FLAGS; any other bit is refused EINVAL
     trim_zeroes: bool = False
+
+
+def honoured_flags(*, fast_zero: bool) -> int:
+    """The FLAGS of a WELCOME: every request flag, FAST_ZERO only where the storage can
+    zero natively (elsewhere the client refuses it itself, without sending it)."""
+    return int(ALL_REQ_FLAGS if fast_zero else BASE_REQ_FLAGS)
 
 
 class SState(Enum):
@@ -144,8 +150,9 @@ class ServerCore:
         self._probes = 0
         self._order = InOrder()
         self._channel.offload = config.offload
-        # fixed once the export is granted: READ allowed, WRITE allowed, largest read, size
-        self._fast = (False, False, 0, 0)
+        # fixed once the export is granted: READ allowed, WRITE allowed, largest read, size,
+        # the request flags not honoured
+        self._fast = (False, False, 0, 0, -1)
 
     # ---- lifecycle -------------------------------------------------------------
     def connection_made(self, now: float) -> None:
@@ -361,6 +368,7 @@ class ServerCore:
             Command.WRITE in terms.commands and not terms.read_only,
             welcome.max_request,
             terms.size,
+            ~terms.flags,
         )
         self._channel.frames.grow(256 << 10)
         self._channel.frames.expect(REQ_HEADER.size)
@@ -471,11 +479,11 @@ class ServerCore:
             self._events.append(ChecksumMismatch(txn, "request"))
             self._send_reply(command, Status.CHECKSUM, txn, attempt, None)
             return
-        read_ok, write_ok, max_read, size = self._fast
+        read_ok, write_ok, max_read, size, bad_flags = self._fast
         if (
             (command == _READ and read_ok and length <= max_read)
             or (command == _WRITE and write_ok)
-        ) and (not flags & _BAD_FLAGS and offset + length <= size):
+        ) and (not flags & bad_flags and offset + length <= size):
             # a READ or WRITE that passes every check of _validate
             self.stats.requests += 1
             self.in_flight += 1
@@ -514,8 +522,11 @@ class ServerCore:
             return Status.ENOTSUP, f"unknown command {command}"
         if cmd not in terms.commands and cmd not in (Command.PING, Command.DISCONNECT):
             return Status.ENOTSUP, f"{cmd.name} is not supported by this export"
-        if flags & ~int(ALL_REQ_FLAGS):
-            return Status.EINVAL, f"unknown request flags {flags:#x}"
+        if flags & ~terms.flags:
+            return Status.EINVAL, (
+                f"request flags {flags:#x} include some this export node did not announce "
+                f"(it honours {terms.flags:#x})"
+            )
         if cmd in (Command.PING, Command.DISCONNECT, Command.FLUSH):
             return None
         if terms.read_only and cmd in WRITE_COMMANDS:

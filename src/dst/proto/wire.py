@@ -55,11 +55,14 @@ class Command(IntEnum):
     PING = 6
     DISCONNECT = 7
     EXTENTS = 8  # allocation status; only sent when the WELCOME's COMMANDS has bit 8
+    CACHE = 9  # prefetch hint; only sent when the WELCOME's COMMANDS has bit 9
 
 
 ALL_COMMANDS = frozenset(Command)
 WRITE_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
-QUERY_COMMANDS = frozenset({Command.READ, Command.EXTENTS})  # change nothing: never replayed
+# change nothing, so never replayed: a resend simply runs again
+QUERY_COMMANDS = frozenset({Command.READ, Command.EXTENTS, Command.CACHE})
+DATA_REPLY_COMMANDS = frozenset({Command.READ, Command.EXTENTS})  # a successful reply has data
 MAX_EXTENTS = 1 << 16  # descriptors in one EXTENTS reply (512 KiB)
 MAX_EXTENTS_LENGTH = 0xFFFFFFFF  # the request's 32-bit length field
 
@@ -69,9 +72,12 @@ class ReqFlags(IntFlag):
     FUA = 1
     PREFLUSH = 2
     NO_HOLE = 4
+    FAST_ZERO = 8  # WRITE_ZEROES: ENOTSUP at once rather than writing zeroes
 
 
-ALL_REQ_FLAGS = ReqFlags.FUA | ReqFlags.PREFLUSH | ReqFlags.NO_HOLE
+ALL_REQ_FLAGS = ReqFlags.FUA | ReqFlags.PREFLUSH | ReqFlags.NO_HOLE | ReqFlags.FAST_ZERO
+# what an export node honoured before FAST_ZERO existed (its WELCOME's FLAGS)
+BASE_REQ_FLAGS = ReqFlags.FUA | ReqFlags.PREFLUSH | ReqFlags.NO_HOLE
 
 
 class Status(IntEnum):
@@ -177,7 +183,7 @@ def request_carries_payload(command: int) -> bool:
 
 
 def reply_carries_payload(command: int, status: int) -> bool:
-    return command in QUERY_COMMANDS and status == Status.OK
+    return command in DATA_REPLY_COMMANDS and status == Status.OK
 
 
 def pack_extents(offset: int, length: int, extents: Sequence[Extent]) -> bytes:

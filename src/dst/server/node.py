@@ -30,7 +30,7 @@ from dst.proto.events import (
     Request,
 )
 from dst.proto.handshake import Hello
-from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState
+from dst.proto.server import ExportTerms, ServerConfig, ServerCore, SState, honoured_flags
 from dst.proto.wire import QUERY_COMMANDS, Command, Refusal, ReqFlags, Status, pack_extents
 from dst.server.sessions import Decision, Session, SessionTable, probe_key
 from dst.units import Address
@@ -42,7 +42,8 @@ DEFAULT_PROBE_WAIT = 2.0  # for a client that does not say its ping timeout
 MAX_PROBE_ROUNDS = 4  # sessions that keep changing while we probe: give up, the client retries
 
 # the request flags as the device API's IoFlags, built once (a Flag call costs a microsecond)
-_IO_FLAGS = tuple(IoFlags(i) for i in range(8))
+_IO_FLAGS = tuple(IoFlags(i) for i in range(16))
+_FLAG_BITS = len(_IO_FLAGS) - 1  # the request flags that are IoFlags, bit for bit
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Export:
             Command.FLUSH,
             Command.WRITE_ZEROES,
             Command.EXTENTS,
+            Command.CACHE,
         }
         if caps.can_trim:
             commands.add(Command.TRIM)
@@ -80,6 +82,7 @@ class Export:
             min_block=caps.min_block,
             preferred_block=caps.preferred_block,
             commands=frozenset(commands),
+            flags=honoured_flags(fast_zero=caps.can_fast_zero),
             trim_zeroes=self.trim_zeroes,
         )
 
@@ -386,7 +389,7 @@ class Connection:
         same pump."""
         export = self.export
         assert export is not None
-        flags = _IO_FLAGS[req.flags & 7]
+        flags = _IO_FLAGS[req.flags & _FLAG_BITS]
         self.running.add(req.txn)
         self.driver.begin()
         if req.command == Command.READ:
@@ -437,7 +440,7 @@ class Connection:
         s = self.session
         assert export is not None and s is not None
         dev = export.device
-        flags = IoFlags(req.flags & 7)
+        flags = _IO_FLAGS[req.flags & _FLAG_BITS]
         status = 0
         data: memoryview | None = None
         buf = None
@@ -460,6 +463,8 @@ class Connection:
                 await dev.trim(req.offset, req.length, flags)
             elif cmd == Command.WRITE_ZEROES:
                 await dev.write_zeroes(req.offset, req.length, flags)
+            elif cmd == Command.CACHE:
+                await dev.cache(req.offset, req.length)
             elif cmd == Command.EXTENTS:
                 payload = pack_extents(
                     req.offset, req.length, await dev.extents(req.offset, req.length)
@@ -483,6 +488,8 @@ class Connection:
     def _failure(self, req: Request, exc: Exception) -> int:
         """The status a failed request is answered with; the failure is logged."""
         if isinstance(exc, IoError):
+            if exc.errno == errno.EOPNOTSUPP and req.flags & ReqFlags.FAST_ZERO:
+                return errno.EOPNOTSUPP  # an answer the client expects, not a failure to log
             log.warning(
                 "%s: %s at offset %d length %d failed: %s",
                 self._who(),
