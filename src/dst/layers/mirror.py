@@ -435,13 +435,20 @@ class MirrorCore(BlockDevice):
         self._update_state()
         p = r.progress.as_dict()
         log.info(
-            "%s: resync finished: %s copied in %.1f s; %s",
+            "%s: resync finished: %s copied, %s zeroed in %.1f s; %s",
             leg.name,
-            format_size(p["bytes_done"]),
+            format_size(p["bytes_done"] - p["bytes_zeroed"]),
+            format_size(p["bytes_zeroed"]),
             p["seconds"],
             "caught up (asynchronous, consistent)" if leg.asynchronous else "in sync",
         )
-        event("resync-done", leg=leg.name, bytes=p["bytes_done"], seconds=p["seconds"])
+        event(
+            "resync-done",
+            leg=leg.name,
+            bytes=p["bytes_done"],
+            zeroed=p["bytes_zeroed"],
+            seconds=p["seconds"],
+        )
         try:
             await rec.sync(force=True)
         except IoError as e:
@@ -884,6 +891,14 @@ class MirrorCore(BlockDevice):
         one reads as zeroes all do. Another in-sync leg answers if that one fails; legs that
         are behind (degraded, resyncing) never answer."""
         self._check("extents", offset, length, change=False, limit=False)
+        try:
+            return await self.source_extents(offset, length)
+        except IoError:
+            self.counters.errors += 1
+            raise
+
+    async def source_extents(self, offset: int, length: int) -> list[Extent]:
+        """:meth:`extents` without the checks and counters: also what a resync asks."""
         tried: set[Leg] = set()
         failures: list[tuple[Leg, BaseException]] = []
         while (leg := self._pick_reader(tried)) is not None:
@@ -900,7 +915,6 @@ class MirrorCore(BlockDevice):
                 continue
             return checked_extents(leg.name, offset, length, answer)
         first = failures[0][1] if failures else None
-        self.counters.errors += 1
         raise IoError(
             getattr(first, "errno", None) or errno.EIO,
             f"{self.name}: extents at {offset}+{length} failed on every in-sync leg: "
