@@ -338,3 +338,22 @@ def test_a_write_to_a_hole_while_a_step_asks_is_not_zeroed_away(hold: int) -> No
         await m.aclose()
 
     asyncio.run(main())
+
+
+def test_a_dense_source_is_asked_once_not_at_every_step() -> None:
+    """Where the source said data, later steps copy without asking again (asking may cost
+    a walk of the store, as SEEK_HOLE on tmpfs does): one question for 8 steps of 1 MiB."""
+
+    async def main() -> None:
+        src = FaultDevice(open_device(f"memory:{SIZE}"), name="src")
+        await src.write(0, random.Random(9).randbytes(SIZE))
+        source = HeldExtents(src, hold=0)
+        m = await started([source])
+        new = FaultDevice(open_device(f"memory:{SIZE}"), name="new")
+        await m.add(new)
+        await in_sync(m)
+        assert await contents(new) == await contents(src)
+        assert new.counts["write"] == SIZE // MIB and source.calls == 1
+        await m.aclose()
+
+    asyncio.run(main())

@@ -373,6 +373,7 @@ class Resync:
         self.task: asyncio.Task[bool] | None = None
         self.error = ""
         self.extents_failed = 0  # source extents queries that failed (logged once)
+        self.data = (0, 0)  # a range after the last step that the source said is data
 
     async def run(self) -> bool:
         host, leg, rec = self.host, self.leg, self.host.record
@@ -488,11 +489,29 @@ class Resync:
         return last[0] + last[1] - offset, sent, zeroed
 
     async def _plan(self, offset: int, span: int, budget: int) -> list[tuple[int, int, bool]]:
-        """What a step from ``offset`` zeroes and copies (:func:`plan_copy`, :func:`within`)."""
-        host, zero_costs = self.host, not self.leg.dev.capabilities.can_zero
+        """What a step from ``offset`` zeroes and copies (:func:`plan_copy`, :func:`within`).
+
+        Where the source last said data, the step copies without asking again: copying is
+        right whatever changed since, and asking costs what the source's store makes it
+        (SEEK_HOLE on tmpfs walks the pages up to the next hole)."""
+        host, g = self.host, self.host.record.granularity
+        zero_costs = not self.leg.dev.capabilities.can_zero
+        if self.data[0] <= offset < self.data[1]:
+            known = [(offset, min(span, self.data[1] - offset), False)]
+            return within(known, budget, g, zero_costs=zero_costs)
         ranges = await self._source_map(offset, span, budget)
         plan = plan_copy(offset, span, ranges, host.capabilities.min_block)
-        return within(plan, budget, host.record.granularity, zero_costs=zero_costs)
+        plan = within(plan, budget, g, zero_costs=zero_costs)
+        known_to = end = plan[-1][0] + plan[-1][1]
+        for e in ranges:  # the data the next step starts in, up to the next zeroes
+            if e.end <= known_to:
+                continue
+            if e.offset > known_to or e.flags & ExtentFlags.ZERO:
+                break
+            known_to = e.end
+        if known_to > end:
+            self.data = (end, known_to)
+        return plan
 
     async def _source_map(self, offset: int, n: int, budget: int) -> list[Extent]:
         """What an in-sync leg says of the region, as far as ``budget`` bytes of data (a step
