@@ -56,15 +56,12 @@ from dst.layers.resync import (
     RESYNCING,
     Foreground,
     Leg,
-    LegView,
     RangeLocks,
     RateLimiter,
     Resync,
     VerifyState,
     event,
-    plan_start,
     refusal_of,
-    usable_size,
 )
 from dst.layers.shipper import (
     DEFAULT_MAX_LAG,
@@ -78,6 +75,7 @@ from dst.layers.shipper import (
     ship,
     stop,
 )
+from dst.layers.startup import LegView, plan_start, usable_size
 from dst.units import format_size
 
 log = logging.getLogger("dst.mirror")
