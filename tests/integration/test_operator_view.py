@@ -414,6 +414,7 @@ def rates(text: str) -> list[tuple[str, str]]:
 def test_one_unit_style_in_the_log_and_in_status(procs: Procs, sockdir: Path) -> None:
     """A rate-limited resync long enough to log its progress (every 5 s): every rate the
     log and `dst status` print is binary units, the largest unit below 1024, one decimal."""
+    (sockdir / "a.img").write_bytes(os.urandom(16 << 20))  # data: zeroes are not rate-limited
     _, _, att, _ = mirror(procs, sockdir, "16M", "--resync-rate", "1700K")
     st = wait_client(lambda s: (s["device"].get("resync") or {}).get("bytes_done", 0) > 0, 20)
     cp = dst_run("status")

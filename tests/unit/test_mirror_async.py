@@ -17,7 +17,7 @@ from dst.device import BlockDevice, Buffer, Capabilities, Done, IoFlags
 from dst.errors import DstError, IoError
 from dst.layers import FaultDevice, MirrorDevice
 from dst.layers.bitmap import Record
-from dst.layers.resync import LegView, plan_start
+from dst.layers.startup import LegView, plan_start
 from tests.model import contents, fault_legs, member, until
 
 KIB = 1 << 10

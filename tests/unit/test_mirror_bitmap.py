@@ -561,6 +561,7 @@ def test_a_full_resync_cut_short_starts_over(
 ) -> None:
     async def main() -> None:
         inners = [open_device("memory:2M") for _ in range(2)]
+        await inners[0].write(0, b"\x5a" * 2 * MIB)  # data: zeroes would go in one step
         m = await open_mirror(inners, tmp_path / "bm", resync_rate=2 * MIB)
         await until(lambda: (m.statistics()["resync"] or {}).get("bytes_done", 0) > 0)
         await m.abandon()

@@ -66,15 +66,12 @@ from dst.layers.resync import (
     RESYNCING,
     Foreground,
     Leg,
-    LegView,
     RangeLocks,
     RateLimiter,
     Resync,
     VerifyState,
     event,
-    plan_start,
     refusal_of,
-    usable_size,
 )
 from dst.layers.shipper import (
     DEFAULT_MAX_LAG,
@@ -88,6 +85,7 @@ from dst.layers.shipper import (
     ship,
     stop,
 )
+from dst.layers.startup import LegView, plan_start, usable_size
 from dst.units import format_size
 
 log = logging.getLogger("dst.mirror")
@@ -445,13 +443,20 @@ class MirrorCore(BlockDevice):
         self._update_state()
         p = r.progress.as_dict()
         log.info(
-            "%s: resync finished: %s copied in %.1f s; %s",
+            "%s: resync finished: %s copied, %s zeroed in %.1f s; %s",
             leg.name,
-            format_size(p["bytes_done"]),
+            format_size(p["bytes_done"] - p["bytes_zeroed"]),
+            format_size(p["bytes_zeroed"]),
             p["seconds"],
             "caught up (asynchronous, consistent)" if leg.asynchronous else "in sync",
         )
-        event("resync-done", leg=leg.name, bytes=p["bytes_done"], seconds=p["seconds"])
+        event(
+            "resync-done",
+            leg=leg.name,
+            bytes=p["bytes_done"],
+            zeroed=p["bytes_zeroed"],
+            seconds=p["seconds"],
+        )
         try:
             await rec.sync(force=True)
         except IoError as e:
@@ -972,6 +977,14 @@ class MirrorCore(BlockDevice):
         one reads as zeroes all do. Another in-sync leg answers if that one fails; legs that
         are behind (degraded, resyncing) never answer."""
         self.check(EXTENTS, offset, length)
+        try:
+            return await self.source_extents(offset, length)
+        except IoError:
+            self.counters.errors += 1
+            raise
+
+    async def source_extents(self, offset: int, length: int) -> list[Extent]:
+        """:meth:`extents` without the checks and counters: also what a resync asks."""
         tried: set[Leg] = set()
         failures: list[tuple[Leg, BaseException]] = []
         while (leg := self._pick_reader(tried)) is not None:
@@ -988,7 +1001,6 @@ class MirrorCore(BlockDevice):
                 continue
             return checked_extents(leg.name, offset, length, answer)
         first = failures[0][1] if failures else None
-        self.counters.errors += 1
         raise IoError(
             getattr(first, "errno", None) or errno.EIO,
             f"{self.name}: extents at {offset}+{length} failed on every in-sync leg: "

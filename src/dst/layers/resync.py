@@ -5,6 +5,10 @@ take, so a write to a region being copied waits for the copy (or the copy for th
 write) and the copy never puts old data over new.  Both are rate-limited and give
 way to foreground I/O: between steps they wait (briefly) for the foreground to
 go idle, so an unlimited resync still leaves the device responsive.
+
+A resync is sparse: under the region's lock it asks an in-sync leg which ranges read as
+zeroes and zeroes them on the target instead of reading and writing them
+(:func:`plan_copy` says which), so a sparse device stays sparse on the leg it is copied to.
 """
 
 from __future__ import annotations
@@ -14,16 +18,15 @@ import contextlib
 import hashlib
 import logging
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dst import trace
-from dst.device import BlockDevice, Capabilities
-from dst.errors import DstError, IoError
-from dst.layers.bitmap import MAX_LEGS, Record, Slot
+from dst.device import BlockDevice, Capabilities, Extent, ExtentFlags
+from dst.errors import IoError
+from dst.layers.bitmap import Record
 from dst.layers.dirtybits import Bitmap
 from dst.units import format_duration, format_rate, format_size
 
@@ -44,6 +47,8 @@ BATCH = 1 << 20  # bytes copied per step (whole regions, so at least one)
 FLUSH_BYTES = 64 << 20  # flush the target and clear bits at least this often ...
 FLUSH_SECONDS = 1.0  # ... or this often
 LOG_SECONDS = 5.0
+ZERO_MIN = 64 << 10  # a range reading as zeroes shorter than this is copied as data
+ZERO_BATCH = 64 << 20  # bytes a step may cover when the source reads them as zeroes
 MAX_REPORTED_REGIONS = 1000
 
 
@@ -192,6 +197,13 @@ class RateLimiter:
             return most
         return max(unit, min(most, self._rate // 10 // unit * unit))
 
+    def give_back(self, n: int) -> None:
+        """Return credit taken for bytes that were not moved after all (a resync step that
+        zeroed them), so the next step goes at once; negative for a step that moved a
+        little more than it took."""
+        if self._rate:
+            self._credit += n
+
     async def take(self, n: int) -> None:
         while self._rate:
             rate = self._rate
@@ -210,18 +222,23 @@ class RateLimiter:
 
 
 class Progress:
-    """Bytes done of a total, with a rate over the last few seconds and the time left."""
+    """Bytes done of a total, with a rate over the last few seconds and the time left.
+
+    ``zeroed`` is the part of ``done`` that a resync made zero on the target without
+    reading it (the source read zeroes there); the rest was copied."""
 
     WINDOW = 10.0
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.done = 0
+        self.zeroed = 0
         self.started = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, zeroed: int = 0) -> None:
         self.done += n
+        self.zeroed += zeroed
         now = time.monotonic()
         self._samples.append((now, self.done))
         while len(self._samples) > 2 and now - self._samples[0][0] > self.WINDOW:
@@ -242,6 +259,7 @@ class Progress:
             "rate": round(rate, 1),
             "eta": round(left / rate, 1) if rate > 0 else None,
             "bytes_done": self.done,
+            "bytes_zeroed": self.zeroed,
             "bytes_total": total,
             "seconds": round(time.monotonic() - self.started, 3),
         }
@@ -260,12 +278,15 @@ class Host(Protocol):
 
     record: Record
     size: int
+    capabilities: Capabilities
     locks: RangeLocks
     limiter: RateLimiter
     foreground: Foreground
     verify_state: VerifyState | None
 
     async def read_source(self, offset: int, view: memoryview, target: Leg) -> None: ...
+
+    async def source_extents(self, offset: int, length: int) -> list[Extent]: ...
 
     def degrade(self, leg: Leg, why: str) -> bool: ...
 
@@ -282,6 +303,64 @@ def dirty_bytes(record: Record, slot: int) -> int:
     return n
 
 
+def plan_copy(
+    offset: int, length: int, extents: Sequence[Extent], block: int
+) -> list[tuple[int, int, bool]]:
+    """Split a region to resync into ``(offset, length, zero)`` runs: zero where the
+    source reads zeroes, copy the rest.
+
+    A run is zeroed where the extents have the ZERO bit, rounded inward to ``block`` (the
+    mirror's request unit) and if at least ZERO_MIN long: shorter ones cost less to read
+    with their neighbours than as requests of their own.  Everything else is copied: data,
+    a HOLE without ZERO (unallocated but reading something else, e.g. a backing image
+    below), and whatever the extents do not cover (the source could not say)."""
+    zeros: list[tuple[int, int]] = []  # runs with the ZERO bit, touching ones joined
+    end = offset + length
+    for e in extents:
+        s, t = max(e.offset, offset), min(e.end, end)
+        if t <= s or not e.flags & ExtentFlags.ZERO:
+            continue
+        if zeros and zeros[-1][1] == s:
+            zeros[-1] = (zeros[-1][0], t)
+        else:
+            zeros.append((s, t))
+    out: list[tuple[int, int, bool]] = []
+    pos = offset
+    for s, t in zeros:
+        s, t = -(-s // block) * block, t // block * block
+        if s < pos or t - s < ZERO_MIN:
+            continue
+        if s > pos:
+            out.append((pos, s - pos, False))
+        out.append((s, t - s, True))
+        pos = t
+    if pos < end:
+        out.append((pos, end - pos, False))
+    return out
+
+
+def within(
+    plan: list[tuple[int, int, bool]], budget: int, unit: int, *, zero_costs: bool
+) -> list[tuple[int, int, bool]]:
+    """The start of ``plan`` whose payload (copies; zeroes too when ``zero_costs``, for a
+    target that is sent zero buffers) fits ``budget``: the run that passes it is cut at the
+    next multiple of ``unit`` (counted from the plan's start, a region boundary), and
+    nothing after it is kept.  At least one unit (or the whole plan) is kept."""
+    out: list[tuple[int, int, bool]] = []
+    start, cost = plan[0][0], 0
+    for o, k, zero in plan:
+        c = k if zero_costs or not zero else 0
+        if cost + c <= budget:
+            out.append((o, k, zero))
+            cost += c
+            continue
+        cut = start + -(-(o + max(budget - cost, 0) - start) // unit) * unit
+        if cut > o:
+            out.append((o, min(cut, o + k) - o, zero))
+        break
+    return out
+
+
 class Resync:
     """Copy one leg's dirty regions from in-sync legs; ``run`` says whether it got to the end."""
 
@@ -292,6 +371,8 @@ class Resync:
         self.progress = Progress(dirty_bytes(host.record, leg.slot))
         self.task: asyncio.Task[bool] | None = None
         self.error = ""
+        self.extents_failed = 0  # source extents queries that failed (logged once)
+        self.data = (0, 0)  # a range after the last step that the source said is data
 
     async def run(self) -> bool:
         host, leg, rec = self.host, self.leg, self.host.record
@@ -321,17 +402,25 @@ class Resync:
                     return True
                 cursor = 0
                 continue
-            end = bm.run_end(first, first + host.limiter.step(BATCH, g) // g)
-            cursor = end
+            budget = host.limiter.step(BATCH, g)  # payload per step
+            # a step goes further where the source reads zeroes, unless the target gets
+            # zero buffers, or a queue (an asynchronous leg's copies are queued, not waited)
+            wide = leg.dev.capabilities.can_zero and leg.shipper is None
+            span = ZERO_BATCH if wide else budget
+            end = bm.run_end(first, first + span // g)
             off = first * g
-            n = min(end * g, host.size) - off
+            span = min(end * g, host.size) - off
             await host.foreground.wait()
-            await host.limiter.take(n)
-            if not await self._copy(off, n):
+            await host.limiter.take(min(budget, span))
+            done = await self._copy(off, span, budget)
+            if done is None:
                 return False
-            pending.append((first, end))
+            n, sent, zeroed = done
+            host.limiter.give_back(min(budget, span) - sent)  # the rate is of payload
+            cursor = first + -(-n // g)
+            pending.append((first, cursor))
             pending_bytes += n
-            self.progress.add(n)
+            self.progress.add(n, zeroed)
             now = time.monotonic()
             if pending_bytes >= FLUSH_BYTES or now - last_flush >= FLUSH_SECONDS:
                 if not await self._commit(pending):
@@ -341,33 +430,131 @@ class Resync:
                 log.info("%s: resync %s", leg.name, self.progress.line())
                 last_log = now
 
-    async def _copy(self, offset: int, n: int) -> bool:
+    async def _copy(self, offset: int, span: int, budget: int) -> tuple[int, int, int] | None:
+        """Bring the target up to date from ``offset``, as far as ``span`` and ``budget``
+        bytes of payload go: zero what the source reads as zeroes, read and write the rest
+        (:meth:`_plan`).  Returns the bytes done, of them those with a payload (read, or
+        zero buffers sent) and those zeroed without being read; or None when the step
+        failed (``error`` or the leg's reason says why).
+
+        The step is planned twice.  A first look, without the lock, only sizes it, so the
+        lock covers what the step does (a step of data locks a budget's worth, not the
+        span).  Only a plan that zeroes something is asked again under the lock: a write
+        can turn a hole into data until then, and zeroing from the older answer would
+        destroy it on the target; copying is right whatever the answer was.
+
+        A range the source reads as zeroes is always zeroed, never skipped, even on a leg
+        added blank: nothing proves a target holds zeroes there (a reused file, an old disk
+        may hold anything), asking it would cost one more query per step, and zeroing a
+        range that already is a hole costs about as much as that query (no payload, a
+        punch of a hole is metadata only).  So the target needs no trust at all."""
         host, leg = self.host, self.leg
         sink = leg.shipper
         if sink is not None:
             try:
-                await sink.room(n)
+                await sink.room(min(span, budget))
             except IoError:
-                return False  # it fell behind again: the reason is its own
-        buf = bytearray(n)
-        async with host.locks.lock(offset, offset + n):
+                return None  # it fell behind again: the reason is its own
+        can_zero = leg.dev.capabilities.can_zero
+        sent = zeroed = 0
+        plan = await self._plan(offset, span, budget)
+        end = plan[-1][0] + plan[-1][1]
+        async with host.locks.lock(offset, end):
             if leg.status != RESYNCING:
-                return False
-            try:
-                await host.read_source(offset, memoryview(buf), leg)
-            except IoError as e:
-                self.error = f"cannot read [{offset}, +{n}) from any in-sync leg: {e}"
-                return False
-            if sink is not None:  # queued under the lock: in order with the writes
-                return sink.copy(offset, buf, buf == bytes(n) and leg.dev.capabilities.can_zero)
-            try:
-                if buf == bytes(n) and leg.dev.capabilities.can_zero:
-                    await leg.dev.write_zeroes(offset, n)
+                return None
+            if any(zero for _, _, zero in plan):
+                plan = await self._plan(offset, end - offset, budget)
+            for o, k, zero in plan:
+                data: bytearray | None = None
+                if zero:
+                    zeroed += k
+                    if not can_zero:
+                        data = bytearray(k)  # a target that cannot zero gets zero buffers
                 else:
-                    await leg.dev.write(offset, buf)
+                    data = bytearray(k)
+                    try:
+                        await host.read_source(o, memoryview(data), leg)
+                    except IoError as e:
+                        self.error = f"cannot read [{o}, +{k}) from any in-sync leg: {e}"
+                        return None
+                    sent += k
+                    if can_zero and data == bytes(k):
+                        data = None
+                if zero and data is not None:
+                    sent += k
+                if not await self._put(o, k, data):
+                    return None
+        last = plan[-1]
+        return last[0] + last[1] - offset, sent, zeroed
+
+    async def _plan(self, offset: int, span: int, budget: int) -> list[tuple[int, int, bool]]:
+        """What a step from ``offset`` zeroes and copies (:func:`plan_copy`, :func:`within`).
+
+        Where the source last said data, the step copies without asking again: copying is
+        right whatever changed since, and asking costs what the source's store makes it
+        (SEEK_HOLE on tmpfs walks the pages up to the next hole)."""
+        host, g = self.host, self.host.record.granularity
+        zero_costs = not self.leg.dev.capabilities.can_zero
+        if self.data[0] <= offset < self.data[1]:
+            known = [(offset, min(span, self.data[1] - offset), False)]
+            return within(known, budget, g, zero_costs=zero_costs)
+        ranges = await self._source_map(offset, span, budget)
+        plan = plan_copy(offset, span, ranges, host.capabilities.min_block)
+        plan = within(plan, budget, g, zero_costs=zero_costs)
+        known_to = end = plan[-1][0] + plan[-1][1]
+        for e in ranges:  # the data the next step starts in, up to the next zeroes
+            if e.end <= known_to:
+                continue
+            if e.offset > known_to or e.flags & ExtentFlags.ZERO:
+                break
+            known_to = e.end
+        if known_to > end:
+            self.data = (end, known_to)
+        return plan
+
+    async def _source_map(self, offset: int, n: int, budget: int) -> list[Extent]:
+        """What an in-sync leg says of the region, as far as ``budget`` bytes of data (a step
+        copies no more); where it cannot say, the region is copied."""
+        out: list[Extent] = []
+        pos, end, data = offset, offset + n, 0
+        while pos < end and data < budget:  # every answer covers a byte or more (checked)
+            try:
+                got = await self.host.source_extents(pos, end - pos)
             except IoError as e:
-                host.degrade(leg, f"a resync write at {offset}+{n} failed: {e}")
-                return False
+                if not self.extents_failed:
+                    log.warning(
+                        "%s: resync: no in-sync leg says which ranges read as zeroes (%s); "
+                        "copying them as data instead (correct, but the leg is not kept "
+                        "sparse); check the in-sync legs' links",
+                        self.leg.name,
+                        e,
+                    )
+                self.extents_failed += 1
+                break
+            if not got:
+                break
+            out.extend(got)
+            pos = got[-1].end
+            data += sum(e.length for e in got if not e.flags & ExtentFlags.ZERO)
+        return out
+
+    async def _put(self, offset: int, n: int, data: bytearray | None) -> bool:
+        """Write ``data`` to the target, or zero the range (``data`` None), holes allowed.
+        An asynchronous leg gets it queued, under the caller's lock: in order with writes."""
+        leg = self.leg
+        if leg.shipper is not None:
+            return leg.shipper.copy(
+                offset, data if data is not None else bytearray(n), data is None
+            )
+        try:
+            if data is None:
+                await leg.dev.write_zeroes(offset, n)
+            else:
+                await leg.dev.write(offset, data)
+        except IoError as e:
+            what = "write" if data is not None else "zeroing"
+            self.host.degrade(leg, f"a resync {what} at {offset}+{n} failed: {e}")
+            return False
         return True
 
     async def _commit(self, pending: list[tuple[int, int]]) -> bool:
@@ -474,249 +661,3 @@ async def verify(
     report["reference"] = legs[0].name
     report["seconds"] = round(time.monotonic() - started, 3)
     return report, found
-
-
-# ---------------------------------------------------------------- start-up
-
-
-def usable_size(name: str, up: list[BlockDevice]) -> int:
-    """The mirror's size from the reachable legs (the smallest, said so when they differ);
-    refuse the same store given twice."""
-    by_identity: dict[uuid.UUID, BlockDevice] = {}
-    for dev in up:
-        if dev.identity is None:
-            continue
-        other = by_identity.setdefault(dev.identity, dev)
-        if other is not dev:
-            raise DstError(
-                f"{other.name} and {dev.name} are the same store (identity {dev.identity}); "
-                "give each leg of a mirror its own export"
-            )
-    size = min(dev.size for dev in up)
-    if any(dev.size != size for dev in up):
-        log.warning(
-            "%s: legs differ in size; the mirror uses the smallest, %s (%d bytes) of %s; "
-            "unused: %s",
-            name,
-            format_size(size),
-            size,
-            next(dev.name for dev in up if dev.size == size),
-            ", ".join(f"{format_size(d.size - size)} on {d.name}" for d in up if d.size > size),
-        )
-    return size
-
-
-@dataclass
-class LegView:
-    """What start-up knows about a leg."""
-
-    name: str
-    identity: uuid.UUID | None
-    reachable: bool
-    asynchronous: bool = False  # never the source while a synchronous leg is current
-
-
-@dataclass
-class LegPlan:
-    """What start-up decided for a leg."""
-
-    slot: int
-    in_sync: bool = False
-    full: str = ""  # why it needs a full resync
-    check_identity: bool = False  # unreachable now: compare identities when it connects
-    reason: str = ""
-
-
-def _name64(name: str) -> str:
-    return name.encode("utf-8")[:64].decode("utf-8", "ignore")
-
-
-def _match_slots(rec: Record, legs: list[LegView]) -> list[int | None]:
-    """Legs to recorded slots: by identity first (it survives a new address), then by name."""
-    slot_of: list[int | None] = [None] * len(legs)
-    taken: set[int] = set()
-    for by_identity in (True, False):
-        for k, leg in enumerate(legs):
-            if slot_of[k] is not None or (by_identity and leg.identity is None):
-                continue
-            for i, s in enumerate(rec.slots):
-                if s is None or s.checkpoint or i in taken:
-                    continue
-                if (s.identity == leg.identity) if by_identity else (s.name == _name64(leg.name)):
-                    slot_of[k] = i
-                    taken.add(i)
-                    break
-    return slot_of
-
-
-def plan_start(
-    rec: Record,
-    why: str | None,
-    legs: list[LegView],
-    *,
-    assume_clean: bool = False,
-    read_only: bool = False,
-) -> tuple[list[LegPlan], int]:
-    """Decide from the record which legs are current, which are behind (dirty regions only)
-    and which need a full resync; update the record to match.  Returns the plans and the
-    index of the source leg.  Raises DstError when no current leg is reachable."""
-    where = rec.path or "memory"
-    loaded = why is None
-    g0 = rec.generation
-    slot_of: list[int | None] = _match_slots(rec, legs) if loaded else [None] * len(legs)
-    known = [i is not None for i in slot_of]
-    for i, s in enumerate(rec.slots):
-        if s is not None and not s.checkpoint and i not in slot_of:
-            log.warning(
-                "bitmap %s: leg %s (identity %s) is recorded but not given: forgotten; if it "
-                "is added again it gets a full resync",
-                where,
-                s.name,
-                s.identity,
-            )
-            rec.free_slot(i)
-    for k, leg in enumerate(legs):
-        if slot_of[k] is None:
-            free = rec.free_index()
-            if free is None:
-                raise DstError(f"a mirror has at most {MAX_LEGS} legs")
-            rec.add_slot(free, leg.name, leg.identity, full=False).generation = g0
-            slot_of[k] = free
-    plans = [LegPlan(slot=i) for i in slot_of if i is not None]
-    slots = [rec.slots[p.slot] for p in plans]
-    current: list[int] = []
-    verified: set[int] = set()
-    for k, (leg, s, p) in enumerate(zip(legs, slots, plans, strict=True)):
-        assert s is not None
-        if not loaded:
-            if assume_clean:
-                current.append(k)
-                if leg.reachable:
-                    verified.add(k)
-            continue
-        if not known[k]:
-            p.full = f"it is not recorded in the bitmap file {where}"
-        elif s.full:
-            p.full = "its earlier full resync did not finish"
-        elif (
-            leg.reachable and None not in (leg.identity, s.identity) and leg.identity != s.identity
-        ):
-            p.full = f"its identity changed from {s.identity} to {leg.identity}: a blank or replaced store"
-        elif s.generation == g0:
-            current.append(k)
-        if leg.reachable and leg.identity is not None and leg.identity == s.identity:
-            verified.add(k)
-    reachable = [k for k, leg in enumerate(legs) if legs[k].reachable]
-    if not loaded and not assume_clean:
-        if not reachable:
-            raise DstError("no leg of the mirror is reachable; start at least one of them")
-        sync_up = [k for k in reachable if not legs[k].asynchronous]
-        if not sync_up:
-            raise DstError(
-                f"no synchronous leg of the mirror is reachable and {why}, so nothing says "
-                "which data is current; start a synchronous leg (an asynchronous one may "
-                "lack the last writes)"
-            )
-        source = sync_up[0]
-        for k in range(len(legs)):
-            if k != source:
-                plans[k].full = (
-                    f"{why}, so nothing records that the legs hold the same data "
-                    f"({legs[source].name} is copied to it)"
-                )
-    else:
-        first = [k for k in current if k in verified] + [k for k in current if k in reachable]
-        if any(not legs[k].asynchronous for k in current):
-            # an asynchronous leg may lack the last acknowledged writes
-            first = [k for k in first if not legs[k].asynchronous]
-        if not first:
-            raise DstError(_nobody_current(rec, legs, slots, current, where))
-        source = first[0]
-        if legs[source].asynchronous:
-            log.warning(
-                "%s: no synchronous leg is current, so the mirror starts from this asynchronous "
-                "leg; writes it had not received when the others were lost are not on it",
-                legs[source].name,
-            )
-        if source not in verified:
-            log.warning(
-                "%s: no identity proves it is the store recorded in %s; trusting it by its name",
-                legs[source].name,
-                where,
-            )
-    in_sync = {source}
-    for k in reachable:
-        if k == source or plans[k].full:
-            continue
-        if k not in verified and loaded:
-            plans[k].full = "it has no identity, so nothing proves it holds what the bitmap records"
-        elif k in current and not rec.al:
-            in_sync.add(k)
-    changed = not loaded
-    for k, (leg, s, p) in enumerate(zip(legs, slots, plans, strict=True)):
-        assert s is not None
-        if k in in_sync:
-            p.in_sync = True
-            continue
-        changed = changed or s.generation == g0
-        if p.full:
-            rec.bitmaps[p.slot].fill()  # type: ignore[union-attr]
-            s.full, s.generation = True, 0
-            p.reason = f"full resync: {p.full}"
-            if read_only:
-                log.warning(
-                    "%s: not read from (a read-only mirror cannot resync): %s", leg.name, p.full
-                )
-            else:
-                log.warning("%s: full resync: %s", leg.name, p.full)
-            continue
-        for e in rec.al:
-            rec.mark(p.slot, e * rec.al_extent, rec.al_extent)
-        p.check_identity = loaded and not leg.reachable
-        p.reason = "not reachable at start" if not leg.reachable else "writes in flight at a crash"
-        if s.generation != g0:
-            p.reason = f"behind: last in sync at generation {s.generation} of {g0}"
-        what = "it is not read from" if read_only else "only its dirty regions are resynced"
-        log.info("%s: %s; %s", leg.name, p.reason, what)
-    if rec.al:
-        log.warning(
-            "activity log: the client node stopped with writes in flight in %d extents of %d "
-            "bytes; they are copied from %s to the other legs",
-            len(rec.al),
-            rec.al_extent,
-            legs[source].name,
-        )
-    if changed:
-        rec.generation += 1
-    for k, (leg, s) in enumerate(zip(legs, slots, strict=True)):
-        assert s is not None
-        s.name = _name64(leg.name)
-        if leg.identity is not None and (leg.reachable or s.identity is None):
-            s.identity = leg.identity
-        if k in in_sync:
-            s.generation = rec.generation
-    rec.al = []
-    rec.clean = False
-    rec.mark_meta()
-    return plans, source
-
-
-def _nobody_current(
-    rec: Record, legs: list[LegView], slots: list[Slot | None], current: list[int], where: str
-) -> str:
-    parts = []
-    for k, (leg, s) in enumerate(zip(legs, slots, strict=True)):
-        assert s is not None
-        if k in current and leg.asynchronous and leg.reachable:
-            parts.append(f"{leg.name} is asynchronous, so not the source while another is current")
-        elif k in current:
-            parts.append(f"{leg.name} is current but not reachable")
-        elif s.full:
-            parts.append(f"{leg.name} needs a full resync")
-        else:
-            parts.append(f"{leg.name} is behind (generation {s.generation} of {rec.generation})")
-    return (
-        f"no current leg of the mirror is reachable: {'; '.join(parts)}; bring a current leg "
-        f"back, or remove {where} to start over from the first reachable leg (its data may be "
-        "older)"
-    )

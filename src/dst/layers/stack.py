@@ -356,6 +356,7 @@ class MirrorDevice(MirrorCore):
         parts = [x.resync.progress for x in running if x.resync is not None]
         total = Progress(sum(max(p.total, p.done) for p in parts))
         total.done = sum(p.done for p in parts)
+        total.zeroed = sum(p.zeroed for p in parts)
         out = total.as_dict()
         rate = sum(p.rate for p in parts)
         out["rate"] = round(rate, 1)
