@@ -23,6 +23,8 @@ JOBS = {
     "rand-write-qd32",
     "rand-read-qd1",
     "rand-write-qd1",
+    "rand-read-qd32-4conn",
+    "rand-write-qd32-4conn",
 }
 NUMBERS = ("mb_s", "iops", "p99_us", "server_cpu_pct", "server_cpu_us_per_op", "runtime_s")
 

@@ -2,6 +2,8 @@
 
 Every target gets exactly the same jobs through fio's `nbd` engine (libnbd in the fio
 process), so the only thing that differs between two columns of the table is the server.
+A job with ``numjobs`` above 1 runs that many fio jobs at once, each with its own NBD
+connection and its own queue depth, reported as one group (IOPS and MB/s summed).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class Job:
-    """One fio workload: access pattern, block size and queue depth."""
+    """One fio workload: access pattern, block size, queue depth and connections."""
 
     name: str
     rw: str  # fio's rw=: read, write, randread, randwrite
     bs: int
-    iodepth: int
+    iodepth: int  # per connection
+    numjobs: int = 1  # fio jobs at once, one NBD connection each
 
     @property
     def label(self) -> str:
-        """A short human name for the table, e.g. ``4K rand read QD32``."""
+        """A short human name for the table, e.g. ``4K rand read QD32`` or, for four
+        connections at QD32 each, ``4K rand read 4x QD32``."""
         size = f"{self.bs // MiB}M" if self.bs >= MiB else f"{self.bs // KiB}K"
         kind = {
             "read": "seq read",
@@ -35,7 +39,8 @@ class Job:
             "randread": "rand read",
             "randwrite": "rand write",
         }[self.rw]
-        return f"{size} {kind} QD{self.iodepth}"
+        conns = f"{self.numjobs}x " if self.numjobs > 1 else ""
+        return f"{size} {kind} {conns}QD{self.iodepth}"
 
     @property
     def direction(self) -> str:
@@ -50,8 +55,24 @@ JOBS: tuple[Job, ...] = (
     Job("rand-write-qd32", "randwrite", 4 * KiB, 32),
     Job("rand-read-qd1", "randread", 4 * KiB, 1),
     Job("rand-write-qd1", "randwrite", 4 * KiB, 1),
+    # four NBD connections at once, as a multi-connection client (qemu, the kernel's
+    # nbd-client -C 4) opens them: QD32 each, so one connection of them is loaded like
+    # rand-*-qd32 and the difference shows what more connections cost or gain
+    Job("rand-read-qd32-4conn", "randread", 4 * KiB, 32, numjobs=4),
+    Job("rand-write-qd32-4conn", "randwrite", 4 * KiB, 32, numjobs=4),
 )
 JOB_NAMES = tuple(j.name for j in JOBS)
+
+
+def select_jobs(names: list[str]) -> tuple[Job, ...]:
+    """The jobs named (all of them for an empty list), in the table's fixed order.
+
+    Raises ValueError naming an unknown job and the known ones.
+    """
+    for n in names:
+        if n not in JOB_NAMES:
+            raise ValueError(f"unknown job {n!r}; choose from {', '.join(JOB_NAMES)}")
+    return tuple(j for j in JOBS if not names or j.name in names)
 
 
 @dataclass(frozen=True)
@@ -73,7 +94,8 @@ def fio_command(fio: str, job: Job, uri: str, runtime_s: float, output: Path) ->
     """fio's command line for `job` against the NBD server at `uri`.
 
     The job is time based, so every target runs for the same time however fast it is; the
-    export size is taken from the NBD handshake, so no `size=` is given.
+    export size is taken from the NBD handshake, so no `size=` is given. Several fio jobs
+    (``numjobs``) are reported as one group, so the JSON has one entry with their sums.
     """
     return [
         fio,
@@ -83,7 +105,8 @@ def fio_command(fio: str, job: Job, uri: str, runtime_s: float, output: Path) ->
         f"--rw={job.rw}",
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",
-        "--numjobs=1",
+        f"--numjobs={job.numjobs}",
+        "--group_reporting",
         "--time_based",
         f"--runtime={max(1, round(runtime_s * 1000))}ms",
         "--norandommap",
@@ -117,6 +140,11 @@ def parse_fio_json(text: str, job: Job) -> FioResult:
     jobs = doc.get("jobs") if isinstance(doc, dict) else None
     if not isinstance(jobs, list) or not jobs:
         raise FioError("fio's JSON has no jobs")
+    if len(jobs) != 1:  # one entry per job: the numbers would be one connection's only
+        raise FioError(
+            f"fio's JSON has {len(jobs)} job entries where one group was expected; "
+            "run fio with --group_reporting"
+        )
     j = jobs[0]
     err = j.get("error", 0) if isinstance(j, dict) else 0
     if err:
@@ -130,10 +158,13 @@ def parse_fio_json(text: str, job: Job) -> FioResult:
     if not isinstance(p99, (int, float)):
         raise FioError("fio's JSON has no 99th percentile completion latency")
     runtime_ms = _number(j, d, "runtime")
+    # a group's usr_cpu and sys_cpu are the mean over its jobs (fio divides the summed CPU
+    # time by the summed runtime): times numjobs, it is the whole client's CPU again
+    cpu = (_number(j, "usr_cpu") + _number(j, "sys_cpu")) * job.numjobs
     return FioResult(
         mb_s=_number(j, d, "bw_bytes") / 1e6,
         iops=_number(j, d, "iops"),
         p99_us=float(p99) / 1000.0,
         runtime_s=runtime_ms / 1000.0,
-        fio_cpu_pct=_number(j, "usr_cpu") + _number(j, "sys_cpu"),
+        fio_cpu_pct=cpu,
     )

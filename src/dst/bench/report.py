@@ -35,6 +35,10 @@ LEGEND = (
     "server CPU = user+system time of all the target's server processes / job runtime, "
     "in % of one core; CPU µs/op = that CPU time per request"
 )
+CONN_LEGEND = (
+    "Nx QDd = N NBD connections at once (N fio jobs), QDd each: MB/s and IOPS are their "
+    "sums, p99 over all their requests"
+)
 RATIO_LEGEND = (
     "X / chain = X / nbdkit-chain: above 1 is better for MB/s and IOPS, below 1 "
     "is better for p99 and CPU"
@@ -86,6 +90,10 @@ def _value(report: BenchReport, target: str, job: str, m: Metric) -> str | None:
         return None
     v = m.get(c)
     return m.fmt(v) if v is not None else "?"
+
+
+def _multi_conn(report: BenchReport) -> bool:
+    return any(j.numjobs > 1 for j in report.config.jobs)
 
 
 def _ratio_header(name: str) -> str:
@@ -160,6 +168,8 @@ def print_table(report: BenchReport, console: Console) -> None:
     console.print(Text(title(report), style="bold"), soft_wrap=True)
     console.print(table)
     console.print(LEGEND, soft_wrap=True)
+    if _multi_conn(report):
+        console.print(CONN_LEGEND, soft_wrap=True)
     if ratios:
         console.print(RATIO_LEGEND, soft_wrap=True)
     for line in legend(report):
@@ -190,6 +200,8 @@ def markdown(report: BenchReport) -> str:
                 row.append(f"**{r:.2f}**" if r is not None else "-")
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", LEGEND + "."]
+    if _multi_conn(report):
+        lines += ["", CONN_LEGEND + "."]
     if ratios:
         lines += ["", RATIO_LEGEND + "."]
     lines += ["", *(f"- `{t.spec.name}`: {t.spec.description}" for t in report.targets)]
@@ -233,7 +245,14 @@ def to_json(report: BenchReport) -> dict[str, object]:
     return {
         "meta": report.meta,
         "jobs": [
-            {"name": j.name, "label": j.label, "rw": j.rw, "bs": j.bs, "iodepth": j.iodepth}
+            {
+                "name": j.name,
+                "label": j.label,
+                "rw": j.rw,
+                "bs": j.bs,
+                "iodepth": j.iodepth,
+                "numjobs": j.numjobs,
+            }
             for j in report.config.jobs
         ],
         "targets": [

@@ -14,7 +14,7 @@ from types import FrameType
 
 from rich.console import Console
 
-from dst.bench.jobs import JOB_NAMES, JOBS
+from dst.bench.jobs import JOB_NAMES, select_jobs
 from dst.bench.report import markdown, print_table, write_json
 from dst.bench.runner import BenchConfig, run_suite
 from dst.bench.targets import KINDS, TargetSpec, missing_tool, parse_variant
@@ -33,7 +33,8 @@ the base of the ratio column), qemu-nbd (one hop), dst (dst attach --nbd -> dst 
 By default every installed peer and dst run.
 
 jobs: seq-read, seq-write (1M, QD8), rand-read-qd32, rand-write-qd32, rand-read-qd1,
-rand-write-qd1 (4K), through fio's nbd engine.
+rand-write-qd1 (4K), rand-read-qd32-4conn, rand-write-qd32-4conn (4K, four NBD
+connections at once, QD32 each, numbers summed), through fio's nbd engine.
 
 variants: --variant dst:KEY=VALUE[,KEY=VALUE...] adds a dst column with --KEY=VALUE given
 to both dst export and dst attach (export.KEY=... or attach.KEY=... for one side). A cipher
@@ -163,11 +164,10 @@ def parse_config(args: list[str]) -> tuple[BenchConfig, Path | None, bool]:
     size = parse_size(ns.size or (QUICK_SIZE if ns.quick else DEFAULT_SIZE), "--size")
     if size < 1 << 20 or size % 4096:
         raise UsageError(f"--size {ns.size}: give at least 1M, a multiple of 4K, e.g. 1G")
-    names = _split(ns.jobs)
-    for n in names:
-        if n not in JOB_NAMES:
-            raise UsageError(f"--jobs: unknown job {n!r}; choose from {', '.join(JOB_NAMES)}")
-    jobs = tuple(j for j in JOBS if not names or j.name in names)
+    try:
+        jobs = select_jobs(_split(ns.jobs))
+    except ValueError as exc:
+        raise UsageError(f"--jobs: {exc}") from None
     targets = _targets(ns, tuple(ns.dst_export_arg), tuple(ns.dst_attach_arg))
     if not targets:
         raise UsageError("no targets to run; name some with --targets, e.g. --targets dst")
