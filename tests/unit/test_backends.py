@@ -778,3 +778,53 @@ def test_rbd_errors_say_what_to_do(step: str, err: int, message: str) -> None:
         "image": lambda: o._image_error(e, "FSID"),
     }[step]()
     assert isinstance(made, StorageError) and message in str(made)
+
+
+def test_started_requests_the_page_cache_cannot_take_go_to_the_pool_without_a_task(
+    tmp_path: Path,
+) -> None:
+    """On a disk filesystem, a read of pages not in the cache and a write the cache does not
+    take whole go to the worker pool, ended by the pool's future (no task): the bytes and
+    the counters are right, and a request past the end is refused before any I/O."""
+    if tmp_path.stat().st_dev == Path("/dev/shm").stat().st_dev:
+        pytest.skip("the temporary directory is on tmpfs")
+    img = tmp_path / "pool.img"
+    size = 8 << 20
+    data = os.urandom(size)
+    img.write_bytes(data)
+
+    async def main() -> None:
+        dev = BackendDevice(open_backend(f"file:{img}", size=size))
+        with open(img, "rb") as f:
+            os.fsync(f.fileno())  # clean pages can be dropped: cold reads
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        results: list[BaseException | None] = []
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def done(err: BaseException | None) -> None:
+            results.append(err)
+            if len(results) == 64 and not ended.done():
+                ended.set_result(None)
+
+        bufs = [memoryview(bytearray(4096)) for _ in range(32)]
+        for i, b in enumerate(bufs):
+            dev.start_read(i * 65536, b, IoFlags.NONE, done)
+        new = [os.urandom(4096) for _ in range(32)]
+        for i, d in enumerate(new):
+            dev.start_write(4096 + i * 65536, memoryview(d), IoFlags.NONE, done)
+        await asyncio.wait_for(ended, 30)
+        assert results == [None] * 64
+        for i, b in enumerate(bufs):
+            assert bytes(b) == data[i * 65536 : i * 65536 + 4096]
+        for i, d in enumerate(new):
+            assert await dev.read(4096 + i * 65536, 4096) == d
+        st = dev.statistics()
+        assert st["reads"] >= 32 and st["writes"] == 32 and st["errors"] == 0
+        refused: list[BaseException | None] = []
+        dev.start_read(size - 4096, memoryview(bytearray(8192)), IoFlags.NONE, refused.append)
+        dev.start_write(size, memoryview(b"x" * 4096), IoFlags.NONE, refused.append)
+        assert [getattr(e, "errno", None) for e in refused] == [errno.EINVAL, errno.ENOSPC]
+        await dev.aclose()
+
+    asyncio.run(main())

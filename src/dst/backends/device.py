@@ -36,7 +36,6 @@ from dst.device import (
     checked_extents,
     fast_zero_refused,
     merge_extents,
-    run_in_task,
 )
 from dst.errors import IoError
 
@@ -174,6 +173,44 @@ class BackendDevice(BlockDevice):
             if self._inflight == 0:
                 self._idle.set()
 
+    def _start_pooled(
+        self,
+        op: str,
+        offset: int,
+        length: int,
+        fn: Callable[[], object],
+        done: Done,
+        ok: Callable[[], None],
+    ) -> None:
+        """Run ``fn`` on the pool without a task: the future's callback ends the request
+        (``ok`` counts it, then ``done``), with the errors :meth:`_call` would raise."""
+        executor = self._executor
+        assert executor is not None
+        self._inflight += 1
+        self._idle.clear()
+        fut = asyncio.get_running_loop().run_in_executor(executor, fn)
+
+        def ended(f: asyncio.Future[object]) -> None:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+            if f.cancelled():
+                done(asyncio.CancelledError())
+                return
+            exc = f.exception()
+            if exc is None:
+                ok()
+                done(None)
+            elif isinstance(exc, IoError):
+                self.counters.errors += 1
+                done(exc)
+            elif isinstance(exc, OSError):
+                done(self._failed(op, offset, length, exc))
+            else:
+                done(exc)
+
+        fut.add_done_callback(ended)
+
     def _failed(self, op: str, offset: int, length: int, e: OSError) -> IoError:
         """A backend's OSError as the IoError callers see, counted."""
         self.counters.errors += 1
@@ -277,8 +314,17 @@ class BackendDevice(BlockDevice):
                 if not self._fast(
                     "read", offset, n, lambda: backend.try_pread_nowait(view, offset)
                 ):
-                    # not cached: the pool (checked, and the page cache asked, already)
-                    run_in_task(self._pooled_read(offset, view, flags), done)
+                    # not cached: the pool (checked, and the page cache asked, already),
+                    # ended by the future's callback: no task
+                    counters = self.counters
+
+                    def counted() -> None:
+                        counters.reads += 1
+                        counters.bytes_read += n
+
+                    self._start_pooled(
+                        "read", offset, n, lambda: backend.pread_into(view, offset), done, counted
+                    )
                     return
             else:
                 try:
@@ -293,18 +339,46 @@ class BackendDevice(BlockDevice):
         done(None)
 
     def start_write(self, offset: int, data: memoryview, flags: IoFlags, done: Done) -> None:
-        """Inline when the backend never blocks (tmpfs, memory); a task for the pool
-        otherwise (the page-cache fast path for writes stays in :meth:`write`)."""
+        """Inline when the backend never blocks (tmpfs, memory) or the page cache takes the
+        whole write; the rest on the pool, ended by its future's callback (no task)."""
         view = _as_bytes_view(data)
         n = len(view)
         if self._aio is not None:
             self._aio_write(offset, view, flags, done)
             return
-        if self._executor is not None or n > FAST_PATH_MAX or self._closed or not n:
+        if n > FAST_PATH_MAX or self._closed or not n:
             super().start_write(offset, data, flags, done)
             return
         backend = self.backend
         f = int(flags)
+        if self._executor is not None:
+            if f & (_FUA | _PREFLUSH):
+                super().start_write(offset, data, flags, done)
+                return
+            try:
+                if offset < 0 or offset + n > self.size or backend.read_only:
+                    self.check(WRITE, offset, n)
+                took = self._fast(
+                    "write", offset, n, lambda: backend.try_pwrite_nowait(view, offset)
+                )
+            except IoError as e:
+                done(e)
+                return
+            counters = self.counters
+
+            def counted() -> None:
+                counters.writes += 1
+                counters.bytes_written += n
+
+            if took == n:
+                counted()
+                done(None)
+                return
+            rest, at = view[took or 0 :], offset + (took or 0)
+            self._start_pooled(
+                "write", at, len(rest), lambda: backend.pwrite(rest, at, False), done, counted
+            )
+            return
         try:
             if offset < 0 or offset + n > self.size or backend.read_only:
                 self.check(WRITE, offset, n)
