@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,19 @@ import pytest
 
 from tests import ceph
 from tests.procs import IN_CI, Procs
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A directory on tmpfs (/dev/shm): it punches holes but has no ZERO_RANGE, and never
+    blocks a read or a write (the file backend serves it inline)."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm (tmpfs) on this machine")
+    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dst-test-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +40,6 @@ def attempt(n, off, flags):
 def digest(n, off):
     return hashlib.sha256(h.pread(n, off)).hexdigest()
 """
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A directory on tmpfs (/dev/shm): punches holes, but has no ZERO_RANGE."""
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm (tmpfs) on this machine")
-    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dst-fz-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def nbdsh_json(uri: str, script: str) -> Any:
@@ -131,13 +116,13 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fast_zero_is_refused_where_it_would_write_zeroes(
-    procs: Procs, sockdir: Path, shm: Path, layout: str
+    procs: Procs, sockdir: Path, shm_dir: Path, layout: str
 ) -> None:
     # tmpfs has no ZERO_RANGE: NO_HOLE would allocate (= zero) every page, as slow as a
     # write, so with FAST_ZERO it is refused before anything changed; a punch is fine
-    d2 = shm / "b"
+    d2 = shm_dir / "b"
     d2.mkdir()
-    uri, _ = serve(procs, sockdir, layout, [shm, d2])
+    uri, _ = serve(procs, sockdir, layout, [shm_dir, d2])
     got = nbdsh_json(
         uri,
         f"""
@@ -167,12 +152,14 @@ print(json.dumps(out))
     assert any(s["status"] == 0 for s in fast), fast
 
 
-def test_mirror_legs_that_disagree_stay_identical(procs: Procs, sockdir: Path, shm: Path) -> None:
+def test_mirror_legs_that_disagree_stay_identical(
+    procs: Procs, sockdir: Path, shm_dir: Path
+) -> None:
     # leg 0 on ext4 zeroes NO_HOLE ranges natively (ZERO_RANGE), leg 1 on tmpfs refuses:
     # the mirror zeroes leg 1 without FAST_ZERO, so both hold zeroes and the zero succeeds
     ext4 = sockdir / "a"
     ext4.mkdir()
-    uri, _ = serve(procs, sockdir, "mirror", [ext4, shm])
+    uri, _ = serve(procs, sockdir, "mirror", [ext4, shm_dir])
     got = nbdsh_json(
         uri,
         f"""
@@ -185,7 +172,7 @@ print(json.dumps(out))
     )
     assert got == {"zero": "ok", "zeroes": True}
     a = (ext4 / "leg0.img").read_bytes()
-    b = (shm / "leg1.img").read_bytes()
+    b = (shm_dir / "leg1.img").read_bytes()
     assert a[MiB : 3 * MiB] == bytes(2 * MiB)
     assert a == b, "the mirror legs differ"
 
@@ -212,10 +199,10 @@ def test_qemu_img_convert_onto_old_data(
     run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), uri], timeout=120)
 
 
-def test_qemu_io_fast_zeroes(procs: Procs, sockdir: Path, shm: Path) -> None:
+def test_qemu_io_fast_zeroes(procs: Procs, sockdir: Path, shm_dir: Path) -> None:
     # qemu's own FAST_ZERO (write -z -n: BDRV_REQ_NO_FALLBACK): served with unmap (-u),
     # refused on tmpfs without it (NO_HOLE), where the data stays as it was
-    uri, _ = serve(procs, sockdir, "single", [shm])
+    uri, _ = serve(procs, sockdir, "single", [shm_dir])
     qemu_io = need_tool("qemu-io")
 
     def qio(*cmds: str, ok: bool = True) -> str:

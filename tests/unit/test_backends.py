@@ -10,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -39,13 +38,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     if request.param == "tmp":
         yield tmp_path
         return
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm (tmpfs) on this machine")
-    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dst-test-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    yield request.getfixturevalue("shm_dir")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,17 +54,6 @@ def spec_factory(spec: str, read_only: bool) -> Factory:
         return BackendDevice(open_backend(spec, read_only=read_only))
 
     return make
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm (tmpfs) on this machine")
-    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dst-test-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("check", conformance.names(RW_FILE))

@@ -12,10 +12,8 @@ import errno
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,17 +33,6 @@ FAST = IoFlags.FAST_ZERO
 FAST_NO_HOLE = IoFlags.FAST_ZERO | IoFlags.NO_HOLE
 
 
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm (tmpfs) on this machine")
-    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dst-test-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def refused(exc: pytest.ExceptionInfo[BaseException]) -> bool:
     return isinstance(exc.value, OSError) and exc.value.errno == errno.EOPNOTSUPP
 
@@ -62,8 +49,8 @@ def test_file_on_ext4_zeroes_fast_with_and_without_holes(tmp_path: Path) -> None
         b.close()
 
 
-def test_file_on_tmpfs_refuses_a_fast_zero_that_keeps_the_range_allocated(shm: Path) -> None:
-    b = open_backend(f"file:{shm}/a.img", size=8 * MIB)
+def test_file_on_tmpfs_refuses_a_fast_zero_that_keeps_the_range_allocated(shm_dir: Path) -> None:
+    b = open_backend(f"file:{shm_dir}/a.img", size=8 * MIB)
     try:
         b.pwrite(memoryview(b"\x66" * (4 * MIB)), 0)
         with pytest.raises(OSError) as exc:
@@ -231,9 +218,9 @@ def file_legs(*dirs: Path) -> list[FaultDevice]:
     ]
 
 
-def test_mirror_zeroes_a_leg_that_refused_without_fast_zero(tmp_path: Path, shm: Path) -> None:
+def test_mirror_zeroes_a_leg_that_refused_without_fast_zero(tmp_path: Path, shm_dir: Path) -> None:
     async def main() -> None:
-        legs = file_legs(tmp_path, shm)  # ext4 takes NO_HOLE fast, tmpfs refuses
+        legs = file_legs(tmp_path, shm_dir)  # ext4 takes NO_HOLE fast, tmpfs refuses
         m = await started(legs)
         await m.write(0, b"\x77" * (256 << 10))
         await m.write_zeroes(4096, 65536, FAST_NO_HOLE)
@@ -246,11 +233,11 @@ def test_mirror_zeroes_a_leg_that_refused_without_fast_zero(tmp_path: Path, shm:
     asyncio.run(main())
 
 
-def test_mirror_refuses_when_every_leg_refuses(shm: Path) -> None:
+def test_mirror_refuses_when_every_leg_refuses(shm_dir: Path) -> None:
     async def main() -> None:
-        d2 = shm / "b"
+        d2 = shm_dir / "b"
         d2.mkdir()
-        legs = file_legs(shm, d2)
+        legs = file_legs(shm_dir, d2)
         m = await started(legs)
         await m.write(0, b"\x78" * 8192)
         with pytest.raises(IoError) as exc:
@@ -296,9 +283,11 @@ def test_mirror_cache_goes_to_every_in_sync_leg() -> None:
 
 
 @pytest.mark.parametrize("kind", ["stripe", "linear"])
-def test_stripe_and_linear_pass_fast_zero_and_cache_to_members(kind: str, shm: Path) -> None:
+def test_stripe_and_linear_pass_fast_zero_and_cache_to_members(kind: str, shm_dir: Path) -> None:
     async def main() -> None:
-        devs: list[BlockDevice] = [open_device(f"file:{shm}/m{i}.img", size=MIB) for i in range(2)]
+        devs: list[BlockDevice] = [
+            open_device(f"file:{shm_dir}/m{i}.img", size=MIB) for i in range(2)
+        ]
         dev = StripeDevice(devs, 64 << 10) if kind == "stripe" else LinearDevice(devs)
         await dev.start()
         assert dev.capabilities.can_fast_zero
