@@ -28,6 +28,12 @@ Rules (docs/mirror.md says why):
   queued for it in order (``dst.layers.shipper``), FLUSH and FUA as barriers.  When it
   falls behind (congestion, a failure, its link down) its regions go to its bitmap and
   it catches up by resync, as a degraded leg does.
+
+Code: :class:`MirrorCore` here holds start-up, the leg states (degrading, retrying,
+scheduling resyncs) and shutdown; the write path (the fan-out to the legs, the leg
+timeout, FAST_ZERO refusals, what a failure degrades and marks, flush) is
+``dst.layers.writepath`` and the read path (the choice of reader, fail-over, rewriting a
+bad region, allocation status) ``dst.layers.readpath``, mixins the core is made of.
 """
 
 from __future__ import annotations
@@ -36,30 +42,15 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from dst.device import (
-    CACHE,
-    EXTENTS,
-    READ,
-    TRIM,
-    WRITE,
-    ZERO,
-    BlockDevice,
-    Buffer,
-    Capabilities,
-    Extent,
-    IoCounters,
-    IoFlags,
-    Rule,
-    checked_extents,
-    fast_zero_refused,
-)
+from dst.device import BlockDevice, Capabilities, IoCounters, Rule
 from dst.errors import DstError, IoError, UsageError
 from dst.layers.activity import ActivityLog
 from dst.layers.bitmap import MAX_LEGS, Record
-from dst.layers.linear import as_bytes_view, merge_capabilities
+from dst.layers.linear import merge_capabilities
+from dst.layers.readpath import ReadPath
 from dst.layers.resync import (
     DEGRADED,
     IN_SYNC,
@@ -73,46 +64,36 @@ from dst.layers.resync import (
     event,
     refusal_of,
 )
-from dst.layers.shipper import (
-    DEFAULT_MAX_LAG,
-    PULL_AHEAD,
-    Shipper,
-    async_leg,
-    barrier,
-    check_async,
-    drain,
-    reserve,
-    ship,
-    stop,
-)
+from dst.layers.shipper import DEFAULT_MAX_LAG, PULL_AHEAD, async_leg, check_async, drain, stop
 from dst.layers.startup import LegView, plan_start, usable_size
+from dst.layers.writepath import SPLIT_EXTENTS, LegTimeout, WritePath
 from dst.units import format_size
 
 log = logging.getLogger("dst.mirror")
 T = TypeVar("T")
-LegOp = Callable[[BlockDevice, int, int], Awaitable[None]]
-
-
-class LegTimeout(IoError):
-    """A leg did not answer within --leg-timeout while another leg had already taken the
-    request: the leg is degraded instead of holding the writer up."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ETIMEDOUT, message)
-
 
 DEFAULT_GRANULARITY = 64 << 10
 DEFAULT_LEG_TIMEOUT = 5.0  # seconds a write waits for a leg that has not acked it
 
 AL_EXTENT = 4 << 20
 AL_LIMIT = 512
-SPLIT_EXTENTS = 64  # trims and zeroes are done this many activity-log extents at a time
+
+__all__ = [
+    "AL_EXTENT",
+    "AL_LIMIT",
+    "DEFAULT_GRANULARITY",
+    "DEFAULT_LEG_TIMEOUT",
+    "SPLIT_EXTENTS",
+    "LegTimeout",
+    "MirrorCore",
+]
 
 
-class MirrorCore(BlockDevice):
+class MirrorCore(ReadPath, WritePath, BlockDevice):
     """RAID1 over arbitrary block devices (remote members in production): start-up, leg
-    states, the data path and shutdown.  :class:`dst.layers.stack.MirrorDevice` adds
-    control (verify, detach, add, resync rate) and status."""
+    states and shutdown; the data path comes from :class:`ReadPath` and
+    :class:`WritePath`.  :class:`dst.layers.stack.MirrorDevice` adds control (verify,
+    detach, add, resync rate) and status."""
 
     kind = "mirror"
 
@@ -496,442 +477,8 @@ class MirrorCore(BlockDevice):
             if leg.inflight == 0:
                 leg.idle.set()
 
-    async def _to_end(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a change to the end even if the caller is cancelled: stopping half-way would
-        leave the legs different (and the caller's buffer is in use until then)."""
-        task = self._spawn(coro)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            while not task.done():
-                try:
-                    await asyncio.wait([task])
-                except asyncio.CancelledError:
-                    continue
-            if not task.cancelled():
-                task.exception()
-            raise
-
-    async def _fan_out(
-        self, op: str, targets: list[Leg], call: Callable[[Leg], Awaitable[None]]
-    ) -> list[BaseException | None]:
-        """Run ``call`` on every target leg at once; each result is None or the error.
-
-        A leg that has not answered ``leg_timeout`` seconds after an in-sync leg took the
-        request is not waited for: its result is a :class:`LegTimeout`, and its request,
-        still running, is fenced (given up and never resent).  Until an in-sync leg
-        answers, every leg is waited for, within its own transaction budget."""
-        tasks = [self._spawn(self._on_leg(x, call(x))) for x in targets]
-        pending: set[asyncio.Task[None]] = set(tasks)
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        while pending:
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            done, pending = await asyncio.wait(
-                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                break  # the deadline passed
-            if deadline is None and any(
-                t.done() and not t.cancelled() and t.exception() is None and x.status == IN_SYNC
-                for t, x in zip(tasks, targets, strict=True)
-            ):
-                deadline = loop.time() + self.leg_timeout
-        results: list[BaseException | None] = []
-        for t, leg in zip(tasks, targets, strict=True):
-            if t.done():
-                results.append(t.exception() if not t.cancelled() else asyncio.CancelledError())
-                continue
-            why = (
-                f"no ack for a {op} within --leg-timeout {self.leg_timeout:g} s "
-                f"(its link is {leg.dev.state})"
-            )
-            results.append(LegTimeout(why))
-            self._abandon(leg, t, why)
-        return results
-
-    def _abandon(self, leg: Leg, task: asyncio.Task[None], why: str) -> None:
-        """Stop waiting for a leg's request: fence the device so it fails now and never
-        lands later, and keep the leg from resyncing until every such request ended."""
-        leg.abandoned += 1
-
-        def ended(t: asyncio.Task[None]) -> None:
-            if not t.cancelled():
-                t.exception()  # a failure is expected here: the leg is already degraded
-            leg.abandoned -= 1
-            if leg.abandoned == 0 and not self._closed:
-                self._try_resync(leg)
-
-        task.add_done_callback(ended)
-        leg.dev.fence(why)
-
     def _errors(self, op: str, results: list[tuple[Leg, BaseException]]) -> str:
         return "; ".join(f"{leg.name}: {e}" for leg, e in results) or op
-
-    # ---- changes: write, trim, zeroes ------------------------------------------------------
-    async def _change(
-        self,
-        op: str,
-        offset: int,
-        length: int,
-        fn: LegOp,
-        data: memoryview | None = None,
-        flags: IoFlags = IoFlags.NONE,
-        fallback: LegOp | None = None,
-    ) -> None:
-        self.foreground.begin()
-        held: list[tuple[Shipper, int]] = []
-        try:
-            held = await reserve(self, length if data is not None else 0)
-            async with self.locks.lock(offset, offset + length):
-                await self.al.begin(offset, length)
-                try:
-                    sync = [x for x in self.legs if not x.asynchronous]
-                    targets = [x for x in sync if x.status != DEGRADED]
-                    skipped = [x for x in sync if x.status == DEGRADED]
-                    if not targets:
-                        raise IoError(errno.EIO, f"{self.name}: no in-sync leg to {op} to")
-                    results = await self._fan_out(op, targets, lambda x: fn(x.dev, offset, length))
-                    if fallback is not None:
-                        results = await self._redo_refused(
-                            op, targets, results, lambda x: fallback(x.dev, offset, length)
-                        )
-                    err = await self._settle(
-                        op, targets, results, skipped, [(offset, length)], diverge=True
-                    )
-                    if err is None:
-                        self._unflushed.update(self.al.extents(offset, length))
-                    if len(sync) < len(self.legs):
-                        await ship(self, op, offset, length, data, flags, err)
-                finally:
-                    self.al.end(offset, length)
-            if err is not None:
-                raise err
-        finally:
-            for s, n in held:
-                s.unreserve(n)
-            self.foreground.end()
-
-    async def _redo_refused(
-        self,
-        op: str,
-        targets: list[Leg],
-        results: list[BaseException | None],
-        call: Callable[[Leg], Awaitable[None]],
-    ) -> list[BaseException | None]:
-        """A FAST_ZERO that legs refused (ENOTSUP): refused as a whole when every leg
-        refused (none changed anything); otherwise the refusing legs zero the slow way
-        (``call``), since another leg already zeroed and the legs must stay identical."""
-        refused: list[tuple[int, BaseException]] = [
-            (i, r)
-            for i, r in enumerate(results)
-            if isinstance(r, OSError) and r.errno == errno.EOPNOTSUPP
-        ]
-        if not refused:
-            return results
-        if len(refused) == len(results):
-            why = self._errors(op, [(targets[i], r) for i, r in refused])
-            raise IoError(errno.EOPNOTSUPP, f"{self.name}: no fast zeroing: {why}")
-        redo = [targets[i] for i, _ in refused]
-        log.info(
-            "%s: %s refused a fast zero that other legs took: zeroing there without it",
-            self.name,
-            ", ".join(x.name for x in redo),
-        )
-        again = await self._fan_out(op, redo, call)
-        out = list(results)
-        for (i, _), r in zip(refused, again, strict=True):
-            out[i] = r
-        return out
-
-    async def _settle(
-        self,
-        op: str,
-        targets: list[Leg],
-        results: list[BaseException | None],
-        skipped: list[Leg],
-        ranges: list[tuple[int, int]],
-        *,
-        diverge: bool,
-    ) -> IoError | None:
-        """Degrade the legs that failed, mark what they (or skipped legs) missed, make that
-        durable, and say whether the caller sees an error."""
-        rec = self.record
-        for leg in skipped:
-            if not leg.removed:
-                for o, n in ranges:
-                    rec.mark(leg.slot, o, n)
-        bad: list[tuple[Leg, BaseException]] = []
-        for leg, r in zip(targets, results, strict=True):
-            if r is None:
-                continue
-            if not isinstance(r, OSError):
-                raise r  # cancelled, or a bug: not a leg failure
-            bad.append((leg, r))
-        error: IoError | None = None
-        if bad:
-            took = [x for x, r in zip(targets, results, strict=True) if r is None]
-            keep: Leg | None = None
-            if not [x for x in took if x.status == IN_SYNC]:
-                keep = next((x for x, _ in bad if x.status == IN_SYNC and not x.removed), None)
-                first = next((e for x, e in bad if x is keep), bad[0][1])
-                error = IoError(
-                    getattr(first, "errno", None) or errno.EIO,
-                    f"{self.name}: {op} failed on every in-sync leg: {self._errors(op, bad)}",
-                )
-                if keep is not None and diverge:
-                    # Resyncing legs took data the kept leg has not: degrade them (marking
-                    # alone could be undone by their resync clearing a region it copied).
-                    for x in took:
-                        if not x.removed and self.degrade(x, f"it took a {op} the others failed"):
-                            for o, n in ranges:
-                                rec.mark(x.slot, o, n)
-            for leg, e in bad:
-                if leg is keep or leg.removed:
-                    continue
-                why = str(e) if isinstance(e, LegTimeout) else f"{op} failed: {e}"
-                if self.degrade(leg, why):
-                    for o, n in ranges:
-                        rec.mark(leg.slot, o, n)
-        if rec.pending:
-            await rec.sync()
-        return error
-
-    async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
-        view = as_bytes_view(data)
-        n = len(view)
-        self.check(WRITE, offset, n)
-        if n == 0:
-            if flags & (IoFlags.FUA | IoFlags.PREFLUSH):
-                await self.flush()
-            return
-        await self._to_end(
-            self._change("write", offset, n, lambda d, o, _: d.write(o, view, flags), view, flags)
-        )
-        self.counters.writes += 1
-        self.counters.bytes_written += n
-
-    async def _ranged(
-        self,
-        op: str,
-        offset: int,
-        length: int,
-        fn: LegOp,
-        flags: IoFlags,
-        fallback: LegOp | None = None,
-    ) -> None:
-        """Big trims and zeroes go a few extents at a time, so the activity log stays small."""
-        step = self.al_extent * SPLIT_EXTENTS
-        pos, end = offset, offset + length
-        while pos < end:
-            n = min(step - pos % step, end - pos)
-            await self._to_end(self._change(op, pos, n, fn, None, flags, fallback))
-            pos += n
-
-    async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        self.check(TRIM, offset, length)
-        if not self.capabilities.can_trim:
-            raise IoError(errno.EOPNOTSUPP, f"{self.name} does not support trim")
-        await self._ranged("trim", offset, length, lambda d, o, n: d.trim(o, n, flags), flags)
-        self.counters.trims += 1
-
-    async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
-        """FAST_ZERO: refused before any leg is asked when a leg that takes writes cannot
-        zero fast; a leg that refuses at run time while others zeroed zeroes without it
-        (:meth:`_redo_refused`), so the legs never differ."""
-        self.check(ZERO, offset, length)
-        fallback: LegOp | None = None
-        if flags & IoFlags.FAST_ZERO:
-            slow = [
-                x.name
-                for x in self.legs
-                if x.status != DEGRADED
-                and not x.asynchronous
-                and not x.dev.capabilities.can_fast_zero
-            ]
-            if slow:
-                raise fast_zero_refused(self.name, f"{', '.join(slow)} cannot zero fast")
-            plain = flags & ~IoFlags.FAST_ZERO
-
-            def fallback(d: BlockDevice, o: int, n: int) -> Awaitable[None]:
-                return d.write_zeroes(o, n, plain)
-
-        await self._ranged(
-            "zero", offset, length, lambda d, o, n: d.write_zeroes(o, n, flags), flags, fallback
-        )
-        self.counters.zeroes += 1
-
-    async def cache(self, offset: int, length: int) -> None:
-        """Prefetch on every in-sync leg, the legs reads go to; a leg that fails to is only
-        logged (it is a hint: its reads work all the same, or fail over as reads do)."""
-        self.check(CACHE, offset, length)
-        legs = self.in_sync_legs()
-        results = await asyncio.gather(
-            *(self._on_leg(x, x.dev.cache(offset, length)) for x in legs), return_exceptions=True
-        )
-        for leg, r in zip(legs, results, strict=True):
-            if isinstance(r, OSError):
-                log.debug("%s: cache at %d+%d not taken: %s", leg.name, offset, length, r)
-            elif isinstance(r, BaseException):
-                raise r
-        self.counters.caches += 1
-
-    async def flush(self) -> None:
-        """Flush every leg that gets writes; a leg whose flush failed may have lost writes
-        since its last flush, so those extents are marked for its resync."""
-        self._running("flush")
-        self.foreground.begin()
-        try:
-            barrier(self)  # asynchronous legs: the writes before this flush, then the rest
-            done, self._unflushed = self._unflushed, set()
-            targets = [x for x in self.legs if x.status != DEGRADED and not x.asynchronous]
-            results = await self._fan_out("flush", targets, lambda x: x.dev.flush())
-            ext = self.al_extent
-            err = await self._settle(
-                "flush", targets, results, [], [(e * ext, ext) for e in done], diverge=False
-            )
-            if err is not None:
-                self._unflushed |= done
-                self.counters.errors += 1
-                raise err
-            self.counters.flushes += 1
-        finally:
-            self.foreground.end()
-
-    # ---- reads -------------------------------------------------------------------------------
-    def _pick_reader(self, skip: set[Leg]) -> Leg | None:
-        cands = [x for x in self.in_sync_legs() if x not in skip]
-        if not cands:
-            return None
-        self._rr += 1
-        n = len(cands)
-        return min(
-            enumerate(cands),
-            key=lambda p: (p[1].dev.state != "connected", p[1].reading, (p[0] - self._rr) % n),
-        )[1]
-
-    async def _read(
-        self, offset: int, view: memoryview, flags: IoFlags, *, skip: Leg | None, held: bool
-    ) -> None:
-        tried: set[Leg] = {skip} if skip is not None else set()
-        failures: list[tuple[Leg, BaseException]] = []
-        while True:
-            leg = self._pick_reader(tried)
-            if leg is None:
-                first = failures[0][1] if failures else None
-                raise IoError(
-                    getattr(first, "errno", None) or errno.EIO,
-                    f"{self.name}: read at {offset}+{len(view)} failed on every in-sync leg: "
-                    f"{self._errors('no in-sync leg', failures)}",
-                )
-            tried.add(leg)
-            leg.reading += 1
-            try:
-                await self._read_leg(leg, offset, view, flags, tried)
-            except OSError as e:
-                failures.append((leg, e))
-                continue
-            finally:
-                leg.reading -= 1
-            break
-        for bad, why in failures:
-            await self._read_failed(bad, why, offset, view, leg, held)
-
-    async def _read_leg(
-        self, leg: Leg, offset: int, view: memoryview, flags: IoFlags, tried: set[Leg]
-    ) -> None:
-        """Read from one leg.  If another in-sync leg could serve and this one has not
-        answered within --leg-timeout, it is degraded and fenced: its read fails at once
-        (nothing arrives in ``view`` later) and the caller tries the next leg."""
-        timer = None
-        if any(x not in tried for x in self.in_sync_legs()):
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(self.leg_timeout, self._read_timed_out, leg)
-        try:
-            await self._on_leg(leg, leg.dev.read_into(offset, view, flags))
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _read_timed_out(self, leg: Leg) -> None:
-        if self._closed or leg.status != IN_SYNC:
-            return
-        if not any(x is not leg for x in self.in_sync_legs()):
-            return  # the last in-sync leg is waited for, within its transaction budget
-        why = (
-            f"no answer to a read within --leg-timeout {self.leg_timeout:g} s "
-            f"(its link is {leg.dev.state})"
-        )
-        if leg.dev.fence(why) and self.degrade(leg, why):
-            self._spawn(self._sync_quietly())
-
-    async def _read_failed(
-        self, bad: Leg, err: BaseException, offset: int, view: memoryview, good: Leg, held: bool
-    ) -> None:
-        """Rewrite the region on a leg that answered with an error; degrade one whose link
-        failed, or whose rewrite failed too."""
-        if bad.removed or bad.status != IN_SYNC:
-            return
-        n = len(view)
-        if bad.dev.state != "connected":
-            if self.degrade(
-                bad, f"a read at {offset}+{n} failed while it was {bad.dev.state}: {err}"
-            ):
-                await self.record.sync()
-            return
-        log.warning(
-            "%s: read error at %d+%d (%s); rewriting the region from %s",
-            bad.name,
-            offset,
-            n,
-            err,
-            good.name,
-        )
-        self.repairs += 1
-        if held:  # the caller holds the range lock, so the good copy is still current
-            await self._rewrite(bad, offset, bytes(view))
-            return
-        async with self.locks.lock(offset, offset + n):
-            if bad.status != IN_SYNC or good.status != IN_SYNC:
-                return
-            data = bytearray(n)
-            try:
-                await self._on_leg(good, good.dev.read_into(offset, memoryview(data)))
-            except OSError as e:
-                log.warning("%s: cannot re-read %d+%d for the rewrite: %s", good.name, offset, n, e)
-                return
-            await self._rewrite(bad, offset, data)
-
-    async def _rewrite(self, bad: Leg, offset: int, data: bytes | bytearray) -> None:
-        try:
-            await self._on_leg(bad, bad.dev.write(offset, data))
-        except OSError as e:
-            if self.degrade(bad, f"rewriting a region that failed to read failed too: {e}"):
-                self.record.mark(bad.slot, offset, len(data))
-                await self.record.sync()
-
-    async def read_into(self, offset: int, buf: memoryview, flags: IoFlags = IoFlags.NONE) -> None:
-        view = as_bytes_view(buf)
-        self.check(READ, offset, len(view))
-        if flags & IoFlags.PREFLUSH:  # every leg's earlier writes, not just the reader's
-            await self.flush()
-            flags &= ~IoFlags.PREFLUSH
-        self.foreground.begin()
-        try:
-            await self._read(offset, view, flags, skip=None, held=False)
-        except IoError:
-            self.counters.errors += 1
-            raise
-        finally:
-            self.foreground.end()
-        self.counters.reads += 1
-        self.counters.bytes_read += len(view)
-
-    async def read_source(self, offset: int, view: memoryview, target: Leg) -> None:
-        """A resync read: from any in-sync leg but the target; the caller holds the lock."""
-        await self._read(offset, view, IoFlags.NONE, skip=target, held=True)
 
     # ---- shutdown ------------------------------------------------------------------------------
     async def _stop_tasks(self, everything: bool) -> None:
@@ -970,39 +517,3 @@ class MirrorCore(BlockDevice):
         stop(self)
         await self._stop_tasks(everything=True)
         await self.record.abandon()
-
-    # ---- allocation status -----------------------------------------------------------------
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        """Allocation status from an in-sync leg: in-sync legs hold the same bytes, so what
-        one reads as zeroes all do. Another in-sync leg answers if that one fails; legs that
-        are behind (degraded, resyncing) never answer."""
-        self.check(EXTENTS, offset, length)
-        try:
-            return await self.source_extents(offset, length)
-        except IoError:
-            self.counters.errors += 1
-            raise
-
-    async def source_extents(self, offset: int, length: int) -> list[Extent]:
-        """:meth:`extents` without the checks and counters: also what a resync asks."""
-        tried: set[Leg] = set()
-        failures: list[tuple[Leg, BaseException]] = []
-        while (leg := self._pick_reader(tried)) is not None:
-            tried.add(leg)
-            answer: list[Extent] = []
-
-            async def query(dev: BlockDevice = leg.dev, into: list[Extent] = answer) -> None:
-                into.extend(await dev.extents(offset, length))
-
-            try:
-                await self._on_leg(leg, query())
-            except OSError as e:
-                failures.append((leg, e))
-                continue
-            return checked_extents(leg.name, offset, length, answer)
-        first = failures[0][1] if failures else None
-        raise IoError(
-            getattr(first, "errno", None) or errno.EIO,
-            f"{self.name}: extents at {offset}+{length} failed on every in-sync leg: "
-            f"{self._errors('no in-sync leg', failures)}",
-        )
