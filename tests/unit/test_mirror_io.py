@@ -187,6 +187,25 @@ def test_a_read_fails_only_when_every_in_sync_leg_fails() -> None:
     asyncio.run(main())
 
 
+def test_a_write_that_fails_on_every_leg_is_counted_like_a_failed_read() -> None:
+    async def main() -> None:
+        legs = fault_legs(2)
+        m = await started(legs)
+        for x in legs:
+            x.fail("write", count=None)
+        with pytest.raises(IoError, match="failed on every in-sync leg"):
+            await m.write(0, b"x" * 10)
+        assert m.statistics()["errors"] == 1
+        for x in legs:
+            x.fail("read", count=None)
+        with pytest.raises(IoError):
+            await m.read(0, 10)
+        assert m.statistics()["errors"] == 2
+        await m.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_failed_flush_degrades_the_leg_and_marks_unflushed_extents() -> None:
     async def main() -> None:
         legs = fault_legs(2, "4M")

@@ -201,6 +201,9 @@ class WritePath:
                     self.al.end(offset, length)
             if err is not None:
                 raise err
+        except IoError:
+            self.counters.errors += 1  # as reads, extents and flushes count theirs
+            raise
         finally:
             for s, n in held:
                 s.unreserve(n)
