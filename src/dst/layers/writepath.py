@@ -118,7 +118,13 @@ class WritePath:
         request is not waited for: its result is a :class:`LegTimeout`, and its request,
         still running, is fenced (given up and never resent).  Until an in-sync leg
         answers, every leg is waited for, within its own transaction budget."""
-        tasks = [self._spawn(self._on_leg(x, call(x))) for x in targets]
+
+        async def on_leg(x: Leg) -> None:
+            # the leg's request is made when its task first runs: a task cancelled before
+            # that (the client node stopping) leaves no request made and never awaited
+            await self._on_leg(x, call(x))
+
+        tasks = [self._spawn(on_leg(x)) for x in targets]
         pending: set[asyncio.Task[None]] = set(tasks)
         loop = asyncio.get_running_loop()
         deadline: float | None = None
