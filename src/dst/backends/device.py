@@ -163,15 +163,23 @@ class BackendDevice(BlockDevice):
             except asyncio.CancelledError:
                 await _settle(fut)
                 raise
-        except IoError:
-            self.counters.errors += 1
-            raise
         except OSError as e:
-            raise self._failed(op, offset, length, e) from e
+            err = self._mapped(op, offset, length, e)
+            if err is e:
+                raise
+            raise err from e
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    def _mapped(self, op: str, offset: int, length: int, e: OSError) -> IoError:
+        """The error a failed backend call reaches the caller with, counted: an IoError as
+        it is, any other OSError as the IoError that names the request."""
+        if isinstance(e, IoError):
+            self.counters.errors += 1
+            return e
+        return self._failed(op, offset, length, e)
 
     def _start_pooled(
         self,
@@ -201,13 +209,8 @@ class BackendDevice(BlockDevice):
             if exc is None:
                 ok()
                 done(None)
-            elif isinstance(exc, IoError):
-                self.counters.errors += 1
-                done(exc)
-            elif isinstance(exc, OSError):
-                done(self._failed(op, offset, length, exc))
             else:
-                done(exc)
+                done(self._mapped(op, offset, length, exc) if isinstance(exc, OSError) else exc)
 
         fut.add_done_callback(ended)
 
@@ -351,13 +354,17 @@ class BackendDevice(BlockDevice):
             return
         backend = self.backend
         f = int(flags)
+        if offset < 0 or offset + n > self.size or backend.read_only:
+            try:
+                self.check(WRITE, offset, n)
+            except IoError as e:
+                done(e)
+                return
         if self._executor is not None:
             if f & (_FUA | _PREFLUSH):
                 super().start_write(offset, data, flags, done)
                 return
             try:
-                if offset < 0 or offset + n > self.size or backend.read_only:
-                    self.check(WRITE, offset, n)
                 took = self._fast(
                     "write", offset, n, lambda: backend.try_pwrite_nowait(view, offset)
                 )
@@ -380,20 +387,13 @@ class BackendDevice(BlockDevice):
             )
             return
         try:
-            if offset < 0 or offset + n > self.size or backend.read_only:
-                self.check(WRITE, offset, n)
-            try:
-                if not f & (_FUA | _PREFLUSH):
-                    backend.pwrite(view, offset, False)
-                else:
-                    fua = backend.can_fua and bool(f & _FUA)
-                    self._wrap(
-                        flags, lambda: backend.pwrite(view, offset, fua), not backend.can_fua
-                    )()
-            except OSError as e:
-                raise self._failed("write", offset, n, e) from e
-        except IoError as e:
-            done(e)
+            if not f & (_FUA | _PREFLUSH):
+                backend.pwrite(view, offset, False)
+            else:
+                fua = backend.can_fua and bool(f & _FUA)
+                self._wrap(flags, lambda: backend.pwrite(view, offset, fua), not backend.can_fua)()
+        except OSError as e:
+            done(self._failed("write", offset, n, e))
             return
         self.counters.writes += 1
         self.counters.bytes_written += n
