@@ -216,9 +216,8 @@ def pieces(offset: int, length: int, step: int) -> Iterator[tuple[int, int, bool
 
 
 def piece_flags(flags: IoFlags, last: bool) -> IoFlags:
-    """The flags of one piece: FUA on the last only, PREFLUSH on the first only (the
-    caller sends the pieces in order after the first completed, or strips PREFLUSH itself
-    after a flush)."""
+    """The flags of one piece of pieces sent in order: FUA on the last only (it covers the
+    earlier ones); every other flag, PREFLUSH included, stays on every piece."""
     return flags if last else flags & ~IoFlags.FUA
 
 
