@@ -57,10 +57,8 @@ class LinkedDevice(BlockDevice):
     core: LinkCore
     what = "member"  # for messages: "cannot reach <what> <uri>"
     op_names: tuple[str, ...] = ("read", "write", "flush", "trim", "zero")
-    # transaction id -> (future, command, offset, length, monotonic submit time)
-    _pending: dict[
-        int, tuple[Any, int, int, int, float]
-    ]  # id -> (waiter, cmd, offset, length, start)
+    # transaction id -> (waiter, command, offset, length, monotonic submit time)
+    _pending: dict[int, tuple[Any, int, int, int, float]]
 
     def __init__(self, uri: MemberUri, options: LinkOptions | None, core: LinkCore) -> None:
         self.core = core
