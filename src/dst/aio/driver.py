@@ -80,11 +80,15 @@ class CoreDriver(Generic[E]):
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = 0  # requests started on a device and not called back yet
         self._quiet: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = (
+            None  # cached: get_running_loop costs a getpid
+        )
 
     # ---- the connection ----------------------------------------------------------------
     def attach(self, sock: socket.socket) -> SocketStream:
         """Take ``sock`` as the connection (not read yet: :meth:`start`)."""
         self.stream = SocketStream(sock, self)
+        self._loop = self.stream.loop
         return self.stream
 
     def start(self) -> None:
@@ -144,7 +148,10 @@ class CoreDriver(Generic[E]):
         if self._pumping or self._wake_scheduled:
             return
         self._wake_scheduled = True
-        asyncio.get_running_loop().call_soon(self._woken)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(self._woken)
 
     def _woken(self) -> None:
         self._wake_scheduled = False

@@ -290,7 +290,9 @@ class RemoteDevice(LinkedDevice):
                 length=length,
                 flags=int(flags),
             )
-        self.driver.pump()
+        # one pump for every request submitted in this loop iteration (a front end's
+        # batch): its end sends them together
+        self.driver.wake()
         return tid
 
     def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
