@@ -10,8 +10,21 @@ from pathlib import Path
 
 import pytest
 
+from dst import compiled
 from tests import ceph
 from tests.procs import IN_CI, Procs
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test an editable install whose compiled modules are older than their
+    source: the extensions, not the edits, would run."""
+    old = compiled.stale()
+    if old:
+        pytest.exit(
+            f"these modules' C extensions are older than their source: {', '.join(old)}; "
+            "rebuild them with scripts/dev env (or install with DST_PURE_PYTHON=1)",
+            returncode=4,
+        )
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 MIN_CLASS = 12  # 4 KiB
 MAX_CLASS = 26  # 64 MiB
 
@@ -44,6 +46,8 @@ class PoolStats:
     outstanding: int = 0
 
 
+# compiled (dst.compiled); tests subclass it to watch what is lent
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BufferPool:
     """Power-of-two size classes; keeps at most ``max_retained`` bytes for reuse."""
 

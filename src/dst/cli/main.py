@@ -33,9 +33,22 @@ commands:
 `dst ctl COMMAND --help` describes one command."""
 
 
+class _Version(argparse.Action):
+    """``--version``: the release, and whether the request path runs compiled (it is
+    read only when asked: it imports those modules)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kw: object) -> None:
+        from dst import __version__, compiled
+
+        print(f"dst {__version__} ({compiled.summary()})")
+        parser.exit()
+
+
 def build_parser() -> Parser:
     p = Parser(prog="dst", description="DST: distributed network block storage.")
-    p.add_argument("--version", action="version", version="dst 0.1.0")
+    p.add_argument(
+        "--version", action=_Version, nargs=0, help="show the version and whether it is compiled"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     e = sub.add_parser(

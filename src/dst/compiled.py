@@ -1,0 +1,64 @@
+"""The modules built as C extensions by mypyc (see setup.py), and what this process runs.
+
+They are the request path: every 4 KiB request passes through each of them, and under the
+interpreter their Python was most of the CPU a request cost (docs/benchmarks.md). The list
+lives here, with no imports, so that setup.py reads it without importing the package, and
+``dst --version`` and the test suite can say whether the compiled form is what runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.machinery import EXTENSION_SUFFIXES
+
+MODULES: tuple[str, ...] = (
+    "dst.buffers",
+    "dst.aio.driver",
+    "dst.aio.stream",
+    "dst.aio.timer",
+    "dst.crypto.checksums",
+    "dst.proto.reader",
+    "dst.proto.channel",
+    "dst.proto.jobs",
+    "dst.proto.wire",
+    "dst.proto.client",
+    "dst.proto.server",
+    "dst.nbd.wire",
+    "dst.nbd.server",
+    "dst.frontends.nbd",
+    "dst.client.latency",
+    "dst.server.node",
+    "dst.server.sessions",
+)
+
+
+def is_compiled(module: str) -> bool:
+    """Whether ``module`` was imported from a C extension."""
+    path = getattr(importlib.import_module(module), "__file__", None) or ""
+    return any(path.endswith(s) for s in EXTENSION_SUFFIXES)
+
+
+def summary() -> str:
+    """One phrase for ``--version``: compiled, pure Python, or partly."""
+    n = sum(is_compiled(m) for m in MODULES)
+    if n == len(MODULES):
+        return "request path compiled with mypyc"
+    if n == 0:
+        return "pure Python"
+    return f"{n} of {len(MODULES)} request-path modules compiled"
+
+
+def stale() -> list[str]:
+    """Compiled modules whose source is newer than the extension (an editable install
+    whose source was edited after the build): the extension, not the edit, would run."""
+    out = []
+    for m in MODULES:
+        mod = importlib.import_module(m)
+        so = getattr(mod, "__file__", None) or ""
+        if not any(so.endswith(s) for s in EXTENSION_SUFFIXES):
+            continue
+        py = os.path.join(os.path.dirname(so), m.rsplit(".", 1)[1] + ".py")
+        if os.path.exists(py) and os.path.getmtime(py) > os.path.getmtime(so):
+            out.append(m)
+    return out
