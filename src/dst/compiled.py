@@ -2,8 +2,9 @@
 
 They are the request path: every 4 KiB request passes through each of them, and under the
 interpreter their Python was most of the CPU a request cost (docs/benchmarks.md). The list
-lives here, with no imports, so that setup.py reads it without importing the package, and
-``dst --version`` and the test suite can say whether the compiled form is what runs.
+lives here, importing only the standard library, so that setup.py reads it without
+importing the package, and ``dst --version`` and the test suite can say whether the
+compiled form is what runs.
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ MODULES: tuple[str, ...] = (
 )
 
 
+def _extension(module: str) -> str | None:
+    """The C extension ``module`` was imported from, or None (imported from source)."""
+    path = getattr(importlib.import_module(module), "__file__", None) or ""
+    return path if any(path.endswith(s) for s in EXTENSION_SUFFIXES) else None
+
+
 def is_compiled(module: str) -> bool:
     """Whether ``module`` was imported from a C extension."""
-    path = getattr(importlib.import_module(module), "__file__", None) or ""
-    return any(path.endswith(s) for s in EXTENSION_SUFFIXES)
+    return _extension(module) is not None
 
 
 def summary() -> str:
@@ -54,9 +60,8 @@ def stale() -> list[str]:
     whose source was edited after the build): the extension, not the edit, would run."""
     out = []
     for m in MODULES:
-        mod = importlib.import_module(m)
-        so = getattr(mod, "__file__", None) or ""
-        if not any(so.endswith(s) for s in EXTENSION_SUFFIXES):
+        so = _extension(m)
+        if so is None:
             continue
         py = os.path.join(os.path.dirname(so), m.rsplit(".", 1)[1] + ".py")
         if os.path.exists(py) and os.path.getmtime(py) > os.path.getmtime(so):

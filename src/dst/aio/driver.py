@@ -80,15 +80,13 @@ class CoreDriver(Generic[E]):
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = 0  # requests started on a device and not called back yet
         self._quiet: list[asyncio.Future[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = (
-            None  # cached: get_running_loop costs a getpid
-        )
+        # taken at the first wake: asyncio.get_running_loop() costs a getpid on each call
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- the connection ----------------------------------------------------------------
     def attach(self, sock: socket.socket) -> SocketStream:
         """Take ``sock`` as the connection (not read yet: :meth:`start`)."""
         self.stream = SocketStream(sock, self)
-        self._loop = self.stream.loop
         return self.stream
 
     def start(self) -> None:
