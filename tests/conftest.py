@@ -21,7 +21,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     old = compiled.stale()
     if old:
         pytest.exit(
-            f"these modules' C extensions are older than their source: {', '.join(old)}; "
+            f"these modules' C extensions are older than their source or left over: "
+            f"{', '.join(old)}; "
             "rebuild them with scripts/dev env (or install with DST_PURE_PYTHON=1)",
             returncode=4,
         )

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from dst.errors import IoError
 
 MAX_REQUEST = 32 << 20
@@ -141,7 +143,17 @@ class IoCounters:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d: dict[str, Any] = {
+            "reads": self.reads,
+            "writes": self.writes,
+            "flushes": self.flushes,
+            "trims": self.trims,
+            "zeroes": self.zeroes,
+            "caches": self.caches,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "errors": self.errors,
+        }  # spelled out: a compiled class has no __dict__ to walk
         d.update(self.extra)
         return d
 
@@ -221,6 +233,7 @@ def piece_flags(flags: IoFlags, last: bool) -> IoFlags:
     return flags if last else flags & ~IoFlags.FUA
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BlockDevice(ABC):
     """An asynchronous block device of fixed size.
 
@@ -359,6 +372,7 @@ def run_in_task(coro: Coroutine[Any, Any, None], done: Done) -> None:
 _RUNNING: set[asyncio.Task[None]] = set()  # strong references: a task must not vanish
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Layer(BlockDevice):
     """A device over one other device that passes through what it does not override."""
 

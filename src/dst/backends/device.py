@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from dst.backends.base import AsyncBackend, Backend
 from dst.device import (
     CACHE,
@@ -100,9 +102,9 @@ async def _wait(start: Step) -> None:
     start(done)
     try:
         await asyncio.shield(fut)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         await _settle(fut)
-        raise
+        raise exc  # named, not bare: see dst.compiled
 
 
 # Larger requests go to the pool anyway: copying them inline would stall the loop.
@@ -113,6 +115,7 @@ _FUA = int(IoFlags.FUA)
 _PREFLUSH = int(IoFlags.PREFLUSH)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BackendDevice(BlockDevice):
     """Serve a backend as an asynchronous block device."""
 
@@ -137,7 +140,8 @@ class BackendDevice(BlockDevice):
             # FAST_ZERO: the plugin's own zeroing, never the emulation (refused instead)
             can_fast_zero=backend.can_zero and not backend.read_only,
         )
-        self.counters: IoCounters = IoCounters()
+        self.io_counters = IoCounters()  # typed: never None here
+        self.counters = self.io_counters
         self._executor = (
             executor if executor is not None else (shared_executor() if backend.blocking else None)
         )
@@ -150,7 +154,7 @@ class BackendDevice(BlockDevice):
     async def _call(self, op: str, offset: int, length: int, fn: Callable[[], T]) -> T:
         """Run one request on the backend, inline or on the pool, mapping its errors."""
         if self._closed:
-            self.counters.errors += 1
+            self.io_counters.errors += 1
             raise IoError(errno.EIO, f"{self.name}: {op} after the device was closed")
         self._inflight += 1
         self._idle.clear()
@@ -160,9 +164,9 @@ class BackendDevice(BlockDevice):
             fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
             try:
                 return await asyncio.shield(fut)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 await _settle(fut)
-                raise
+                raise exc  # named, not bare: see dst.compiled
         except OSError as e:
             err = self._mapped(op, offset, length, e)
             if err is e:
@@ -177,7 +181,7 @@ class BackendDevice(BlockDevice):
         """The error a failed backend call reaches the caller with, counted: an IoError as
         it is, any other OSError as the IoError that names the request."""
         if isinstance(e, IoError):
-            self.counters.errors += 1
+            self.io_counters.errors += 1
             return e
         return self._failed(op, offset, length, e)
 
@@ -216,7 +220,7 @@ class BackendDevice(BlockDevice):
 
     def _failed(self, op: str, offset: int, length: int, e: OSError) -> IoError:
         """A backend's OSError as the IoError callers see, counted."""
-        self.counters.errors += 1
+        self.io_counters.errors += 1
         return IoError(
             e.errno or errno.EIO,
             f"{self.name}: {op} of {length} bytes at offset {offset} failed: {e.strerror or e}",
@@ -258,8 +262,8 @@ class BackendDevice(BlockDevice):
         if not (flags & IoFlags.PREFLUSH) and self._fast(
             "read", offset, len(view), lambda: backend.try_pread_nowait(view, offset)
         ):
-            self.counters.reads += 1  # served from the page cache without a trip to the pool
-            self.counters.bytes_read += len(view)
+            self.io_counters.reads += 1  # served from the page cache without a trip to the pool
+            self.io_counters.bytes_read += len(view)
             return
         await self._pooled_read(offset, view, flags)
 
@@ -269,8 +273,8 @@ class BackendDevice(BlockDevice):
         if len(view) or flags & IoFlags.PREFLUSH:
             run = self._wrap(flags, lambda: backend.pread_into(view, offset), False)
             await self._call("read", offset, len(view), run)
-        self.counters.reads += 1
-        self.counters.bytes_read += len(view)
+        self.io_counters.reads += 1
+        self.io_counters.bytes_read += len(view)
 
     async def write(self, offset: int, data: Buffer, flags: IoFlags = IoFlags.NONE) -> None:
         view = _as_bytes_view(data)
@@ -295,8 +299,8 @@ class BackendDevice(BlockDevice):
                 flags, lambda: backend.pwrite(rest, at, native_fua), not backend.can_fua
             )
             await self._call("write", at, len(rest), run)
-        self.counters.writes += 1
-        self.counters.bytes_written += len(view)
+        self.io_counters.writes += 1
+        self.io_counters.bytes_written += len(view)
 
     def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
         """Inline when the backend never blocks or the page cache has the data; a task for
@@ -319,7 +323,7 @@ class BackendDevice(BlockDevice):
                 ):
                     # not cached: the pool (checked, and the page cache asked, already),
                     # ended by the future's callback: no task
-                    counters = self.counters
+                    counters = self.io_counters
 
                     def counted() -> None:
                         counters.reads += 1
@@ -337,8 +341,8 @@ class BackendDevice(BlockDevice):
         except IoError as e:
             done(e)
             return
-        self.counters.reads += 1
-        self.counters.bytes_read += n
+        self.io_counters.reads += 1
+        self.io_counters.bytes_read += n
         done(None)
 
     def start_write(self, offset: int, data: memoryview, flags: IoFlags, done: Done) -> None:
@@ -371,7 +375,7 @@ class BackendDevice(BlockDevice):
             except IoError as e:
                 done(e)
                 return
-            counters = self.counters
+            counters = self.io_counters
 
             def counted() -> None:
                 counters.writes += 1
@@ -395,8 +399,8 @@ class BackendDevice(BlockDevice):
         except OSError as e:
             done(self._failed("write", offset, n, e))
             return
-        self.counters.writes += 1
-        self.counters.bytes_written += n
+        self.io_counters.writes += 1
+        self.io_counters.bytes_written += n
         done(None)
 
     async def flush(self) -> None:
@@ -404,7 +408,7 @@ class BackendDevice(BlockDevice):
             await _wait(lambda done: self._aio_flush(done))
             return
         await self._call("flush", 0, 0, self.backend.flush)
-        self.counters.flushes += 1
+        self.io_counters.flushes += 1
 
     async def trim(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         if self._aio is not None:
@@ -414,7 +418,7 @@ class BackendDevice(BlockDevice):
         backend = self.backend
         run = self._wrap(flags, lambda: backend.trim(offset, length), True)
         await self._call("trim", offset, length, run)
-        self.counters.trims += 1
+        self.io_counters.trims += 1
 
     async def write_zeroes(self, offset: int, length: int, flags: IoFlags = IoFlags.NONE) -> None:
         if self._aio is not None:
@@ -426,7 +430,7 @@ class BackendDevice(BlockDevice):
         fast = self._fast_zero(flags)
         run = self._wrap(flags, lambda: backend.zero(offset, length, may_trim, fast), True)
         await self._call("write_zeroes", offset, length, run)
-        self.counters.zeroes += 1
+        self.io_counters.zeroes += 1
 
     def _fast_zero(self, flags: IoFlags) -> bool:
         """Whether a zero is FAST_ZERO; refused here at once when the plugin has no
@@ -434,7 +438,7 @@ class BackendDevice(BlockDevice):
         if not flags & IoFlags.FAST_ZERO:
             return False
         if not self.backend.can_zero:
-            self.counters.errors += 1
+            self.io_counters.errors += 1
             raise fast_zero_refused(self.name, "the store has no native zeroing")
         return True
 
@@ -444,7 +448,7 @@ class BackendDevice(BlockDevice):
         if length:
             backend = self.backend  # on the pool when it may block, like a read
             await self._call("cache", offset, length, lambda: backend.cache(offset, length))
-        self.counters.caches += 1
+        self.io_counters.caches += 1
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """The backend's view of allocation (SEEK_DATA/SEEK_HOLE, its own map, ...)."""
@@ -462,8 +466,8 @@ class BackendDevice(BlockDevice):
 
         def counted(err: BaseException | None) -> None:
             if err is None:
-                self.counters.reads += 1
-                self.counters.bytes_read += n
+                self.io_counters.reads += 1
+                self.io_counters.bytes_read += n
             done(err)
 
         if self._refused(READ, offset, n, done):
@@ -478,8 +482,8 @@ class BackendDevice(BlockDevice):
 
         def counted(err: BaseException | None) -> None:
             if err is None:
-                self.counters.writes += 1
-                self.counters.bytes_written += n
+                self.io_counters.writes += 1
+                self.io_counters.bytes_written += n
             done(err)
 
         if self._refused(WRITE, offset, n, done):
@@ -493,7 +497,7 @@ class BackendDevice(BlockDevice):
 
         def counted(err: BaseException | None) -> None:
             if err is None:
-                self.counters.flushes += 1
+                self.io_counters.flushes += 1
             done(err)
 
         self._begin("flush", 0, 0, IoFlags.NONE, aio.start_flush, False, counted)
@@ -504,7 +508,7 @@ class BackendDevice(BlockDevice):
 
         def counted(err: BaseException | None) -> None:
             if err is None:
-                self.counters.trims += 1
+                self.io_counters.trims += 1
             done(err)
 
         if self._refused(TRIM, offset, length, done):
@@ -519,7 +523,7 @@ class BackendDevice(BlockDevice):
 
         def counted(err: BaseException | None) -> None:
             if err is None:
-                self.counters.zeroes += 1
+                self.io_counters.zeroes += 1
             done(err)
 
         if self._refused(ZERO, offset, length, done):
@@ -556,7 +560,7 @@ class BackendDevice(BlockDevice):
         """Run ``start`` on the plugin, after a flush for PREFLUSH and before one for an
         emulated FUA; ``done`` gets None or the IoError that names the request."""
         if self._closed:
-            self.counters.errors += 1
+            self.io_counters.errors += 1
             done(IoError(errno.EIO, f"{self.name}: {op} after the device was closed"))
             return
         aio = self._aio
@@ -576,11 +580,11 @@ class BackendDevice(BlockDevice):
             if self._inflight == 0:
                 self._idle.set()
             if isinstance(err, IoError):
-                self.counters.errors += 1
+                self.io_counters.errors += 1
             elif isinstance(err, OSError):
                 err = self._failed(op, offset, length, err)
             elif err is not None:
-                self.counters.errors += 1
+                self.io_counters.errors += 1
             done(err)
 
         def run(i: int) -> None:
@@ -598,7 +602,7 @@ class BackendDevice(BlockDevice):
         run(0)
 
     def statistics(self) -> dict[str, Any]:
-        stats = self.counters.as_dict()
+        stats = self.io_counters.as_dict()
         stats["inflight"] = self._inflight
         try:
             stats["backend"] = self.backend.statistics()

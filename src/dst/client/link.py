@@ -19,7 +19,9 @@ import os
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
+
+from mypy_extensions import mypyc_attr
 
 from dst import trace
 from dst.aio.driver import Core, CoreDriver
@@ -51,12 +53,14 @@ class LinkCore(Core[object], Protocol):
     def abandon(self, error: int, message: str) -> int: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LinkedDevice(BlockDevice):
     """A BlockDevice whose data lives behind one stream connection, kept up by this shell."""
 
     core: LinkCore
-    what = "member"  # for messages: "cannot reach <what> <uri>"
-    op_names: tuple[str, ...] = ("read", "write", "flush", "trim", "zero")
+    # class attributes (a subclass sets its own), not per-instance slots of the compiled class
+    what: ClassVar[str] = "member"  # for messages: "cannot reach <what> <uri>"
+    op_names: ClassVar[tuple[str, ...]] = ("read", "write", "flush", "trim", "zero")
     # transaction id -> (waiter, command, offset, length, monotonic submit time)
     _pending: dict[int, tuple[Any, int, int, int, float]]
 
@@ -187,9 +191,9 @@ class LinkedDevice(BlockDevice):
                 f"{self.options.connect_timeout:g} s: {why}; check that it is running and "
                 "that the address and export name are right"
             ) from None
-        except BaseException:
+        except BaseException as exc:
             await self.aclose()
-            raise
+            raise exc  # named, not bare: see dst.compiled
 
     def _ready_now(self) -> None:
         """The subclass saw a successful handshake."""

@@ -79,15 +79,16 @@ class RemoteDevice(LinkedDevice):
         pool: BufferPool | None = None,
     ) -> None:
         self.pool = pool or BufferPool()
-        self.core: ClientCore = ClientCore(config, self.pool)
-        super().__init__(uri, options, self.core)
+        # the DST core itself (``core``, of the link, is the same object seen as any LinkCore)
+        self.client_core = ClientCore(config, self.pool)
+        super().__init__(uri, options, self.client_core)
         # transaction id -> (what to call when it ends, command, offset, length, start time)
         self._pending: dict[int, tuple[Done, int, int, int, float]] = {}
         self._extents: dict[int, tuple[Extent, ...]] = {}  # answers of finished EXTENTS
 
     @property
     def _ever_connected(self) -> bool:
-        return self.core.first_welcome is not None
+        return self.client_core.first_welcome is not None
 
     # ---- events of the core -----------------------------------------------------------
     def _on_event(self, ev: object) -> None:
@@ -141,7 +142,7 @@ class RemoteDevice(LinkedDevice):
                 "%s: reconnected (generation %d, %d transactions pending)",
                 self.name,
                 ev.generation,
-                self.core.in_flight,
+                self.client_core.in_flight,
             )
         else:
             log.info(
@@ -180,7 +181,7 @@ class RemoteDevice(LinkedDevice):
         if ev.permanent:
             log.error("%s; the member is marked failed", msg)
             self.set_state("failed")
-            self.core.shutdown(Status.EIO, f"member failed: {ev.message}")
+            self.client_core.shutdown(Status.EIO, f"member failed: {ev.message}")
         else:
             log.warning("%s; retrying", msg)
         self._close_stream()
@@ -272,10 +273,10 @@ class RemoteDevice(LinkedDevice):
         into: memoryview | None = None,
     ) -> int:
         """Submit one transaction; ``done`` runs from the pump that sees its reply."""
-        if self.state == "failed" or self.core.state == State.CLOSED:
+        if self.state == "failed" or self.client_core.state == State.CLOSED:
             raise IoError(errno.EIO, f"{self.name} has failed: {self.last_error}")
         now = time.monotonic()
-        tid = self.core.submit(cmd, offset, length, int(flags), now, payload, into)
+        tid = self.client_core.submit(cmd, offset, length, int(flags), now, payload, into)
         self._pending[tid] = (done, cmd, offset, length, now)
         op = OPS.get(cmd, "other")
         self.counts[op] += 1
@@ -388,7 +389,7 @@ class RemoteDevice(LinkedDevice):
         """CACHE on the export node, which prefetches; nothing against an export node that
         does not offer it (the core answers it as done, even after a reconnect)."""
         self.check(CACHE, offset, length)
-        w = self.core.welcome
+        w = self.client_core.welcome
         if not length or w is None or not w.commands & (1 << Command.CACHE):
             return
         try:
@@ -401,7 +402,7 @@ class RemoteDevice(LinkedDevice):
         """The export node's allocation status (EXTENTS), or all data from an export node
         that does not offer the command (an older version): always a correct answer."""
         self.check(EXTENTS, offset, length)
-        w = self.core.welcome
+        w = self.client_core.welcome
         if not length or w is None or not w.commands & (1 << Command.EXTENTS):
             return await super().extents(offset, length)
         block = max(self.capabilities.min_block, 1)
@@ -417,7 +418,7 @@ class RemoteDevice(LinkedDevice):
 
     # ---- status and knobs ------------------------------------------------------------
     def set_knob(self, key: str, value: float) -> None:
-        cfg = self.core.config
+        cfg = self.client_core.config
         if key == "resends":
             cfg.resends = int(value)
         elif key == "resend-timeout":
@@ -431,8 +432,8 @@ class RemoteDevice(LinkedDevice):
         self.driver.pump()
 
     def statistics(self) -> dict[str, Any]:
-        st = self.core.stats
-        w = self.core.welcome
+        st = self.client_core.stats
+        w = self.client_core.welcome
         return {
             **self._link_statistics(),
             "completed": st.completed,
@@ -452,17 +453,17 @@ class RemoteDevice(LinkedDevice):
         if self._closing:
             return
         self._closing = True
-        if self._connected and self.core.connected:
-            self.core.close()
+        if self._connected and self.client_core.connected:
+            self.client_core.close()
             self.driver.pump()
             with contextlib.suppress(TimeoutError):
                 assert self._lost is not None
                 await asyncio.wait_for(self._lost.wait(), 2.0)
-        self.core.shutdown()
+        self.client_core.shutdown()
         self._pump_completions()
         await self._stop_link()
 
     def _pump_completions(self) -> None:
-        while (ev := self.core.next_event()) is not None:
+        while (ev := self.client_core.next_event()) is not None:
             if isinstance(ev, Completed):
                 self._complete(ev)
