@@ -357,3 +357,33 @@ def test_a_dense_source_is_asked_once_not_at_every_step() -> None:
         await m.aclose()
 
     asyncio.run(main())
+
+
+def test_short_dirty_runs_are_copied_without_asking_and_zeroes_stay_holes() -> None:
+    """A leg back from an outage with a few scattered dirty regions: each is read and
+    written, not asked about (a question can cost more than the copy), and a region that
+    reads as zeroes is still zeroed on the target, not written as data."""
+
+    async def main() -> None:
+        src, want = await sparse_source()
+        source = HeldExtents(src, hold=0)
+        back = FaultDevice(open_device(f"memory:{SIZE}"), name="back")
+        for off, n in WRITTEN:  # the same data: a clean pair
+            await back.write(off, want[off : off + n])
+        m = await started([source, back])
+        back.go_down(budget=0.0)
+        await m.write(2 * MIB, b"d" * 4096)  # data in a hole
+        await m.write(5 * MIB, b"e" * 8192)
+        await m.write_zeroes(1 * MIB + 4096, 4096)  # zeroes amid data
+        await until(lambda: member(m, "back")["state"] == "degraded", 5, "back to degrade")
+        asked = source.calls
+        zero_writes = back.counts["zero"]
+        back.come_up()
+        await in_sync(m)
+        assert await contents(back) == await contents(src)
+        assert source.calls == asked  # three short runs: no question about them
+        assert back.counts["zero"] > zero_writes  # the zeroes went as zeroes
+        assert (1 * MIB + 4096, 1 * MIB + 8192) in await zero_ranges(back)
+        await m.aclose()
+
+    asyncio.run(main())
