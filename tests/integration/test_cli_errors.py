@@ -36,7 +36,12 @@ def error_line(stderr: str) -> str:
         (["export", "--cipher", "aes-256-gcm", "memory:1M"], "needs a key"),
         (["export", "--checksum", "md5", "memory:1M"], "unknown checksum 'md5'"),
         (["export", "--debug=nonsense", "memory:1M"], "unknown debug category nonsense"),
-        (["export", "--frobnicate", "memory:1M"], "unrecognized arguments"),
+        (["export", "--frobnicate", "memory:1M"], "unrecognized arguments: --frobnicate (see"),
+        (["atach", "dst://a/x"], "invalid choice: 'atach'"),
+        (["atach", "dst://a/x"], "did you mean 'attach'?"),
+        (["attach", "dst://a/x", "--mirorr", "--nbd", "unix:/tmp/x"], "did you mean --mirror?"),
+        (["export", "--chcksum=none", "memory:1M"], "did you mean --checksum?"),
+        (["export", "--mirror", "memory:1M"], "--mirror is an option of dst attach"),
         (["attach"], "no member given"),
         (
             ["attach", "dst://a/x", "dst://b/y", "--nbd", "unix:/tmp/x"],

@@ -10,6 +10,8 @@ neither on the command line nor in the file is None here and keeps its default t
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,7 +68,44 @@ class Parser(argparse.ArgumentParser):
     """argparse that raises UsageError (one `dst: error:` line, exit 2) instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+        raise UsageError(f"{message}{suggestion(self, message)} (see `{self.prog} --help`)")
+
+
+def _option_owners(p: argparse.ArgumentParser) -> dict[str, set[str]]:
+    """Every option name (without ``--``) of ``p`` and its commands -> the parsers' names."""
+    out: dict[str, set[str]] = {}
+    for action in p._actions:
+        for s in action.option_strings:
+            if s.startswith("--"):
+                out.setdefault(s[2:], set()).add(p.prog)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for name, progs in _option_owners(sub).items():
+                    out.setdefault(name, set()).update(progs)
+    return out
+
+
+def suggestion(p: argparse.ArgumentParser, message: str) -> str:
+    """``; did you mean ...?`` for a misspelt command or option (or where an option of
+    another command belongs), or nothing."""
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if m:
+        choices = re.findall(r"'([^']*)'", m.group(2))
+        close = difflib.get_close_matches(m.group(1), choices, 1, 0.75)
+        return f"; did you mean '{close[0]}'?" if close else ""
+    m = re.match(r"unrecognized arguments: (.*)", message)
+    if m:
+        owners = _option_owners(p)
+        for token in m.group(1).split():
+            if not token.startswith("--"):
+                continue
+            name = token[2:].split("=", 1)[0]
+            if name in owners:  # right name, wrong command
+                return f"; --{name} is an option of {', '.join(sorted(owners[name]))}"
+            close = difflib.get_close_matches(name, sorted(owners), 1, 0.75)
+            if close:
+                return f"; did you mean --{close[0]}?"
+    return ""
 
 
 def add_options(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
