@@ -187,7 +187,7 @@ class _Connection:
                 release()
                 self._failed(req, err)
             driver.end()
-            driver.wake()
+            driver.queued(n if err is None else 0)  # a large reply leaves at once
 
         front.device.start_read(req.offset, buf.view, req.flags, done)
 

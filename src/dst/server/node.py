@@ -436,7 +436,8 @@ class Connection:
             return
         self._served(req, status)
         self.core.reply(req, status, data, buf.release if buf is not None else None)
-        self.driver.wake()  # a later completion (the pool): its reply leaves this iteration
+        # a large read's reply leaves at once, the others with this iteration's
+        self.driver.queued(len(data) if data is not None else 0)
         self.driver.end()
 
     async def _run(self, req: Request) -> None:
