@@ -292,8 +292,8 @@ class RemoteDevice(LinkedDevice):
                 flags=int(flags),
             )
         # one pump for every request submitted in this loop iteration (a front end's
-        # batch): its end sends them together; a large write leaves at once
-        self.driver.queued(len(payload) if payload is not None else 0)
+        # batch): its end sends them together
+        self.driver.wake()
         return tid
 
     def start_read(self, offset: int, buf: memoryview, flags: IoFlags, done: Done) -> None:
