@@ -12,7 +12,7 @@ import errno
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import IntFlag
 from typing import Any
 
@@ -143,17 +143,9 @@ class IoCounters:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "reads": self.reads,
-            "writes": self.writes,
-            "flushes": self.flushes,
-            "trims": self.trims,
-            "zeroes": self.zeroes,
-            "caches": self.caches,
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "errors": self.errors,
-        }  # spelled out: a compiled class has no __dict__ to walk
+        # the dataclass's fields, not __dict__: a compiled class has none
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.pop("extra")
         d.update(self.extra)
         return d
 

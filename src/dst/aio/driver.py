@@ -145,8 +145,7 @@ class CoreDriver(Generic[E]):
                 self._after_pump()
         finally:
             self._pumping = was
-        self.send(now)
-        self._timer.arm(core.get_timer() if self.timer_enabled else None)
+        self._send_and_arm(now)
 
     def wake(self) -> None:
         """Pump once later in this loop iteration (nothing to do during a pump: its end
@@ -163,10 +162,14 @@ class CoreDriver(Generic[E]):
         """The policy queued ``nbytes`` of output on the core outside a pump: send it at
         once when large, else with the others of this loop iteration (:meth:`wake`)."""
         if nbytes >= SEND_AT_ONCE:
-            self.send(now=True)
-            self._timer.arm(self.core.get_timer() if self.timer_enabled else None)
+            self._send_and_arm(True)
         else:
             self.wake()
+
+    def _send_and_arm(self, now: bool) -> None:
+        """The end of a pump: send what the core queued, move the timer to its deadline."""
+        self.send(now)
+        self._timer.arm(self.core.get_timer() if self.timer_enabled else None)
 
     def _woken(self) -> None:
         self._wake_scheduled = False
